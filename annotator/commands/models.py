@@ -1,0 +1,61 @@
+"""``annotate models list|pull``: what models exist, and fetching them ahead of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from annotator.commands.options import cache_dir
+from engines.cache import cached, resolve
+from engines.registry import get_entry, list_models
+from engines.sources import FetchError
+
+
+@click.group()
+def models() -> None:
+    """List and pull the models the annotator runs."""
+
+
+@models.command("list")
+@cache_dir
+def list_command(cache_dir: Path | None) -> None:
+    """Show every registered model: kind, source, licence, and whether it is cached.
+
+    \b
+    Examples:
+      annotate models list
+      annotate models list --cache-dir /shared/annotator-cache
+    """
+    header = f"{'name':<18} {'kind':<9} {'cached':<7} {'size':>8}  {'licence':<30} source"
+    click.echo(header)
+    for entry in list_models():
+        hit = cached(entry, cache_dir)
+        size = f"{hit.onnx.stat().st_size / 1e6:.1f} MB" if hit else "-"
+        click.echo(f"{entry.name:<18} {entry.kind:<9} {'yes' if hit else 'no':<7} {size:>8}  "
+                   f"{entry.licence[:30]:<30} {entry.source.describe()}")
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1)
+@cache_dir
+def pull_command(names: tuple[str, ...], cache_dir: Path | None) -> None:
+    """Fetch, convert and verify models (default: the default detector and scorer).
+
+    \b
+    Examples:
+      annotate models pull
+      annotate models pull retinaface-mnv2 fer-minixception
+    """
+    from annotator.config import DEFAULT_DETECTOR, DEFAULT_SCORER
+
+    try:
+        entries = [get_entry(n) for n in (names or (DEFAULT_DETECTOR, DEFAULT_SCORER))]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAMES") from None
+    for entry in entries:
+        try:
+            artifacts = resolve(entry, cache_dir)
+        except FetchError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{entry.name}: {artifacts.onnx.parent} (onnx sha256 {artifacts.sha256['model.onnx'][:12]})")

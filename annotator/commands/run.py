@@ -1,0 +1,73 @@
+"""``annotate run PATH... --out OUT``: the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from annotator.commands.options import cache_dir
+from annotator.config import DEFAULT_DETECTOR, DEFAULT_SCORER, ConfigError, RunConfig
+from engines.decoders import Sampling
+from engines.sources import FetchError
+
+EPILOG = """\b
+Examples:
+  annotate run videos/ --out results.parquet
+  annotate run a.mp4 b.mkv --out results/ --sample-fps 5
+  annotate run /data/corpus --out /data/out/ --address auto --device cuda
+"""
+
+
+@click.command("run", epilog=EPILOG)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="A .parquet file, or a directory of Parquet parts (one per video).")
+@click.option("--sample-fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Keep about F frames per second (by timestamp).  [default: every frame]")
+@click.option("--every-n", type=click.IntRange(min=1), default=None, help="Keep every N-th frame.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Frames per detector batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Ray workers (0: run in this process).  [default: 1 per GPU, else 1 per 2 CPU cores]")
+@click.option("--address", default=None,
+              help="Join this Ray cluster ('auto' or host:port).  [default: start a local instance]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "pyav", "dali"]), default="auto", show_default=True,
+              help="auto: DALI on a GPU when installed, else PyAV.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxrt", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT (else torch) on a GPU, ONNX Runtime on a CPU.")
+@click.option("--detector", default=DEFAULT_DETECTOR, show_default=True, help="Detector name (annotate models list).")
+@click.option("--model", "scorer", default=DEFAULT_SCORER, show_default=True,
+              help="Scorer name, or a directory written by 'annotate export'.")
+@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+              show_default=True, help="Face score threshold.")
+@click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
+              help="Long side of the frame as the detector sees it (pixels).")
+@click.option("--min-face", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Drop faces whose shorter box side is below PX pixels (original frame).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing result instead of resuming.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
+@cache_dir
+def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, every_n: int | None,
+                no_progress: bool, **options) -> None:
+    """Annotate every video in PATHS (files, or folders searched recursively) into OUT.
+
+    One row per face per sampled frame, one row per sampled frame without a face, one row per
+    video that failed. Re-running the same command resumes: finished videos are skipped.
+    """
+    from annotator.run import run
+
+    if sample_fps is not None and every_n is not None:
+        raise click.UsageError("--sample-fps and --every-n are exclusive; give one")
+    try:
+        config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
+        summary = run(config, progress=not no_progress)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (FetchError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{summary.out}: {summary.videos} videos ({summary.skipped} already done, {summary.failed} failed), "
+        f"{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} frames/s"
+    )

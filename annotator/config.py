@@ -1,0 +1,108 @@
+"""The run configuration: one frozen value built by the CLI (or by code) and passed down.
+
+Nothing below the CLI imports click; validation lives here so a library caller gets the same
+one-line errors as a command-line user, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from engines.decoders import Sampling
+
+Device = Literal["auto", "cpu", "cuda"]
+DecoderName = Literal["auto", "pyav", "dali"]
+BackendName = Literal["auto", "torch", "onnxrt", "tensorrt"]
+
+DEFAULT_DETECTOR = "retinaface-mnv2"
+#: Until the trained student ships, the FER2013 teacher scores faces (valence/arousal null).
+DEFAULT_SCORER = "fer-minixception"
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work; the message is one line naming the option."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``annotate run`` needs; see ``annotate run --help`` for each field."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    sampling: Sampling = field(default_factory=Sampling)
+    batch_size: int = 32
+    workers: int | None = None  # None: sized to the machine; 0: in this process, no Ray
+    address: str | None = None
+    device: Device = "auto"
+    decoder: DecoderName = "auto"
+    backend: BackendName = "auto"
+    detector: str = DEFAULT_DETECTOR
+    scorer: str = DEFAULT_SCORER
+    det_threshold: float = 0.9
+    det_size: int = 640
+    min_face: float = 20.0
+    cache_dir: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if not 0.0 < self.det_threshold < 1.0:
+            raise ConfigError(f"--det-threshold must be in (0, 1), got {self.det_threshold}")
+        if self.det_size < 32 or self.det_size > 4096:
+            raise ConfigError(f"--det-size must be in [32, 4096], got {self.det_size}")
+        if self.min_face < 0:
+            raise ConfigError(f"--min-face must be >= 0, got {self.min_face}")
+        if self.decoder == "dali" and self.resolved_device() == "cpu":
+            raise ConfigError("--decoder dali needs a CUDA device (its CPU decoder reads only VP8/VP9/MJPEG)")
+
+    def resolved_device(self) -> str:
+        """``cuda`` or ``cpu``: ``auto`` picks the GPU when torch sees one."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_backend(self) -> str:
+        from engines.runtimes import default_backend
+
+        return default_backend(self.resolved_device()) if self.backend == "auto" else self.backend
+
+    def resolved_decoder(self) -> str:
+        if self.decoder != "auto":
+            return self.decoder
+        if self.resolved_device() == "cuda":
+            import importlib.util
+
+            if importlib.util.find_spec("nvidia.dali") is not None:
+                return "dali"
+        return "pyav"
+
+    def resolved_workers(self) -> int:
+        """Worker count: explicit, else one per GPU, else one per two CPU cores.
+
+        Two cores per CPU worker lets PyAV's frame threads and ONNX Runtime's intra-op threads
+        overlap without oversubscribing (measured on 2 cores: see benchmarks/README).
+        """
+        if self.workers is not None:
+            return self.workers
+        if self.resolved_device() == "cuda":
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return max(1, (os.cpu_count() or 1) // 2)
+
+    def options_for_metadata(self) -> dict[str, object]:
+        """The run's options as plain JSON values, for the Parquet file metadata."""
+        values = dataclasses.asdict(self)
+        values["inputs"] = [str(p) for p in self.inputs]
+        values["out"] = str(self.out)
+        values["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
+        return values

