@@ -36,10 +36,9 @@ def _init_ray(config: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    if config.address is None:
-        # Ray >= 2.5x turns token authentication on for new local clusters unless told not to;
-        # we say so explicitly so an inherited RAY_AUTH_MODE=disabled is the only way off.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Token authentication: Ray >= 2.5x turns it on for every new local cluster (generating
+    # ~/.ray/auth_token) unless RAY_AUTH_MODE=disabled; joining a cluster uses its token. We
+    # never disable it.
     ray.init(
         address=config.address,
         include_dashboard=False,
@@ -80,6 +79,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], workers: int) -> I
     context.enable_progress_bars = False  # the driver shows one bar of its own
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines are noise here
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
     videos = ray.data.from_items(
         [{"path": str(path), "part": part} for path, part in items],

