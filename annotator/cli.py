@@ -11,6 +11,7 @@ import annotator
 from annotator.commands.example import example
 from annotator.commands.models import models
 from annotator.commands.run import run_command
+from annotator.commands.train import eval_cmd, export, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +34,9 @@ def cli(verbose: int) -> None:
 cli.add_command(run_command)
 cli.add_command(models)
 cli.add_command(example)
+cli.add_command(train)
+cli.add_command(eval_cmd)
+cli.add_command(export)
 
 
 def main() -> None:

@@ -1,0 +1,78 @@
+"""Checkpoints: atomic writes, RNG capture, and loading with ``weights_only=True``.
+
+Everything stored is a tensor or a plain Python type so ``torch.load(weights_only=True)`` can read
+it back without unpickling arbitrary objects. A run directory holds ``last.pt`` (resume state:
+model, optimizer, epoch, best score, patience counter, RNG states) and ``best.pt`` (the best
+model by selection score, with its metrics and the ``arch`` kwargs of ``build_student``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.models.student import MultitaskNet, build_student
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary sibling, then ``os.replace``: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU with ``weights_only=True``."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors and plain types."""
+    version, keys, gauss = random.getstate()
+    _, mt_keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(keys), gauss],
+        "numpy": [torch.from_numpy(mt_keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng``."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    mt_keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", mt_keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(path: Path) -> tuple[MultitaskNet, dict[str, Any]]:
+    """Rebuild the network stored in ``best.pt``/``last.pt``; returns it (eval mode) and the dict.
+
+    Raises:
+        KeyError: the file is not a checkpoint written by this package (no ``arch``/``model``).
+    """
+    checkpoint = load(path)
+    net = build_student(**checkpoint["arch"])
+    net.load_state_dict(checkpoint["model"])
+    return net.eval(), checkpoint

@@ -1,0 +1,81 @@
+"""Export a trained checkpoint as the project's scorer artifacts: ONNX, torch state dict, card.
+
+Outputs in ``out_dir``: ``student.onnx`` (``DeployedStudent``, opset 17, dynamic batch, inputs
+"images", outputs "expr_logits" (B, 7) and "va" (B, 2)), ``student.pt`` (the DeployedStudent
+state dict) and ``model_card.json`` with the input contract and sha256 of both artifacts. Every
+file is written to a temporary name and moved into place, so a crash never leaves a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.models.student import EXPR_CLASSES, DeployedStudent
+from training import checkpoint
+
+OPSET = 17
+INPUT_SIDE = 112  # the deployed aligner's 112x112 arcface crop
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_into(tmp: Path, final: Path) -> Path:
+    os.replace(tmp, final)
+    return final
+
+
+def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
+                   training_data: str = "see the training config") -> Path:
+    """Write the ONNX, torch and model-card artifacts of a ``best.pt``/``last.pt`` checkpoint.
+
+    Args:
+        checkpoint_path: a checkpoint written by ``training.loops.fit``.
+        out_dir: destination directory (created).
+        name: the model name recorded in the card.
+        training_data: a short description of the training databases for the card.
+
+    Returns:
+        The path of ``model_card.json``.
+    """
+    net, saved = checkpoint.load_model(checkpoint_path)
+    model = DeployedStudent(net).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_tmp = out_dir / "student.onnx.tmp"
+    torch.onnx.export(model, (torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE),), str(onnx_tmp), opset_version=OPSET,
+                      input_names=["images"], output_names=["expr_logits", "va"],
+                      dynamic_axes={"images": {0: "batch"}, "expr_logits": {0: "batch"}, "va": {0: "batch"}},
+                      dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
+    onnx_path = _replace_into(onnx_tmp, out_dir / "student.onnx")
+    pt_tmp = out_dir / "student.pt.tmp"
+    torch.save(model.state_dict(), pt_tmp)
+    pt_path = _replace_into(pt_tmp, out_dir / "student.pt")
+    card: dict[str, Any] = {
+        "name": name,
+        "kind": "scorer",
+        "architecture": "student",
+        "arch_kwargs": saved["arch"],
+        "input": {"shape": [3, INPUT_SIDE, INPUT_SIDE], "dtype": "float32", "range": [0, 255], "channels": "RGB",
+                  "alignment": "5-point similarity, 112x112 arcface template"},
+        "outputs": ["expr_logits", "va"],
+        "classes": list(EXPR_CLASSES),
+        "va": "expectation over 20 bin centres on [-1,1]",
+        "training_data": training_data,
+        "metrics": saved.get("metrics", {}),
+        "artifacts": {"onnx": onnx_path.name, "torch": pt_path.name},
+        "sha256": {onnx_path.name: _sha256(onnx_path), pt_path.name: _sha256(pt_path)},
+    }
+    card_tmp = out_dir / "model_card.json.tmp"
+    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+    return _replace_into(card_tmp, out_dir / "model_card.json")
