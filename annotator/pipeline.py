@@ -21,7 +21,7 @@ from annotator.config import RunConfig
 from annotator.schema import frame_rows
 from annotator.tracking import IouTracker
 from engines.decoders import FrameBatch
-from engines.factory import Scorer, create_detector, create_scorer, model_id
+from engines.factory import Scorer, create_detector, create_scorer
 
 STAGES = ("decode", "detect", "align", "score", "track", "rows")
 _ID_SAMPLE_BYTES = 8 << 20  # hash 8 MiB from each end: stable, content-derived, O(1) in size

@@ -37,7 +37,8 @@ def _replace_into(tmp: Path, final: Path) -> Path:
 
 
 def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
-                   training_data: str = "see the training config") -> Path:
+                   training_data: str = "see the training config", with_va: bool = True,
+                   extra_metrics: dict[str, Any] | None = None) -> Path:
     """Write the ONNX, torch and model-card artifacts of a ``best.pt``/``last.pt`` checkpoint.
 
     Args:
@@ -45,17 +46,21 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
         out_dir: destination directory (created).
         name: the model name recorded in the card.
         training_data: a short description of the training databases for the card.
+        with_va: export the valence/arousal output; False for a student whose VA head had no
+            VA target, so the annotator writes null instead of untrained numbers.
+        extra_metrics: measurements made outside the loop (agreement, speed) for the card.
 
     Returns:
         The path of ``model_card.json``.
     """
     net, saved = checkpoint.load_model(checkpoint_path)
-    model = DeployedStudent(net).eval()
+    model = DeployedStudent(net, with_va=with_va).eval()
+    outputs = ["expr_logits", "va"] if with_va else ["expr_logits"]
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_tmp = out_dir / "student.onnx.tmp"
     torch.onnx.export(model, (torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE),), str(onnx_tmp), opset_version=OPSET,
-                      input_names=["images"], output_names=["expr_logits", "va"],
-                      dynamic_axes={"images": {0: "batch"}, "expr_logits": {0: "batch"}, "va": {0: "batch"}},
+                      input_names=["images"], output_names=outputs,
+                      dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                       dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
     onnx_path = _replace_into(onnx_tmp, out_dir / "student.onnx")
     pt_tmp = out_dir / "student.pt.tmp"
@@ -65,14 +70,14 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
         "name": name,
         "kind": "scorer",
         "architecture": "student",
-        "arch_kwargs": saved["arch"],
+        "arch_kwargs": {**saved["arch"], "with_va": with_va},
         "input": {"shape": [3, INPUT_SIDE, INPUT_SIDE], "dtype": "float32", "range": [0, 255], "channels": "RGB",
                   "alignment": "5-point similarity, 112x112 arcface template"},
-        "outputs": ["expr_logits", "va"],
+        "outputs": outputs,
         "classes": list(EXPR_CLASSES),
-        "va": "expectation over 20 bin centres on [-1,1]",
+        "va": "expectation over 20 bin centres on [-1,1]" if with_va else None,
         "training_data": training_data,
-        "metrics": saved.get("metrics", {}),
+        "metrics": {**saved.get("metrics", {}), **(extra_metrics or {})},
         "artifacts": {"onnx": onnx_path.name, "torch": pt_path.name},
         "sha256": {onnx_path.name: _sha256(onnx_path), pt_path.name: _sha256(pt_path)},
     }

@@ -30,10 +30,10 @@ def _fer_minixception(**kwargs: Any) -> nn.Module:
     return FerScorer(**kwargs)
 
 
-def _student(**kwargs: Any) -> nn.Module:
+def _student(with_va: bool = True, **kwargs: Any) -> nn.Module:
     from engines.models.student import DeployedStudent, build_student
 
-    return DeployedStudent(build_student(**kwargs))
+    return DeployedStudent(build_student(**kwargs), with_va=with_va)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {

@@ -169,14 +169,21 @@ class MultitaskNet(nn.Module):
 
 
 class DeployedStudent(nn.Module):
-    """Scorer contract: (B,3,112,112) float32 RGB 0..255 -> ("expr_logits" (B,7), "va" (B,2))."""
+    """Scorer contract: (B,3,112,112) float32 RGB 0..255 -> ("expr_logits" (B,7), "va" (B,2)).
 
-    def __init__(self, net: MultitaskNet) -> None:
+    ``with_va=False`` drops the VA output, for students whose VA head never saw a VA target
+    (the default student): an untrained head must not leak numbers into the table.
+    """
+
+    def __init__(self, net: MultitaskNet, with_va: bool = True) -> None:
         super().__init__()
         self.net = net
+        self.with_va = with_va
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         expr_logits, va_logits = self.net(x)
+        if not self.with_va:
+            return (expr_logits,)
         return expr_logits, va_expectation(va_logits)
 
 

@@ -74,7 +74,7 @@ def test_teacher_resumes_then_student_and_export(workspace, caplog):
     card = json.loads((workspace / "model" / "model_card.json").read_text())
     for name, digest in card["sha256"].items():
         assert hashlib.sha256((workspace / "model" / name).read_bytes()).hexdigest() == digest
-    assert card["outputs"] == ["expr_logits", "va"] and card["arch_kwargs"] == {"backbone": "tiny"}
+    assert card["outputs"] == ["expr_logits", "va"] and card["arch_kwargs"] == {"backbone": "tiny", "with_va": True}
     model = DeployedStudent(checkpoint.load_model(student_out / "best.pt")[0]).eval()
     model.load_state_dict(torch.load(workspace / "model" / "student.pt", weights_only=True))
     images = torch.rand(3, 3, 112, 112) * 255  # batch 3 differs from the export batch: dynamic axis
