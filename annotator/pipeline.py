@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from annotator.align import warp_crops
+from annotator.align import warp_crops, warp_crops_tensor
 from annotator.config import RunConfig
 from annotator.schema import frame_rows
 from annotator.tracking import IouTracker
@@ -92,10 +92,15 @@ class VideoPipeline:
         boxes = np.concatenate([d.boxes for d in detections]).reshape(-1, 4)
         landmarks = np.concatenate([d.landmarks for d in detections]).reshape(-1, 5, 2)
         scores = np.concatenate([d.scores for d in detections]).reshape(-1)
+        frame_of_face = np.repeat(np.arange(len(counts)), counts)
+        on_device = not isinstance(batch.frames, np.ndarray)  # a torch tensor from DALI
         with self._timed("align"):
-            crops, _ = warp_crops(batch.frames, np.repeat(np.arange(len(counts)), counts), landmarks)
+            if on_device:
+                crops = warp_crops_tensor(batch.frames, frame_of_face, landmarks)
+            else:
+                crops, _ = warp_crops(batch.frames, frame_of_face, landmarks)
         with self._timed("score"):
-            probs, va = self.scorer.predict(crops)
+            probs, va = self.scorer.predict_tensor(crops) if on_device else self.scorer.predict(crops)
         with self._timed("track"):
             # Sequential by nature (each frame depends on the last), but only per frame, not per pixel.
             track_ids = np.concatenate([tracker.update(d.boxes) for d in detections]).astype(np.int64)

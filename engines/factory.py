@@ -96,8 +96,19 @@ class Scorer:
         """(probabilities (N, 7) float32, valence/arousal (N, 2) or None) for uint8 NHWC crops."""
         if len(crops) == 0:
             return np.zeros((0, 7), np.float32), (np.zeros((0, 2), np.float32) if self.has_va else None)
-        batch = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
-        outputs = self.runtime(batch)
+        return self._probabilities(self.runtime(np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)))
+
+
+    def predict_tensor(self, crops) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict` for torch float32 (N, 3, 112, 112) crops on the runtime's device."""
+        if not hasattr(self.runtime, "forward_tensor"):
+            return self._probabilities(self.runtime(crops.cpu().numpy()))
+        if len(crops) == 0:
+            return self.predict(np.zeros((0, 112, 112, 3), np.uint8))
+        outputs = self.runtime.forward_tensor(crops)
+        return self._probabilities({k: v.float().cpu().numpy() for k, v in outputs.items()})
+
+    def _probabilities(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         logits = outputs["expr_logits"].astype(np.float32)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = exp / exp.sum(axis=1, keepdims=True)

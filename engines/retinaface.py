@@ -179,6 +179,32 @@ def letterbox(frames: np.ndarray, det_size: int) -> tuple[np.ndarray, float]:
     return out, scale
 
 
+def letterbox_tensor(frames, det_size: int):
+    """:func:`letterbox` for a torch uint8 ``(B, H, W, 3)`` tensor, on its own device.
+
+    The GPU path: frames decoded by DALI stay on the GPU. ``F.interpolate`` (bilinear, half-pixel
+    centres, no antialias) is the same sampling as ``cv2.INTER_LINEAR``; shrinking factors
+    above 2 alias slightly more than OpenCV, which averages 2x2 blocks in that case.
+
+    Returns:
+        ``(batch float32 (B, 3, Hp, Wp), scale)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, height, width, _ = frames.shape
+    scale = min(1.0, det_size / max(height, width))
+    new_w, new_h = round(width * scale), round(height * scale)
+    x = frames.permute(0, 3, 1, 2).float()
+    if (new_w, new_h) != (width, height):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False).clamp_(0, 255)
+    padded_h = math.ceil(new_h / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    padded_w = math.ceil(new_w / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    out = torch.zeros((batch, 3, padded_h, padded_w), dtype=torch.float32, device=frames.device)
+    out[:, :, :new_h, :new_w] = x
+    return out, scale
+
+
 @dataclass(frozen=True)
 class Detections:
     """Faces found in one frame, highest score first, in pixels of the original frame.
@@ -232,33 +258,33 @@ class RetinaFaceDetector:
         self.nms_iou = nms_iou
         self.min_face = min_face
 
-    def detect(self, frames: np.ndarray) -> list[Detections]:
+    def detect(self, frames) -> list[Detections]:
         """Detect faces in a batch of frames.
 
         Args:
-            frames: uint8 ``(B, H, W, 3)`` RGB.
+            frames: uint8 ``(B, H, W, 3)`` RGB: a numpy array, or a torch tensor (e.g. on the
+                GPU from DALI), which is letterboxed and run on its own device when the runtime
+                has ``forward_tensor`` (torch, TensorRT); only candidates come back to the host.
 
         Returns:
             One :class:`Detections` per frame, in pixels of the original frames.
         """
-        inputs, scale = letterbox(frames, self.det_size)
+        if _is_tensor(frames) and hasattr(self.runtime, "forward_tensor"):
+            inputs, scale = letterbox_tensor(frames, self.det_size)
+            candidates = self._candidates_on_device(self.runtime.forward_tensor(inputs))
+        else:
+            inputs, scale = letterbox(_to_numpy(frames), self.det_size)
+            candidates = self._candidates(self.runtime(inputs))
+        frame_idx, anchor_idx, candidate_scores, box_deltas, landmark_deltas = candidates
         batch, _, padded_h, padded_w = inputs.shape
-        outputs = self.runtime(inputs)
-        scores = np.asarray(outputs["scores"], np.float32)
         # Only candidates above the threshold (a handful per frame) are decoded and suppressed;
         # all of them, across the whole batch, in one vectorised call.
-        frame_idx, anchor_idx = np.nonzero(scores >= self.threshold)
         anchors = anchor_grid(padded_h, padded_w)[anchor_idx]
         to_pixels = np.array([padded_w, padded_h], np.float32) / scale
-        # float32 before exp(): an FP16 engine's deltas would otherwise decode in half precision.
-        box_deltas = np.asarray(outputs["boxes"][frame_idx, anchor_idx], np.float32)
         boxes = decode_boxes(box_deltas, anchors)
         boxes = (boxes.reshape(-1, 2, 2) * to_pixels).reshape(-1, 4)
-        landmark_deltas = np.asarray(outputs["landmarks"][frame_idx, anchor_idx], np.float32)
-        landmarks = decode_landmarks(landmark_deltas, anchors)
-        landmarks = landmarks * to_pixels
-        candidate_scores = scores[frame_idx, anchor_idx]
-        height, width = frames.shape[1:3]
+        landmarks = decode_landmarks(landmark_deltas, anchors) * to_pixels
+        height, width = int(frames.shape[1]), int(frames.shape[2])
         return [
             self._frame_detections(
                 boxes[frame_idx == b],
@@ -269,6 +295,22 @@ class RetinaFaceDetector:
             )
             for b in range(batch)
         ]
+
+    def _candidates(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """(frame index, anchor index, score, box deltas, landmark deltas) above the threshold."""
+        scores = np.asarray(outputs["scores"], np.float32)
+        frame_idx, anchor_idx = np.nonzero(scores >= self.threshold)
+        # float32 before exp(): an FP16 engine's deltas would otherwise decode in half precision.
+        return (frame_idx, anchor_idx, scores[frame_idx, anchor_idx],
+                np.asarray(outputs["boxes"][frame_idx, anchor_idx], np.float32),
+                np.asarray(outputs["landmarks"][frame_idx, anchor_idx], np.float32))
+
+    def _candidates_on_device(self, outputs: dict) -> tuple[np.ndarray, ...]:
+        """:meth:`_candidates` for torch outputs: threshold on the device, copy back only candidates."""
+        frame_idx, anchor_idx = (outputs["scores"] >= self.threshold).nonzero(as_tuple=True)
+        picked = (outputs["scores"][frame_idx, anchor_idx], outputs["boxes"][frame_idx, anchor_idx],
+                  outputs["landmarks"][frame_idx, anchor_idx])
+        return (frame_idx.cpu().numpy(), anchor_idx.cpu().numpy(), *(t.float().cpu().numpy() for t in picked))
 
     def _frame_detections(
         self,
@@ -289,3 +331,11 @@ class RetinaFaceDetector:
             landmarks[keep][big_enough].astype(np.float32),
             scores[keep][big_enough].astype(np.float32),
         )
+
+
+def _is_tensor(frames) -> bool:
+    return type(frames).__module__.startswith("torch")
+
+
+def _to_numpy(frames) -> np.ndarray:
+    return frames.cpu().numpy() if _is_tensor(frames) else frames
