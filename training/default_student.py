@@ -11,7 +11,11 @@ Faces are detected by ``retinaface-mnv2`` and aligned to the 112x112 template ex
 ``annotate run`` does (LFW faces are too small to detect and are already tightly cropped, so
 they are upscaled as they are). Targets are the teacher's: hard labels (argmax) for the
 ground-truth term and class balancing, soft labels (T = 1.5) for distillation; no human label
-is involved. The VA head sees no VA target, so the exported model has no VA output (the
+is involved. So few faces (one person in the clips) are far too few for plain cross-entropy,
+so the student learns the teacher's *function* instead ("function matching", Beyer et al.,
+CVPR 2022): every training image is freshly augmented — mixup with another face, geometric and
+photometric jitter, random grey — and the teacher labels that very image (pure distillation,
+``alpha = 0``). The VA head sees no VA target, so the exported model has no VA output (the
 annotator writes null) and its card says so.
 
 Splits: test = LFW faces 80-99 (20 unseen people) + the last 24 frames of each carphone version;
@@ -23,6 +27,7 @@ validation (early stopping) = LFW 70-79 + the 24 frames before those; the rest t
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import importlib.util
 import json
 import logging
@@ -40,6 +45,7 @@ from engines.decoders.pyav import decode
 from engines.factory import create_detector, create_scorer
 from engines.models.student import build_student
 from training.config import load_config
+from training.datasets.images import FaceDataset
 from training.datasets.streams import STREAMS, Streams
 from training.export import export_student
 from training.labels import MISSING, Sample
@@ -109,6 +115,46 @@ def write_samples(faces, teacher, workdir: Path) -> tuple[dict[str, list[Sample]
     return splits, probs
 
 
+class FunctionMatchingFaces(FaceDataset):
+    """Face crops under strong, label-free augmentation; the teacher labels each result.
+
+    The targets travel with the image (soft labels are computed on it by the loop), so any
+    image transform is allowed, mixup included. Pseudo labels are kept only for class-balanced
+    sampling.
+    """
+
+    MIXUP_P = 0.5  # half the images are blends of two faces: in between expressions
+    GREY_P = 0.3  # the LFW faces are grey; random grey keeps colour from becoming a cue
+    MAX_ROTATION_DEG = 15.0
+
+    def load(self, index: int) -> torch.Tensor:
+        # ~340 faces at 134x134 are 18 MB: decode each PNG once, not once per draw.
+        if not hasattr(self, "_cache"):
+            self._cache: dict[int, torch.Tensor] = {}
+        if index not in self._cache:
+            self._cache[index] = super().load(index)
+        return self._cache[index]
+
+    def __getitem__(self, index: int):
+        image, expr, va = super().__getitem__(index)
+        if torch.rand(()) < self.MIXUP_P:
+            other, _, _ = super().__getitem__(int(torch.randint(len(self), ())))
+            weight = torch.rand(())
+            image = weight * image + (1 - weight) * other
+        angle = float(torch.empty(()).uniform_(-self.MAX_ROTATION_DEG, self.MAX_ROTATION_DEG))
+        scale = float(torch.empty(()).uniform_(0.9, 1.1))
+        size = image.shape[-1]
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+        image = torch.from_numpy(cv2.warpAffine(image.permute(1, 2, 0).numpy(), matrix, (size, size),
+                                                borderMode=cv2.BORDER_REFLECT)).permute(2, 0, 1)
+        contrast, brightness = torch.empty(2).uniform_(0.7, 1.3)
+        mean = image.mean()
+        image = (image - mean) * contrast + mean * brightness
+        if torch.rand(()) < self.GREY_P:
+            image = image.mean(dim=0, keepdim=True).expand(3, -1, -1)
+        return image.clamp(0, 255).contiguous(), expr, va
+
+
 def _agreement(scorer, faces, teacher_probs: np.ndarray) -> dict[str, float]:
     """Top-1 agreement of student and teacher per split, and per source on the test split."""
     student = scorer.predict(np.stack([f[0] for f in faces]))[0].argmax(axis=1)
@@ -155,7 +201,11 @@ def main() -> None:
 
     arch = {"backbone": config.backbone}
     model = build_student(**arch)
-    fit(model, make_optimizer(model, config), make_train_streams(streams, config),
+    plain = make_train_streams(streams, config)
+    train_streams = replace(plain, datasets={
+        name: FunctionMatchingFaces(data.samples, config.resize_size, config.image_size, train=True)
+        for name, data in plain.datasets.items()})
+    fit(model, make_optimizer(model, config), train_streams,
         make_eval_loader(splits["val"], config), config, args.workdir / "run", arch, soft_teacher)
 
     export_dir = args.workdir / "export"

@@ -13,6 +13,7 @@ named I/O tensors).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -74,9 +75,15 @@ class TensorRTRuntime:
         self.output_names = artifacts.entry.outputs
         self.entry = artifacts.entry
         self.logger = trt.Logger(trt.Logger.WARNING)
-        engine_path = self._engine_path(artifacts)
-        if not engine_path.is_file():
-            self._build(artifacts, engine_path)
+        # One Ray worker per GPU starts at once on a multi-GPU node: without the lock each one
+        # exports and builds into the same ".tmp" names, and a later os.replace finds its file
+        # already moved (or a reader hashes a file another worker is still writing). With it,
+        # one worker exports and builds and the others wait and reuse, as in engines.cache.
+        with open(artifacts.onnx.with_name(".tensorrt.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            engine_path = self._engine_path(artifacts)
+            if not engine_path.is_file():
+                self._build(artifacts, engine_path)
         runtime = trt.Runtime(self.logger)
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:

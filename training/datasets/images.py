@@ -59,9 +59,13 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, index: int) -> torch.Tensor:
+        """The resized face as float32 (3, resize, resize); a subclass may cache it."""
+        return torch.from_numpy(load_face(self.samples[index], self.resize)).permute(2, 0, 1).float()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
-        image = torch.from_numpy(load_face(sample, self.resize)).permute(2, 0, 1).float()
+        image = self.load(index)
         slack = self.resize - self.crop
         if self.train:
             top, left = (int(v) for v in torch.randint(0, slack + 1, (2,)))
