@@ -19,8 +19,8 @@ DecoderName = Literal["auto", "pyav", "dali"]
 BackendName = Literal["auto", "torch", "onnxrt", "tensorrt"]
 
 DEFAULT_DETECTOR = "retinaface-mnv2"
-#: Until the trained student ships, the FER2013 teacher scores faces (valence/arousal null).
-DEFAULT_SCORER = "fer-minixception"
+#: The shipped student (training/default_student.py); expression only, so valence/arousal are null.
+DEFAULT_SCORER = "student-fer-distilled"
 
 
 class ConfigError(ValueError):

@@ -53,7 +53,8 @@ def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:
     return {
         "role": role, "name": entry.name, "id": model_id(artifacts), "source": entry.source.describe(),
         "source_sha256": entry.sha256 or entry.sha256_prefix, "artifact_sha256": artifacts.sha256,
-        "licence": entry.licence, "training_data": entry.training_data, "valence_arousal": entry.has_va,
+        "licence": entry.licence, "training_data": entry.training_data, "description": entry.description,
+        "valence_arousal": "predicted" if entry.has_va else "not predicted by this model: columns are null",
     }
 
 

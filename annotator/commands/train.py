@@ -1,8 +1,7 @@
 """``annotate train teacher|student``, ``annotate eval`` and ``annotate export``.
 
 Thin click wrappers over ``training/``: they validate options, build a ``TrainConfig`` and call
-the library. The lead registers them with ``cli.add_command(train)``, ``cli.add_command(eval_cmd)``
-and ``cli.add_command(export)``.
+the library.
 """
 
 from __future__ import annotations

@@ -120,3 +120,16 @@ def test_eval_scores_a_results_table(workspace):
     assert metrics["missing_frames"] == 2 and metrics["expr_frames"] == n
     assert metrics["expr_accuracy"] == pytest.approx((n - 1) / n)
     assert 0.9 < metrics["ccc_valence"] < 1.0  # all exact but one frame predicted as 0.0
+
+
+def test_student_of_the_external_fer_teacher(workspace):
+    """``--external-teacher``: the project's FER2013 scorer supplies expression soft labels."""
+    config = workspace / "external.toml"
+    config.write_text(SMOKE.format(epochs=1).replace("image_size = 48", "image_size = 112")
+                      .replace("resize_size = 56", "resize_size = 134").replace("steps_per_epoch = 3", "steps_per_epoch = 2"))
+    out = workspace / "fer-student"
+    _invoke(train, ["student", "--external-teacher", "fer-minixception", "--config", config, "--out", out])
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1
+    small = CliRunner().invoke(train, ["student", "--external-teacher", "fer-minixception",
+                                       "--config", _config(workspace, 1), "--out", workspace / "x"])
+    assert small.exit_code == 2 and "image_size 112" in small.output
