@@ -34,7 +34,7 @@ class RunConfig:
     inputs: tuple[Path, ...]
     out: Path
     sampling: Sampling = field(default_factory=Sampling)
-    batch_size: int = 32
+    batch_size: int | None = None  # None: sized to the device, see resolved_batch_size
     workers: int | None = None  # None: sized to the machine; 0: in this process, no Ray
     address: str | None = None
     device: Device = "auto"
@@ -49,7 +49,7 @@ class RunConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
@@ -84,6 +84,18 @@ class RunConfig:
             if importlib.util.find_spec("nvidia.dali") is not None:
                 return "dali"
         return "pyav"
+
+    def resolved_batch_size(self) -> int:
+        """Frames per detector batch: explicit, else 32 on a GPU and 8 on a CPU.
+
+        On a CPU, batches beyond 8 frames buy no speed (measured: 21-23 frames/s for 4..32 at
+        720p, det-size 640) but cost memory: a 32-frame batch at 640 peaks at 5 GB RSS and a
+        3.5 s first-batch warm-up, 8 frames at 1.4 GB and none. A GPU needs the larger batch
+        to fill its cores.
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        return 32 if self.resolved_device() == "cuda" else 8
 
     def resolved_workers(self) -> int:
         """Worker count: explicit, else one per GPU, else one per two CPU cores.

@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 WorkItem = tuple[Path, str]  # (video path, part key)
 
 
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined; the message is one line."""
+
+
+def _has_ray_token() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
 def stream_in_process(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Table]:
     """The single-process path (``--workers 0``): same stages, a plain loop, no Ray."""
     pipeline = VideoPipeline(config)
@@ -32,22 +41,30 @@ def stream_in_process(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.T
 
 
 def _init_ray(config: RunConfig) -> None:
+    # Token authentication: Ray >= 2.5x turns it on for every new local cluster (generating
+    # ~/.ray/auth_token) unless RAY_AUTH_MODE=disabled. A driver joining a cluster only sends
+    # the token in token mode, so when one is at hand we say so (ray 2.60 leaves it off). Ray
+    # reads the mode when it is first imported, hence before the import.
+    if config.address is not None and "RAY_AUTH_MODE" not in os.environ and _has_ray_token():
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if ray.is_initialized():
         return
-    # Token authentication: Ray >= 2.5x turns it on for every new local cluster (generating
-    # ~/.ray/auth_token) unless RAY_AUTH_MODE=disabled; joining a cluster uses its token. We
-    # never disable it.
-    ray.init(
-        address=config.address,
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-        # Our modules travel to workers on a cluster; a local instance shares the filesystem.
-        runtime_env=None if config.address is None else {"py_modules": _project_modules()},
-        ignore_reinit_error=True,
-    )
+    try:
+        ray.init(
+            address=config.address,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            # Our modules travel to workers on a cluster; a local instance shares the filesystem.
+            runtime_env=None if config.address is None else {"py_modules": _project_modules()},
+            ignore_reinit_error=True,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"join the Ray cluster at {config.address}" if config.address else "start a local Ray instance"
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"cannot {where}: {reason}") from None
 
 
 def _project_modules() -> list[str]:
@@ -71,10 +88,9 @@ def _worker_resources(config: RunConfig, workers: int) -> tuple[float, float, in
 
 def stream_with_ray(config: RunConfig, items: list[WorkItem], workers: int) -> Iterator[pa.Table]:
     """Tagged tables from a Ray actor pool of ``workers`` actors, as they are produced."""
-    import ray
+    _init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
     import ray.data
 
-    _init_ray(config)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own
     context.enable_operator_progress_bars = False

@@ -77,7 +77,7 @@ class VideoPipeline:
         """
         vid = video_id(path)
         tracker = IouTracker()
-        batches = self._decode(path, self.config.sampling, self.config.batch_size)
+        batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size())
         while True:
             with self._timed("decode"):
                 batch = next(batches, None)

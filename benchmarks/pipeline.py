@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--det-size", type=int, default=640)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: as annotate run")
     parser.add_argument("--every-n", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("bench-media"))
@@ -75,7 +75,7 @@ def main() -> None:
         print(f"{r['video']:<24}{r['width']:>5}x{r['height']:<5}{r['frames_per_s']:>10.1f}  {shares}")
     report = {"machine": platform.machine(), "processor": platform.processor(), "config": {
         "backend": config.resolved_backend(), "device": config.resolved_device(), "det_size": args.det_size,
-        "batch_size": args.batch_size, "every_n": args.every_n}, "results": results}
+        "batch_size": config.resolved_batch_size(), "every_n": args.every_n}, "results": results}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

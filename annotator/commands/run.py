@@ -26,8 +26,8 @@ Examples:
 @click.option("--sample-fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Keep about F frames per second (by timestamp).  [default: every frame]")
 @click.option("--every-n", type=click.IntRange(min=1), default=None, help="Keep every N-th frame.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Frames per detector batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Frames per detector batch.  [default: 32 on a GPU, 8 on a CPU]")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Ray workers (0: run in this process).  [default: 1 per GPU, else 1 per 2 CPU cores]")
 @click.option("--address", default=None,
@@ -56,6 +56,7 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
     One row per face per sampled frame, one row per sampled frame without a face, one row per
     video that failed. Re-running the same command resumes: finished videos are skipped.
     """
+    from annotator.orchestrate import ClusterError
     from annotator.run import run
 
     if sample_fps is not None and every_n is not None:
@@ -65,7 +66,7 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
         summary = run(config, progress=not no_progress)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    except (FetchError, ValueError) as exc:
+    except (FetchError, ClusterError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"{summary.out}: {summary.videos} videos ({summary.skipped} already done, {summary.failed} failed), "
