@@ -53,7 +53,9 @@ def _init_ray(config: RunConfig) -> None:
         return
     try:
         ray.init(
-            address=config.address,
+            # "local" always starts a fresh instance: a bare init() would attach to whatever
+            # `ray start` left in /tmp/ray/ray_current_cluster, and hang if that one is dead.
+            address=config.address or "local",
             include_dashboard=False,
             log_to_driver=True,
             logging_level=logging.WARNING,
