@@ -97,7 +97,9 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], workers: int) -> I
     context.enable_progress_bars = False  # the driver shows one bar of its own
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines are noise here
+    # Ray Data's per-dataset INFO lines and its "progress bars disabled" warning are noise next
+    # to our own bar; its errors still show.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
     videos = ray.data.from_items(
         [{"path": str(path), "part": part} for path, part in items],

@@ -47,6 +47,8 @@ def export_onnx(module: nn.Module, entry: ModelEntry, path: Path, *, check: bool
         # The TorchScript exporter is deprecated in torch>=2.9 but is the one that handles
         # dynamic spatial axes of these convolutional graphs without a re-trace per size.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Harmless: strided Slice nodes (FPN crops) are left for ONNX Runtime to fold.
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             module,
             (torch.zeros(trace_shape),),
