@@ -91,6 +91,7 @@ def _worker_resources(config: RunConfig, workers: int) -> tuple[float, float, in
 def stream_with_ray(config: RunConfig, items: list[WorkItem], workers: int) -> Iterator[pa.Table]:
     """Tagged tables from a Ray actor pool of ``workers`` actors, as they are produced."""
     _init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
+    import ray
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -115,4 +116,9 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], workers: int) -> I
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    yield from annotated.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    try:
+        yield from annotated.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    except ray.exceptions.RayError as exc:
+        # Bad videos never get here (workers report them as rows); this is the cluster failing.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"the Ray run failed ({reason}); finished videos are kept, re-run to resume") from exc

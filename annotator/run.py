@@ -9,21 +9,23 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
 import annotator
+from annotator.collect import PartCollector
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import find_videos
 from annotator.orchestrate import WorkItem, stream_in_process, stream_with_ray
-from annotator.worker import PART_COLUMN, STATUS_COLUMN
-from annotator.writer import OutputLayout, PartWriter, merge_parts, part_key, read_metadata, schema_with_metadata, write_part
+from annotator.writer import (
+    OutputLayout,
+    merge_parts,
+    part_key,
+    read_metadata,
+    schema_with_metadata,
+)
 from engines.cache import Artifacts, resolve
 from engines.factory import lookup, model_id
 from engines.registry import ModelEntry
@@ -101,28 +103,6 @@ def _check_resumable(layout: OutputLayout, metadata: dict[str, object], config: 
             )
 
 
-def _frames_and_faces(table: pa.Table) -> tuple[int, int]:
-    face_index = table.column("face_index")
-    is_frame = pc.and_(pc.is_valid(table.column("frame_index")),
-                       pc.fill_null(pc.equal(face_index, 0), True))
-    return pc.sum(is_frame).as_py() or 0, pc.count(face_index).as_py() or 0
-
-
-def _runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
-    """Split a streamed table into runs of one (part, status), output columns only.
-
-    Ray Data may concatenate several tables a worker yielded into one block, so one table can
-    hold a video's last ``rows`` and its ``done`` rows (or, in principle, several videos).
-    """
-    keys = table.column(PART_COLUMN).to_numpy(zero_copy_only=False)
-    statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)
-    change = np.flatnonzero((keys[1:] != keys[:-1]) | (statuses[1:] != statuses[:-1])) + 1
-    bounds = [0, *change.tolist(), table.num_rows]
-    rows = table.drop_columns([PART_COLUMN, STATUS_COLUMN])
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo)
-
-
 def run(config: RunConfig, progress: bool = True) -> RunSummary:
     """Annotate every video of ``config.inputs`` into ``config.out``.
 
@@ -144,36 +124,21 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
     workers = config.resolved_workers()
     stream = stream_in_process(config, items) if workers == 0 else stream_with_ray(config, items, min(workers, len(items)))
-    frames = faces = failed = 0
-    writers: dict[str, PartWriter] = {}
+    collector = PartCollector(layout, schema)
     bar = tqdm(total=len(videos), initial=len(videos) - len(items), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True)
     try:
         for table in (stream if items else ()):
-            for key, status, rows in _runs(table):
-                if status == "failed":
-                    if key in writers:
-                        writers.pop(key).abort()
-                    write_part(layout.part_path(key, failed=True), schema, rows.to_batches()[0])
-                    failed += 1
-                    bar.update(1)
-                    continue
-                writer = writers.get(key) or writers.setdefault(key, PartWriter(layout.part_path(key), schema))
-                writer.write(rows)
-                n_frames, n_faces = _frames_and_faces(rows)
-                frames, faces = frames + n_frames, faces + n_faces
-                if status == "done":
-                    writers.pop(key).commit()
-                    bar.update(1)
-            bar.set_postfix(fps=f"{frames / (time.perf_counter() - start):.1f}", faces=faces, failed=failed, refresh=False)
+            bar.update(collector.add(table))
+            rate = collector.frames / (time.perf_counter() - start)
+            bar.set_postfix(fps=f"{rate:.1f}", faces=collector.faces, failed=collector.failed, refresh=False)
     finally:
-        for writer in writers.values():
-            writer.abort()
+        collector.close()
         bar.close()
     if layout.single_file:
         by_key = {p.name: p for p in layout.parts()}
         ordered = [by_key[n] for v in videos for n in (f"part-{part_key(v)}.parquet", f"part-{part_key(v)}.error.parquet") if n in by_key]
         merge_parts(ordered, layout.out, schema)
         shutil.rmtree(layout.parts_dir)
-    return RunSummary(config.out, len(videos), len(videos) - len(items), failed, frames, faces,
-                      time.perf_counter() - start)
+    return RunSummary(config.out, len(videos), len(videos) - len(items), collector.failed, collector.frames,
+                      collector.faces, time.perf_counter() - start)

@@ -26,7 +26,7 @@ PART_COLUMN = "_part"
 STATUS_COLUMN = "_status"
 
 
-def _tag(batch: pa.RecordBatch, part: str, status: str) -> pa.Table:
+def tag_table(batch: pa.RecordBatch, part: str, status: str) -> pa.Table:
     n = batch.num_rows
     table = pa.Table.from_batches([batch])
     table = table.append_column(PART_COLUMN, pa.array(np.full(n, part, dtype=object), pa.string()))
@@ -39,20 +39,20 @@ def annotate_tagged(pipeline: VideoPipeline, path: Path, part: str) -> Iterator[
     try:
         for batch in pipeline.annotate(path):
             if pending is not None:
-                yield _tag(pending, part, "rows")
+                yield tag_table(pending, part, "rows")
             pending = batch
         if pending is None:
             raise DecodeError(f"{path}: no frames decoded")
     except (DecodeError, OSError) as exc:
         message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
         log.warning("%s", message)
-        yield _tag(error_row(str(path), message), part, "failed")
+        yield tag_table(error_row(str(path), message), part, "failed")
         return
     except Exception as exc:  # a bug or a model failure must not abort a week-long run
         log.exception("%s: annotation failed", path)
-        yield _tag(error_row(str(path), f"{path}: {type(exc).__name__}: {exc}"), part, "failed")
+        yield tag_table(error_row(str(path), f"{path}: {type(exc).__name__}: {exc}"), part, "failed")
         return
-    yield _tag(pending, part, "done")
+    yield tag_table(pending, part, "done")
 
 
 class RayVideoWorker:

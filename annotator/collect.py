@@ -1,0 +1,95 @@
+"""Driver side of a run: routes the streamed, tagged tables to one part writer per video.
+
+Workers tag every table with its video's part key and a status (see annotator.worker). A part
+is committed only on ``done``; a ``failed`` video gets an error part; a video that Ray re-runs
+from the start (its actor died and was restarted) has its open part started over, so no row is
+ever written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from annotator.worker import PART_COLUMN, STATUS_COLUMN
+from annotator.writer import OutputLayout, PartWriter, write_part
+
+log = logging.getLogger(__name__)
+
+
+def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
+    """Split a streamed table into runs of one (part, status), output columns only.
+
+    Ray Data may concatenate several tables a worker yielded into one block, so one table can
+    hold a video's last ``rows`` and its ``done`` rows (or, in principle, several videos).
+    """
+    keys = table.column(PART_COLUMN).to_numpy(zero_copy_only=False)
+    statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)
+    change = np.flatnonzero((keys[1:] != keys[:-1]) | (statuses[1:] != statuses[:-1])) + 1
+    bounds = [0, *change.tolist(), table.num_rows]
+    rows = table.drop_columns([PART_COLUMN, STATUS_COLUMN])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo)
+
+
+def frames_and_faces(rows: pa.Table) -> tuple[int, int]:
+    """(sampled frames, faces) in a run of output rows; error rows count as neither."""
+    face_index = rows.column("face_index")
+    is_frame = pc.and_(pc.is_valid(rows.column("frame_index")), pc.fill_null(pc.equal(face_index, 0), True))
+    return pc.sum(is_frame).as_py() or 0, pc.count(face_index).as_py() or 0
+
+
+class PartCollector:
+    """Turns the stream into committed parts and keeps the run's counters."""
+
+    def __init__(self, layout: OutputLayout, schema: pa.Schema) -> None:
+        self.layout = layout
+        self.schema = schema
+        self.frames = self.faces = self.failed = 0
+        self._writers: dict[str, PartWriter] = {}
+        self._last_frame: dict[str, int] = {}
+        self._counted: dict[str, tuple[int, int]] = {}  # frames, faces of each open part
+
+    def add(self, table: pa.Table) -> int:
+        """Consume one streamed table; returns how many videos it finished (done or failed)."""
+        finished = 0
+        for key, status, rows in split_runs(table):
+            if status == "failed":
+                self._drop(key)
+                write_part(self.layout.part_path(key, failed=True), self.schema, rows.to_batches()[0])
+                self.failed += 1
+                finished += 1
+                continue
+            if key in self._writers and rows.column("frame_index")[0].as_py() <= self._last_frame[key]:
+                log.warning("%s: video restarted by Ray, rewriting its part", key)
+                self._drop(key)
+            if key not in self._writers:
+                self._writers[key] = PartWriter(self.layout.part_path(key), self.schema)
+                self._counted[key] = (0, 0)
+            self._writers[key].write(rows)
+            self._last_frame[key] = rows.column("frame_index")[-1].as_py()
+            frames, faces = frames_and_faces(rows)
+            self.frames, self.faces = self.frames + frames, self.faces + faces
+            self._counted[key] = (self._counted[key][0] + frames, self._counted[key][1] + faces)
+            if status == "done":
+                self._writers.pop(key).commit()
+                del self._counted[key]
+                finished += 1
+        return finished
+
+    def _drop(self, key: str) -> None:
+        """Abandon an open part (its rows are being replaced) and uncount its rows."""
+        if key in self._writers:
+            self._writers.pop(key).abort()
+            frames, faces = self._counted.pop(key)
+            self.frames, self.faces = self.frames - frames, self.faces - faces
+
+    def close(self) -> None:
+        """Abort parts still open (an interrupted run): nothing partial is ever kept."""
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers.clear()
