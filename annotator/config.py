@@ -23,9 +23,6 @@ DEFAULT_DETECTOR = "retinaface-mnv2"
 DEFAULT_SCORER = "student-fer-distilled"
 
 
-_WORKER_MEMORY_GB = 2  # peak RSS of one CPU worker (~1.4 GB at 720p, batch 8) plus headroom
-
-
 class ConfigError(ValueError):
     """An option value that cannot work; the message is one line naming the option."""
 
@@ -38,7 +35,7 @@ class RunConfig:
     out: Path
     sampling: Sampling = field(default_factory=Sampling)
     batch_size: int | None = None  # None: sized to the device, see resolved_batch_size
-    workers: int | None = None  # None: sized to the machine; 0: in this process, no Ray
+    workers: int | None = None  # None: sized to the Ray cluster; 0: in this process, no Ray
     address: str | None = None
     device: Device = "auto"
     decoder: DecoderName = "auto"
@@ -99,23 +96,6 @@ class RunConfig:
         if self.batch_size is not None:
             return self.batch_size
         return 32 if self.resolved_device() == "cuda" else 8
-
-    def resolved_workers(self) -> int:
-        """Worker count: explicit, else one per GPU, else one per CPU core within memory.
-
-        On CPUs, single-threaded workers beat fewer multi-threaded ones (measured on 2 cores,
-        720p: 2 workers x 1 thread 18.9 frames/s end to end, 1 worker x 2 threads 13.1), since
-        decoding and inference then overlap across processes. Each worker peaks at ~1.4 GB
-        (720p, batch 8), so memory caps the count at one worker per 2 GB.
-        """
-        if self.workers is not None:
-            return self.workers
-        if self.resolved_device() == "cuda":
-            import torch
-
-            return max(1, torch.cuda.device_count())
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        return max(1, min(os.cpu_count() or 1, int(memory_gb // _WORKER_MEMORY_GB)))
 
     def options_for_metadata(self) -> dict[str, object]:
         """The run's options as plain JSON values, for the Parquet file metadata."""

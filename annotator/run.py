@@ -122,8 +122,7 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     items: list[WorkItem] = [(v, part_key(v)) for v in videos if part_key(v) not in done]
     for _, key in items:
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
-    workers = config.resolved_workers()
-    stream = stream_in_process(config, items) if workers == 0 else stream_with_ray(config, items, min(workers, len(items)))
+    stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
     collector = PartCollector(layout, schema)
     bar = tqdm(total=len(videos), initial=len(videos) - len(items), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True)

@@ -150,3 +150,17 @@ def test_cli_help_lists_commands_with_examples():
     for command in ("run", "models", "example"):
         assert command in done.stdout
     assert "Examples:" in _annotate("run", "--help").stdout
+
+
+def test_pool_is_sized_to_the_cluster(monkeypatch):
+    import ray
+
+    from annotator.orchestrate import pool_size
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 8.0 * 2**30})
+    config = _config([Path("v.mp4")], Path("o.parquet"), workers=None, device="cpu")
+    assert pool_size(config, videos=100) == 4  # 8 GB allows 4 workers of 2 GB on 16 cores
+    assert pool_size(config, videos=3) == 3  # never more actors than videos
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 20.0 * 2**30})
+    assert pool_size(config, videos=100) == 2
+    assert pool_size(_config([Path("v.mp4")], Path("o.parquet"), workers=7), videos=100) == 7

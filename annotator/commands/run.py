@@ -29,7 +29,7 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Frames per detector batch.  [default: 32 on a GPU, 8 on a CPU]")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Ray workers (0: run in this process).  [default: 1 per GPU, else 1 per CPU core within memory]")
+              help="Ray workers (0: run in this process).  [default: sized to the cluster, 1 per GPU or CPU core]")
 @click.option("--address", default=None,
               help="Join this Ray cluster ('auto' or host:port).  [default: start a local instance]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
