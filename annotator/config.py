@@ -7,7 +7,6 @@ one-line errors as a command-line user, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

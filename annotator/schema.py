@@ -44,7 +44,8 @@ SCHEMA = pa.schema(
 _EXPRESSION_NAMES = pa.array(EXPRESSIONS, pa.string())
 
 
-def _constant(value: str | None, n: int) -> pa.Array:
+def constant_column(value: str | None, n: int) -> pa.Array:
+    """``n`` copies of one string (or nulls), built by Arrow rather than per-row Python objects."""
     if value is None:
         return pa.nulls(n, pa.string())
     return pc.take(pa.array([value], pa.string()), pa.array(np.zeros(n, np.int32)))
@@ -94,8 +95,8 @@ def frame_rows(
     face_rows = first_row[face_frame] + within
 
     columns: dict[str, pa.Array] = {
-        "video_path": _constant(video_path, n_rows),
-        "video_id": _constant(video_id, n_rows),
+        "video_path": constant_column(video_path, n_rows),
+        "video_id": constant_column(video_id, n_rows),
         "frame_index": pa.array(frame_index[frame_of_row], pa.int64()),
         "pts_s": pa.array(pts_s[frame_of_row], pa.float64()),
         "face_index": _scatter(within.astype(np.int32), face_rows, n_rows, pa.int32()),

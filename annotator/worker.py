@@ -12,12 +12,11 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from annotator.config import RunConfig
 from annotator.pipeline import VideoPipeline
-from annotator.schema import error_row
+from annotator.schema import constant_column, error_row
 from engines.decoders import DecodeError
 
 log = logging.getLogger(__name__)
@@ -29,8 +28,8 @@ STATUS_COLUMN = "_status"
 def tag_table(batch: pa.RecordBatch, part: str, status: str) -> pa.Table:
     n = batch.num_rows
     table = pa.Table.from_batches([batch])
-    table = table.append_column(PART_COLUMN, pa.array(np.full(n, part, dtype=object), pa.string()))
-    return table.append_column(STATUS_COLUMN, pa.array(np.full(n, status, dtype=object), pa.string()))
+    table = table.append_column(PART_COLUMN, constant_column(part, n))
+    return table.append_column(STATUS_COLUMN, constant_column(status, n))
 
 
 def annotate_tagged(pipeline: VideoPipeline, path: Path, part: str) -> Iterator[pa.Table]:

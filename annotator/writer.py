@@ -77,14 +77,12 @@ class PartWriter:
         self._schema = schema
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
-        self.rows = 0
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
         for b in batches:
             self._buffer.append(b)
             self._buffered += b.num_rows
-            self.rows += b.num_rows
         if self._buffered >= ROW_GROUP_ROWS:
             self._flush()
 

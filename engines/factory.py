@@ -136,8 +136,3 @@ def create_detector(name_or_path: str, backend: str | None = None, device: str =
     artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir)
     detector = RetinaFaceDetector(runtime, det_size=det_size, threshold=threshold, min_face=min_face)
     return detector, artifacts
-
-
-def load_scorer(name_or_path: str, backend: str = "torch", device: str = "cpu") -> Scorer:
-    """Training's entry point: a scorer whose ``__call__`` returns raw logits by output name."""
-    return create_scorer(name_or_path, backend=backend, device=device)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from engines.runtimes import Runtime  # the project's one runtime interface
 
 STEPS: tuple[int, ...] = (8, 16, 32)
 MIN_SIZES: tuple[tuple[int, ...], ...] = ((16, 32), (64, 128), (256, 512))
@@ -31,8 +32,6 @@ VARIANCES: tuple[float, float] = (0.1, 0.2)
 # feature map to tile the image exactly (the graph's anchors assume ceil(H / step) cells).
 SIZE_MULTIPLE = 32
 
-# The project's runtime interface: float32 (B, 3, H, W) in, named output arrays out.
-Runtime = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 @functools.lru_cache(maxsize=32)

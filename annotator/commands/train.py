@@ -45,11 +45,11 @@ def _external_teacher(name: str, image_size: int):
     """Adapt the project's numpy scorer to the ``ExpressionTeacher`` protocol (torch in, logits out)."""
     import torch
 
-    from engines.factory import load_scorer
+    from engines.factory import create_scorer
 
     if image_size != 112:
         raise click.UsageError(f"--external-teacher needs image_size 112 in the config, got {image_size}")
-    scorer = load_scorer(name, backend="torch")
+    scorer = create_scorer(name, backend="torch")
 
     def teacher(images: torch.Tensor) -> torch.Tensor:
         logits = scorer(images.detach().cpu().numpy())["expr_logits"]
