@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.registry import ModelEntry
-from engines.sources import FetchError, fetch, pinned, sha256_file
+from engines.sources import FetchError, fetch, inside, pinned, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,16 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def model_dir(entry: ModelEntry, root: Path) -> Path:
+    """``<root>/models/<name>/<digest12>``, checked to stay inside ``root``.
+
+    The name may come from a user's model card: validated there too, but a path that would
+    leave the cache is refused here as well, whatever produced the entry.
+
+    Raises:
+        UnsafePathError: the name or digest is not a plain path component.
+    """
     digest = (entry.sha256 or entry.sha256_prefix)[:12]
-    return root / "models" / entry.name / digest
+    return inside(root, "models", entry.name, digest)
 
 
 def cached(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) -> Artifacts | None:
@@ -113,16 +121,28 @@ def _fetch_and_convert(entry: ModelEntry, root: Path, directory: Path) -> None:
 def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:
     import torch
 
-    from engines.converters import convert
+    from engines.converters import ConversionError, check_fits, convert
     from engines.export import export_onnx
     from engines.models import build_model
 
     log.info("converting %s from %s", entry.name, upstream)
     state_dict = convert(entry.converter, upstream)
-    module = build_model(entry.architecture, **dict(entry.arch_kwargs))
-    module.load_state_dict(state_dict, strict=True)
+    try:
+        module = build_model(entry.architecture, **dict(entry.arch_kwargs))
+    except (TypeError, ValueError) as exc:  # a card's arch_kwargs the builder does not take
+        raise ConversionError(f"{upstream}: cannot build architecture {entry.architecture!r} "
+                              f"with {dict(entry.arch_kwargs)} ({_one_line(exc)})") from None
+    check_fits(module.state_dict(), state_dict, upstream, entry.architecture)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # anything check_fits did not foresee: still one line
+        raise ConversionError(f"{upstream}: does not fit architecture {entry.architecture!r} "
+                              f"({_one_line(exc)})") from None
     torch.save(module.state_dict(), out_dir / "model.pt")
-    export_onnx(module, entry, out_dir / "model.onnx")
+    try:
+        export_onnx(module, entry, out_dir / "model.onnx")
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a card's outputs the module lacks
+        raise ConversionError(f"{upstream}: ONNX export of {entry.name!r} failed ({_one_line(exc)})") from None
     manifest = {
         "name": entry.name,
         "source": entry.source.describe(),
@@ -132,3 +152,8 @@ def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:
         "sha256": {name: sha256_file(out_dir / name) for name in ("model.pt", "model.onnx")},
     }
     (out_dir / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or type(exc).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from engines.cache import Artifacts, resolve
 from engines.registry import FileSource, ModelEntry, get_entry
+from engines.sources import plain_name
 from engines.runtimes import Runtime, default_backend, load_runtime
 
 MODEL_CARD = "model_card.json"
@@ -24,33 +26,148 @@ MODEL_CARD = "model_card.json"
 def entry_from_model_dir(path: Path) -> ModelEntry:
     """A registry entry for a directory written by ``annotate export`` (it has a model card).
 
+    The directory is untrusted input: its name becomes a cache path and its file names are
+    opened, so every name, path and digest taken from the card is checked before use.
+
     Raises:
-        ValueError: the directory has no readable model card or it lacks a field.
+        ValueError: the directory has no readable model card, or a field is missing or invalid
+            (one line naming the card file and the key).
     """
     card_path = path / MODEL_CARD
     try:
         card = json.loads(card_path.read_text())
-        torch_file = card["artifacts"]["torch"]
-        return ModelEntry(
-            name=card["name"],
-            kind=card.get("kind", "scorer"),
-            architecture=card["architecture"],
-            source=FileSource(str((path / torch_file).resolve())),
-            sha256=card["sha256"][torch_file],
-            converter="state-dict",
-            outputs=tuple(card["outputs"]),
-            licence=card.get("licence", "see model card"),
-            description=card.get("description", f"exported model {card['name']}"),
-            has_va="va" in card["outputs"],
-            arch_kwargs=tuple(sorted(card.get("arch_kwargs", {}).items())),
-            training_data=json.dumps(card.get("training_data", "")),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{card_path}: not a usable model card ({exc})") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{card_path}: not a usable model card (expected a JSON object)")
+    return _CardReader(card_path, card).entry(path)
+
+
+#: Names of models (cache directories): a plain slug, never ``.``/``..`` (must start alphanumeric).
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_KINDS = ("scorer", "detector")
+#: A scorer's outputs: its logits, and optionally valence/arousal (the detector's are in model_table).
+_SCORER_OUTPUTS = (("expr_logits",), ("expr_logits", "va"))
+_MISSING = object()
+_JSON_TYPES = {str: "string", dict: "object", list: "array"}
+
+
+@dataclass(frozen=True)
+class _CardReader:
+    """Reads and checks the fields of one model card; every error names the card and the key."""
+
+    card_path: Path
+    card: dict
+
+    def fail(self, key: str, why: str) -> ValueError:
+        return ValueError(f'{self.card_path}: "{key}" {why}')
+
+    def get(self, key: str, kind: type, default: object = _MISSING) -> object:
+        value = self.card.get(key, default)
+        if value is _MISSING:
+            raise self.fail(key, "is missing")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"must be a JSON {_JSON_TYPES[kind]}, got {type(value).__name__}")
+        return value
+
+    def name(self) -> str:
+        name = self.get("name", str)
+        if not _SLUG.fullmatch(name):
+            raise self.fail("name", f"must be a plain name (letters, digits, . _ -), got {name!r}")
+        return name
+
+    def kind(self) -> str:
+        kind = self.get("kind", str, "scorer")
+        if kind not in _KINDS:
+            raise self.fail("kind", f"must be one of {', '.join(_KINDS)}, got {kind!r}")
+        return kind
+
+    def architecture(self) -> str:
+        from engines.models import ARCHITECTURES
+
+        architecture = self.get("architecture", str)
+        if architecture not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise self.fail("architecture", f"must be one of {known}, got {architecture!r}")
+        return architecture
+
+    def artifacts(self, directory: Path) -> dict[str, Path]:
+        """Every ``artifacts`` entry: role -> resolved path, each a plain name inside ``directory``."""
+        base = directory.resolve()
+        paths = {}
+        for role, filename in self.get("artifacts", dict).items():
+            key = f"artifacts.{role}"
+            if not plain_name(filename):
+                raise self.fail(key, f"must be a plain file name inside the model directory, got {filename!r}")
+            target = (directory / filename).resolve()
+            if not target.is_relative_to(base):  # a symlink out of the directory
+                raise self.fail(key, f"must stay inside the model directory, but {filename!r} resolves to {target}")
+            paths[role] = target
+        if "torch" not in paths:
+            raise self.fail("artifacts.torch", "is missing")
+        if not paths["torch"].is_file():
+            raise self.fail("artifacts.torch", f"names {paths['torch'].name!r}, which is not a file in {directory}")
+        return paths
+
+    def sha256(self) -> dict[str, str]:
+        digests = self.get("sha256", dict)
+        for filename, digest in digests.items():
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise self.fail(f"sha256.{filename}", f"must be 64 lowercase hex digits, got {digest!r}")
+        return digests
+
+    def outputs(self, kind: str) -> tuple[str, ...]:
+        """The output names, which must be one of the contracts the runtimes and the annotator read."""
+        from engines.model_table import DETECTOR_OUTPUTS
+
+        outputs = tuple(self.get("outputs", list))
+        allowed = _SCORER_OUTPUTS if kind == "scorer" else (DETECTOR_OUTPUTS,)
+        if outputs not in allowed:
+            shown = " or ".join(str(list(o)) for o in allowed)
+            raise self.fail("outputs", f"of a {kind} must be {shown}, got {list(outputs)!r}")
+        return outputs
+
+    def arch_kwargs(self) -> tuple[tuple[str, object], ...]:
+        kwargs = self.get("arch_kwargs", dict, {})
+        for key, value in kwargs.items():
+            if not _IDENTIFIER.fullmatch(key) or not isinstance(value, (str, int, float, bool, type(None))):
+                raise self.fail(f"arch_kwargs.{key}", f"must be an identifier with a plain value, got {value!r}")
+        return tuple(sorted(kwargs.items()))
+
+    def entry(self, directory: Path) -> ModelEntry:
+        name = self.name()
+        kind, architecture = self.kind(), self.architecture()
+        torch_path = self.artifacts(directory)["torch"]
+        digests = self.sha256()
+        torch_file = self.card["artifacts"]["torch"]
+        if torch_file not in digests:
+            raise self.fail(f"sha256.{torch_file}", "is missing")
+        outputs = self.outputs(kind)
+        return ModelEntry(
+            name=name,
+            kind=kind,  # type: ignore[arg-type]
+            architecture=architecture,
+            source=FileSource(str(torch_path)),
+            sha256=digests[torch_file],
+            converter="state-dict",
+            outputs=outputs,
+            licence=str(self.card.get("licence", "see model card")),
+            description=str(self.card.get("description", f"exported model {name}")),
+            has_va="va" in outputs,
+            arch_kwargs=self.arch_kwargs(),
+            training_data=json.dumps(self.card.get("training_data", "")),
+        )
 
 
 def lookup(name_or_path: str, kind: str) -> ModelEntry:
-    """Registry name, or a path to an exported model directory."""
+    """Registry name, or a path to an exported model directory.
+
+    Raises:
+        ValueError: unknown name, missing directory, invalid model card, or a model of the other
+            kind; one line (``annotator.run.lookup_models`` makes it a configuration error).
+    """
     if os.sep in name_or_path or Path(name_or_path).is_dir():
         path = Path(name_or_path)
         if not path.is_dir():

