@@ -40,14 +40,15 @@ cli.add_command(export)
 
 
 def main() -> None:
-    """Entry point: usage errors print as one line (``annotate: error: …``), exit code 2."""
+    """Entry point: errors print as one line (``annotate: error: …``); usage errors exit 2,
+    failures 1, and a command's own result (``annotate run``: 3 when inputs failed) passes through."""
     try:
         code = cli.main(prog_name="annotate", standalone_mode=False)
     except click.UsageError as exc:
         click.echo(f"annotate: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"annotate: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("annotate: aborted", err=True)

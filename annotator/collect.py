@@ -1,13 +1,14 @@
 """Driver side of a run: routes the streamed, tagged tables to one part writer per video.
 
 Workers tag every table with its video's part key and a status (see annotator.worker). A part
-is committed only on ``done``; a ``failed`` video gets an error part; a video that Ray re-runs
-from the start (its actor died and was restarted) has its open part started over, so no row is
-ever written twice.
+is committed only on ``done`` (with the video's facts in its footer); a ``failed`` video gets an
+error part; a video that Ray re-runs from the start (its actor died and was restarted) has its
+open part started over, so no row is ever written twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 
@@ -15,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotator.worker import PART_COLUMN, STATUS_COLUMN
+from annotator.worker import INTERNAL_COLUMNS, PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN
 from annotator.writer import OutputLayout, PartWriter, write_part
 
 log = logging.getLogger(__name__)
 
 
-def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
-    """Split a streamed table into runs of one (part, status), output columns only.
+def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table, str | None]]:
+    """Split a streamed table into runs of one (part, status): (key, status, output rows, video facts).
 
     Ray Data may concatenate several tables a worker yielded into one block, so one table can
     hold a video's last ``rows`` and its ``done`` rows (or, in principle, several videos).
@@ -31,9 +32,10 @@ def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
     statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)
     change = np.flatnonzero((keys[1:] != keys[:-1]) | (statuses[1:] != statuses[:-1])) + 1
     bounds = [0, *change.tolist(), table.num_rows]
-    rows = table.drop_columns([PART_COLUMN, STATUS_COLUMN])
+    videos = table.column(VIDEO_COLUMN)
+    rows = table.drop_columns(list(INTERNAL_COLUMNS))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo)
+        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo), videos[hi - 1].as_py()
 
 
 def frames_and_faces(rows: pa.Table) -> tuple[int, int]:
@@ -49,7 +51,8 @@ class PartCollector:
     def __init__(self, layout: OutputLayout, schema: pa.Schema) -> None:
         self.layout = layout
         self.schema = schema
-        self.frames = self.faces = self.failed = 0
+        self.frames = self.faces = self.failed = self.damaged = self.frames_lost = 0
+        self.problems: list[str] = []  # one line per failed or damaged video, for the summary
         self._writers: dict[str, PartWriter] = {}
         self._last_frame: dict[str, int] = {}
         self._counted: dict[str, tuple[int, int]] = {}  # frames, faces of each open part
@@ -57,29 +60,43 @@ class PartCollector:
     def add(self, table: pa.Table) -> int:
         """Consume one streamed table; returns how many videos it finished (done or failed)."""
         finished = 0
-        for key, status, rows in split_runs(table):
+        for key, status, rows, video in split_runs(table):
             if status == "failed":
-                self._drop(key)
-                write_part(self.layout.part_path(key, failed=True), self.schema, rows.to_batches()[0])
-                self.failed += 1
+                self.add_failure(key, rows)
                 finished += 1
                 continue
-            if key in self._writers and rows.column("frame_index")[0].as_py() <= self._last_frame[key]:
+            first = rows.column("frame_index")[0].as_py()  # null on a damaged video's closing row
+            if key in self._writers and first is not None and first <= self._last_frame[key]:
                 log.warning("%s: video restarted by Ray, rewriting its part", key)
                 self._drop(key)
             if key not in self._writers:
                 self._writers[key] = PartWriter(self.layout.part_path(key), self.schema)
                 self._counted[key] = (0, 0)
             self._writers[key].write(rows)
-            self._last_frame[key] = rows.column("frame_index")[-1].as_py()
+            self._last_frame[key] = pc.max(rows.column("frame_index")).as_py() or self._last_frame.get(key, -1)
             frames, faces = frames_and_faces(rows)
             self.frames, self.faces = self.frames + frames, self.faces + faces
             self._counted[key] = (self._counted[key][0] + frames, self._counted[key][1] + faces)
             if status == "done":
-                self._writers.pop(key).commit()
-                del self._counted[key]
+                self._writers[key].commit(video)
+                del self._writers[key], self._counted[key]
+                self.note_damage(json.loads(video) if video else {})
                 finished += 1
         return finished
+
+    def add_failure(self, key: str, error_row: pa.Table) -> None:
+        """Record a video that could not be annotated: its one error row, as an error part."""
+        self._drop(key)
+        write_part(self.layout.part_path(key, failed=True), self.schema, error_row.combine_chunks().to_batches()[0])
+        self.failed += 1
+        self.problems.append(error_row.column("error")[0].as_py())
+
+    def note_damage(self, facts: dict) -> None:
+        """Count a video annotated as far as it decodes (its facts: worker.video_facts)."""
+        if facts.get("damage"):
+            self.damaged += 1
+            self.frames_lost += int(facts.get("frames_lost") or 0)
+            self.problems.append(f"{facts['video_path']}: {facts['damage']}")
 
     def _drop(self, key: str) -> None:
         """Abandon an open part (its rows are being replaced) and uncount its rows."""

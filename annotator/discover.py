@@ -1,16 +1,59 @@
-"""Finding the videos of a run: files as given, folders searched recursively by extension."""
+"""Finding the videos of a run: files as given, folders searched recursively by extension.
+
+Discovery never aborts a run over one bad entry: a folder that cannot be listed, a dangling
+link, a link loop, a file that cannot be read or is not a regular file (a FIFO would block a
+decoder forever) becomes a problem that the run records as that path's error row.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from annotator.config import ConfigError
 from engines.decoders import VIDEO_EXTENSIONS
 
 
-def find_videos(paths: tuple[Path, ...] | list[Path]) -> list[Path]:
-    """Video files under ``paths``, sorted and without duplicates.
+@dataclass
+class Discovery:
+    """What the inputs hold."""
+
+    videos: list[Path] = field(default_factory=list)  # sorted, absolute, no duplicates
+    problems: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason): error rows
+    skipped: Counter[str] = field(default_factory=Counter)  # extension -> files that are not videos
+
+    def skipped_line(self) -> str:
+        """e.g. "skipped 3 files that are not videos (.m4a 1, .txt 2)"; empty when none."""
+        total = sum(self.skipped.values())
+        if not total:
+            return ""
+        kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(self.skipped.items()))
+        return f"skipped {total} file{'s' * (total != 1)} that {'are not videos' if total != 1 else 'is not a video'} ({kinds})"
+
+
+def _problem(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or ``None`` when it is a readable regular file."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return f"dangling symbolic link (to {os.readlink(path)})"
+        return exc.strerror or str(exc)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
+    """Video files under ``paths``, plus the entries that could not be taken and why.
 
     A file named explicitly is taken whatever its extension (the user asked for it; if it is not
     a video, the run records why). Folders are walked recursively for known video extensions;
@@ -18,27 +61,45 @@ def find_videos(paths: tuple[Path, ...] | list[Path]) -> list[Path]:
     cycle cannot loop.
 
     Raises:
-        ConfigError: a path does not exist, or nothing to annotate was found.
+        ConfigError: a path given does not exist, or there is nothing to annotate.
     """
     found: dict[Path, None] = {}
+    problems: dict[Path, str] = {}
+    skipped: Counter[str] = Counter()
+
+    def consider(path: Path) -> None:
+        reason = _problem(path)
+        if reason is None:
+            found[path] = None
+        else:
+            problems[path] = reason
+
+    def unreadable_folder(exc: OSError) -> None:
+        problems[Path(exc.filename).absolute()] = f"cannot list the folder ({exc.strerror or exc})"
+
     for path in paths:
-        if not path.exists():
+        if not os.path.lexists(path):
             raise ConfigError(f"{path}: no such file or directory")
-        if path.is_file():
-            found[path.absolute()] = None
+        if not path.is_dir():
+            consider(path.absolute())
             continue
-        seen_dirs: set[Path] = set()
-        for root, dirs, files in os.walk(path, followlinks=True):
-            real = Path(root).resolve()
+        seen_dirs: set[str] = set()
+        for root, dirs, files in os.walk(path, followlinks=True, onerror=unreadable_folder):
+            real = os.path.realpath(root)  # never raises, unlike Path.resolve on a loop
             if real in seen_dirs:
                 dirs[:] = []
                 continue
             seen_dirs.add(real)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in files:
-                if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_EXTENSIONS:
-                    found[(Path(root) / name).absolute()] = None
-    if not found:
+                if name.startswith("."):
+                    continue
+                suffix = Path(name).suffix.lower()
+                if suffix in VIDEO_EXTENSIONS:
+                    consider((Path(root) / name).absolute())
+                else:
+                    skipped[suffix or "(no extension)"] += 1
+    if not found and not problems:
         shown = ", ".join(str(p) for p in paths)
         raise ConfigError(f"{shown}: no video files found (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    return sorted(found)
+    return Discovery(sorted(found), sorted(problems.items()), skipped)

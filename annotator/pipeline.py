@@ -20,7 +20,7 @@ from annotator.align import warp_crops, warp_crops_tensor
 from annotator.config import RunConfig
 from annotator.schema import frame_rows
 from annotator.tracking import IouTracker
-from engines.decoders import FrameBatch
+from engines.decoders import DecodeReport, FrameBatch
 from engines.factory import Scorer, create_detector, create_scorer
 
 STAGES = ("decode", "detect", "align", "score", "track", "rows")
@@ -69,15 +69,19 @@ class VideoPipeline:
         yield
         self.timings[stage] += time.perf_counter() - start
 
-    def annotate(self, path: Path) -> Iterator[pa.RecordBatch]:
+    def annotate(self, path: Path, report: DecodeReport | None = None) -> Iterator[pa.RecordBatch]:
         """Record batches (one per decoded batch of frames) of one video, in frame order.
 
+        ``report`` receives what decoding found (rotation, damage); a damaged video yields the
+        rows of every frame that decodes.
+
         Raises:
-            engines.decoders.DecodeError: the video cannot be decoded.
+            engines.decoders.DecodeError: the video cannot be decoded at all.
         """
         vid = video_id(path)
         tracker = IouTracker()
-        batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size())
+        batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
+                               report=report if report is not None else DecodeReport())
         while True:
             with self._timed("decode"):
                 batch = next(batches, None)
@@ -87,7 +91,8 @@ class VideoPipeline:
 
     def _annotate_batch(self, batch: FrameBatch, path: str, vid: str, tracker: IouTracker) -> pa.RecordBatch:
         with self._timed("detect"):
-            detections = self.detector.detect(batch.frames)
+            # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
+            detections = self.detector.detect(batch.frames, min_face=self.config.min_face / batch.scale)
         counts = np.array([len(d.scores) for d in detections], dtype=np.int64)
         boxes = np.concatenate([d.boxes for d in detections]).reshape(-1, 4)
         landmarks = np.concatenate([d.landmarks for d in detections]).reshape(-1, 5, 2)
@@ -108,7 +113,7 @@ class VideoPipeline:
             rows = frame_rows(
                 video_path=path, video_id=vid, model_id=self.model_id,
                 frame_index=batch.frame_index, pts_s=batch.pts_s, faces_per_frame=counts,
-                boxes=boxes, scores=scores, landmarks=landmarks, track_ids=track_ids,
+                boxes=boxes * batch.scale, scores=scores, landmarks=landmarks * batch.scale, track_ids=track_ids,
                 probs=probs, va=va,
             )
         self.frames += len(batch)

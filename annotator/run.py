@@ -6,20 +6,27 @@ video's part writer, and a part is committed (renamed into place) only when its 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
-import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from tqdm import tqdm
 
 import annotator
 from annotator.collect import PartCollector
 from annotator.config import ConfigError, RunConfig
-from annotator.discover import find_videos
+from annotator.discover import Discovery, find_videos
 from annotator.orchestrate import WorkItem, stream_in_process, stream_with_ray
+from annotator.ownership import OutputClaim, OutputWriteError, reason
+from annotator.schema import error_row
 from annotator.writer import (
+    ExistingParts,
     OutputLayout,
     merge_parts,
     part_key,
@@ -33,9 +40,16 @@ from engines.registry import ModelEntry
 log = logging.getLogger(__name__)
 
 
+#: Exit codes of ``annotate run`` (documented in its --help and the README).
+EXIT_OK = 0  # every video annotated
+EXIT_FAILED = 1  # the program or the cluster failed (finished videos are kept; re-run resumes)
+EXIT_USAGE = 2  # bad options or paths, an --out that cannot be used; nothing was done
+EXIT_SOME_INPUTS_FAILED = 3  # the run finished, but some inputs failed or were damaged
+
+
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run did; the CLI prints it."""
+    """What a run did; the CLI prints it and derives the exit code from it."""
 
     out: Path
     videos: int
@@ -44,10 +58,24 @@ class RunSummary:
     frames: int
     faces: int
     seconds: float
+    damaged: int = 0  # annotated as far as they decode; the damage is in their error row
+    frames_lost: int = 0
+    problems: tuple[str, ...] = ()  # one line per video failed or damaged in this run
+    not_videos: str = ""  # "skipped N files that are not videos (...)"
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_INPUTS_FAILED if self.failed or self.damaged else EXIT_OK
+
+    def line(self) -> str:
+        damaged = f", {self.damaged} damaged ({self.frames_lost} frames lost)" if self.damaged else ""
+        skipped = f"; {self.not_videos}" if self.not_videos else ""
+        return (f"{self.out}: {self.videos} videos ({self.skipped} already done, {self.failed} failed{damaged}), "
+                f"{self.frames} frames, {self.faces} faces, {self.fps:.1f} frames/s{skipped}")
 
 
 def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:
@@ -70,8 +98,7 @@ def lookup_models(config: RunConfig) -> tuple[ModelEntry, ModelEntry]:
 
 def run_metadata(config: RunConfig) -> dict[str, object]:
     """Models (with digests), package version and options; pulls the models if needed."""
-    detector = resolve(lookup_models(config)[0], config.cache_dir)
-    scorer = resolve(lookup_models(config)[1], config.cache_dir)
+    detector, scorer = (resolve(entry, config.cache_dir) for entry in lookup_models(config))
     models = [_model_record("detector", detector), _model_record("scorer", scorer)]
     options = config.options_for_metadata()
     # What makes rows comparable across resumed runs: same weights, same sampling and detection.
@@ -83,61 +110,109 @@ def run_metadata(config: RunConfig) -> dict[str, object]:
             "options": options, "fingerprint": fingerprint}
 
 
-def _check_resumable(layout: OutputLayout, metadata: dict[str, object], config: RunConfig) -> None:
-    if config.overwrite:
-        if layout.single_file:
-            layout.out.unlink(missing_ok=True)
-        if layout.parts_dir.exists():
-            shutil.rmtree(layout.parts_dir)
+def _check_single_file(layout: OutputLayout, config: RunConfig) -> None:
+    """``--out x.parquet``: an existing file is resumed into only with --overwrite, and replaced
+    only if annotate wrote it."""
+    out = layout.out
+    if not layout.single_file or not (out.exists() or out.is_symlink()):
         return
-    if layout.single_file and layout.out.exists():
-        raise ConfigError(f"{layout.out}: already exists (pass --overwrite to replace it)")
-    if layout.parts_dir.exists() and not layout.parts_dir.is_dir():
-        raise ConfigError(f"{layout.parts_dir}: exists and is not a directory")
-    for part in layout.parts()[:1]:
-        previous = read_metadata(part).get("fingerprint")
-        if previous != metadata["fingerprint"]:
-            raise ConfigError(
-                f"{layout.parts_dir}: holds results made with other models or options "
-                "(pass --overwrite, or choose another --out)"
-            )
+    if not out.is_file():
+        raise ConfigError(f"{out}: exists and is not a file")
+    if not config.overwrite:
+        raise ConfigError(f"{out}: already exists (pass --overwrite to replace it)")
+    try:
+        read_metadata(out)
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        raise ConfigError(f"{out}: was not written by annotate; refusing to replace it (choose another --out)") from None
+
+
+def _existing_parts(layout: OutputLayout, claim: OutputClaim, metadata: dict[str, object],
+                    config: RunConfig) -> ExistingParts:
+    """What is already done, after --overwrite removed earlier parts (only ours, see OutputClaim)."""
+    if config.overwrite:
+        claim.remove_parts()
+    existing = layout.scan()
+    if existing.fingerprints - {json.dumps(metadata["fingerprint"], sort_keys=True)}:
+        raise ConfigError(
+            f"{layout.parts_dir}: holds results made with other models or options "
+            "(pass --overwrite, or choose another --out)"
+        )
+    return existing
 
 
 def run(config: RunConfig, progress: bool = True) -> RunSummary:
     """Annotate every video of ``config.inputs`` into ``config.out``.
 
     Raises:
-        ConfigError: bad paths or options, or an output that cannot be resumed; raised before
+        ConfigError: bad paths or options, or an output that cannot be used; raised before
             any video is processed.
+        OutputBusy: another run is writing the same output.
+        OutputWriteError: the output stopped accepting writes (a full disk); finished videos
+            are kept and a re-run resumes.
         engines.sources.FetchError: a model cannot be fetched.
     """
     start = time.perf_counter()
     lookup_models(config)
-    videos = find_videos(config.inputs)
+    found = find_videos(config.inputs)
     layout = OutputLayout(config.out)
-    metadata = run_metadata(config)
-    _check_resumable(layout, metadata, config)
-    schema = schema_with_metadata(metadata)
-    done = layout.completed_keys()
-    items: list[WorkItem] = [(v, part_key(v)) for v in videos if part_key(v) not in done]
+    _check_single_file(layout, config)
+    with OutputClaim(layout.parts_dir) as claim:
+        try:
+            metadata = run_metadata(config)
+            existing = _existing_parts(layout, claim, metadata, config)
+        except BaseException:
+            if claim.created and not layout.parts():
+                claim.dissolve()  # nothing of ours worth keeping: leave no empty folder behind
+            raise
+        summary = _annotate(config, layout, found, existing, schema_with_metadata(metadata), progress, start)
+        if layout.single_file:
+            keys = [part_key(p) for p in found.videos] + [part_key(p) for p, _ in found.problems]
+            candidates = (layout.part_path(k, failed=failed) for k in keys for failed in (False, True))
+            with _writing(layout.out, "the parts are kept, re-run to merge them"):
+                merge_parts([p for p in candidates if p.is_file()], layout.out, schema_with_metadata(metadata))
+            claim.dissolve()
+    return summary
+
+
+@contextmanager
+def _writing(where: Path, then: str) -> Iterator[None]:
+    """A write that fails (a full disk) is one line saying what is kept, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"{where}: cannot write ({reason(exc)}); {then}") from None
+
+
+def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,
+              schema: pa.Schema, progress: bool, start: float) -> RunSummary:
+    """Stream every video not yet done into its part; return what happened."""
+    videos = found.videos
+    keys = {v: part_key(v) for v in videos}
+    items: list[WorkItem] = [(v, key) for v, key in keys.items() if key not in existing.done]
+    collector = PartCollector(layout, schema)
+    for key in existing.damaged.keys() & set(keys.values()):
+        collector.note_damage(existing.damaged[key])  # done before, damaged all the same
     for _, key in items:
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
-    stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
-    collector = PartCollector(layout, schema)
     bar = tqdm(total=len(videos), initial=len(videos) - len(items), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True)
+    writing = functools.partial(_writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     try:
+        with writing():
+            for path, why in found.problems:
+                collector.add_failure(part_key(path), pa.Table.from_batches([error_row(str(path), f"{path}: {why}")]))
+        stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
         for table in (stream if items else ()):
-            bar.update(collector.add(table))
+            with writing():
+                bar.update(collector.add(table))
             rate = collector.frames / (time.perf_counter() - start)
             bar.set_postfix(fps=f"{rate:.1f}", faces=collector.faces, failed=collector.failed, refresh=False)
     finally:
         collector.close()
         bar.close()
-    if layout.single_file:
-        by_key = {p.name: p for p in layout.parts()}
-        ordered = [by_key[n] for v in videos for n in (f"part-{part_key(v)}.parquet", f"part-{part_key(v)}.error.parquet") if n in by_key]
-        merge_parts(ordered, layout.out, schema)
-        shutil.rmtree(layout.parts_dir)
-    return RunSummary(config.out, len(videos), len(videos) - len(items), collector.failed, collector.frames,
-                      collector.faces, time.perf_counter() - start)
+    return RunSummary(
+        config.out, len(videos) + len(found.problems), len(videos) - len(items), collector.failed,
+        collector.frames, collector.faces, time.perf_counter() - start,
+        damaged=collector.damaged, frames_lost=collector.frames_lost,
+        problems=tuple(collector.problems), not_videos=found.skipped_line(),
+    )

@@ -3,32 +3,56 @@
 Layout for ``--out results.parquet``: parts go to ``results.parquet.parts/`` while the run goes
 on, and are merged into ``results.parquet`` (write, then rename) at the end. For ``--out DIR``
 the parts are the result: ``DIR/part-<key>.parquet``, readable as one dataset by pyarrow. A
-part exists only once its video is complete, so a re-run skips it; a video that failed leaves
-a ``.error.parquet`` part (one row saying why), which a re-run retries.
+part exists only once its video is complete and its bytes are on disk (fsync, then rename), so a
+re-run skips it; a video that failed leaves a ``.error.parquet`` part (one row saying why),
+which a re-run retries. Which files of the directory are ours is :mod:`annotator.ownership`'s
+business.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from annotator.ownership import fsync_directory
 from annotator.schema import SCHEMA
+
+log = logging.getLogger(__name__)
 
 #: Rows buffered per part before a row group is written: ~10 MB of this schema, large enough
 #: for efficient scans, small enough that many videos in flight stay cheap on the driver.
 ROW_GROUP_ROWS = 65_536
 _COMPRESSION = "zstd"
 METADATA_KEY = b"annotator"
+#: Per-video facts (size, rotation applied, damage) in a part's footer; see worker.video_facts.
+VIDEO_KEY = b"annotator.video"
 
 
 def part_key(video: Path) -> str:
-    """A stable file-name key for one input video (its absolute path, hashed)."""
-    return hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:16]
+    """A stable file-name key for one input video (its real absolute path, hashed).
+
+    ``os.path.realpath`` rather than ``Path.resolve``: it never raises, so a symlink loop among
+    the inputs becomes that video's error row, not a crash of the run.
+    """
+    return hashlib.sha1(os.path.realpath(video).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ExistingParts:
+    """What an output already holds, checked part by part."""
+
+    done: set[str] = field(default_factory=set)  # keys of videos annotated (damaged ones too)
+    damaged: dict[str, dict] = field(default_factory=dict)  # key -> facts of a done video that was damaged
+    fingerprints: set[str] = field(default_factory=set)
+    unreadable: list[Path] = field(default_factory=list)  # removed: their videos are redone
 
 
 class OutputLayout:
@@ -44,13 +68,30 @@ class OutputLayout:
 
     def completed_keys(self) -> set[str]:
         """Keys of videos already annotated successfully (failed ones are retried)."""
-        if not self.parts_dir.is_dir():
-            return set()
-        return {
-            p.name[len("part-"):-len(".parquet")]
-            for p in self.parts_dir.glob("part-*.parquet")
-            if not p.name.endswith(".error.parquet")
-        }
+        return self.scan().done
+
+    def scan(self) -> ExistingParts:
+        """Check every committed part: a part that cannot be read is removed, never counted done.
+
+        Reads only footers (a few KB each) and checks that every column chunk they point at lies
+        inside the file, which catches a truncated or foreign-written file without reading data.
+        """
+        found = ExistingParts()
+        for path in self.parts():
+            try:
+                meta = _verified_metadata(path)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                log.warning("%s: unreadable part (%s), its video is annotated again", path, exc)
+                path.unlink(missing_ok=True)
+                found.unreadable.append(path)
+                continue
+            found.fingerprints.add(json.dumps(meta.get("fingerprint"), sort_keys=True))
+            if not path.name.endswith(".error.parquet"):
+                key = path.name[len("part-"):-len(".parquet")]
+                found.done.add(key)
+                if (facts := meta.get("video") or {}).get("damage"):
+                    found.damaged[key] = facts
+        return found
 
     def parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
@@ -61,9 +102,39 @@ def schema_with_metadata(metadata: dict[str, object]) -> pa.Schema:
 
 
 def read_metadata(path: Path) -> dict[str, object]:
-    """The run metadata (models, hashes, version, options) stored in a result file."""
-    raw = pq.read_schema(path).metadata or {}
-    return json.loads(raw[METADATA_KEY])
+    """The run metadata (models, hashes, version, options) stored in a result file; a part
+    also carries its video's facts under ``"video"``."""
+    raw = pq.read_metadata(path).metadata or {}  # the footer's key-value pairs, not only the schema's
+    meta = json.loads(raw[METADATA_KEY])
+    if VIDEO_KEY in raw:
+        meta["video"] = json.loads(raw[VIDEO_KEY])
+    return meta
+
+
+def _verified_metadata(path: Path) -> dict[str, object]:
+    parquet = pq.ParquetFile(path)
+    size = path.stat().st_size
+    file_meta = parquet.metadata
+    for group in range(file_meta.num_row_groups):
+        row_group = file_meta.row_group(group)
+        for column in range(row_group.num_columns):
+            chunk = row_group.column(column)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            if start is None or start < 4 or start + chunk.total_compressed_size > size:
+                raise ValueError(f"row group {group} points past the end of the file")
+    try:
+        return read_metadata(path)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"no annotator metadata ({exc})") from None
+
+
+def _sync_and_rename(fh: BinaryIO, tmp: Path, final: Path) -> None:
+    """Flush ``fh`` to disk, then rename: after a crash the final name holds all bytes or none."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    os.replace(tmp, final)
+    fsync_directory(final.parent)
 
 
 class PartWriter:
@@ -73,7 +144,13 @@ class PartWriter:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(f".{final_path.name}.tmp")
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression=_COMPRESSION)
+        self._file = open(self.tmp_path, "wb")
+        try:
+            self._writer = pq.ParquetWriter(self._file, schema, compression=_COMPRESSION)
+        except BaseException:
+            self._file.close()
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         self._schema = schema
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
@@ -92,40 +169,62 @@ class PartWriter:
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             self._buffer, self._buffered = [], 0
 
-    def commit(self) -> Path:
+    def commit(self, video: str | None = None) -> Path:
+        """Finish the file (with the video's facts, JSON, in its footer) and rename it into place."""
         self._flush()
+        if video is not None:
+            self._writer.add_key_value_metadata({VIDEO_KEY: video.encode()})
         self._writer.close()
-        os.replace(self.tmp_path, self.final_path)
+        _sync_and_rename(self._file, self.tmp_path, self.final_path)
         return self.final_path
 
     def abort(self) -> None:
-        self._writer.close()
+        """Drop the temporary file; never raises for a disk that is already failing."""
+        try:
+            self._writer.close()
+        except (OSError, pa.ArrowException):
+            pass
+        self._file.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
 def write_part(path: Path, schema: pa.Schema, batch: pa.RecordBatch) -> Path:
     """Write a one-batch part atomically (used for error rows)."""
     writer = PartWriter(path, schema)
-    writer.write(batch)
-    return writer.commit()
+    try:
+        writer.write(batch)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def merge_parts(parts: list[Path], out: Path, schema: pa.Schema) -> int:
     """Concatenate part files (in the given order) into one Parquet file, atomically.
 
-    Streams row group by row group, so memory stays flat however large the result.
+    Streams row group by row group, so memory stays flat however large the result. The facts
+    of videos that were turned upright or damaged are gathered into the file's metadata.
 
     Returns:
         The number of rows written.
     """
+    notable = [v for v in (read_metadata(p).get("video") for p in parts)
+               if v and (v.get("rotation_cw_deg") or v.get("damage"))]
+    run = json.loads(schema.metadata[METADATA_KEY])
+    schema = schema_with_metadata({**run, "videos": notable})
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression=_COMPRESSION) as writer:
-        for part in parts:
-            source = pq.ParquetFile(part)
-            for group in range(source.num_row_groups):
-                table = source.read_row_group(group).cast(SCHEMA).replace_schema_metadata(schema.metadata)
-                writer.write_table(table)
-                rows += table.num_rows
-    os.replace(tmp, out)
+    with open(tmp, "wb") as fh:
+        try:
+            with pq.ParquetWriter(fh, schema, compression=_COMPRESSION) as writer:
+                for part in parts:
+                    source = pq.ParquetFile(part)
+                    for group in range(source.num_row_groups):
+                        table = source.read_row_group(group).cast(SCHEMA).replace_schema_metadata(schema.metadata)
+                        writer.write_table(table)
+                        rows += table.num_rows
+            _sync_and_rename(fh, tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return rows

@@ -257,13 +257,15 @@ class RetinaFaceDetector:
         self.nms_iou = nms_iou
         self.min_face = min_face
 
-    def detect(self, frames) -> list[Detections]:
+    def detect(self, frames, min_face: float | None = None) -> list[Detections]:
         """Detect faces in a batch of frames.
 
         Args:
             frames: uint8 ``(B, H, W, 3)`` RGB: a numpy array, or a torch tensor (e.g. on the
                 GPU from DALI), which is letterboxed and run on its own device when the runtime
                 has ``forward_tensor`` (torch, TensorRT); only candidates come back to the host.
+            min_face: this batch's smallest face side in its pixels, instead of ``self.min_face``
+                (frames decoded smaller than the video have fewer pixels per face).
 
         Returns:
             One :class:`Detections` per frame, in pixels of the original frames.
@@ -284,6 +286,7 @@ class RetinaFaceDetector:
         boxes = (boxes.reshape(-1, 2, 2) * to_pixels).reshape(-1, 4)
         landmarks = decode_landmarks(landmark_deltas, anchors) * to_pixels
         height, width = int(frames.shape[1]), int(frames.shape[2])
+        smallest = self.min_face if min_face is None else min_face
         return [
             self._frame_detections(
                 boxes[frame_idx == b],
@@ -291,6 +294,7 @@ class RetinaFaceDetector:
                 candidate_scores[frame_idx == b],
                 width,
                 height,
+                smallest,
             )
             for b in range(batch)
         ]
@@ -318,13 +322,14 @@ class RetinaFaceDetector:
         scores: np.ndarray,
         width: int,
         height: int,
+        min_face: float,
     ) -> Detections:
         if not len(scores):
             return Detections.empty()
         keep = nms(boxes, scores, self.nms_iou)
         boxes = np.clip(boxes[keep], 0, [width, height, width, height]).astype(np.float32)
         sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        big_enough = sides >= self.min_face
+        big_enough = sides >= min_face
         return Detections(
             boxes[big_enough],
             landmarks[keep][big_enough].astype(np.float32),

@@ -52,5 +52,5 @@ def test_split_runs_separates_concatenated_blocks():
     import pyarrow as pa
 
     block = pa.concat_tables([tag_table(_rows(0, 2), "a", "rows"), tag_table(_rows(2, 1), "a", "done"), tag_table(_rows(0, 1), "b", "rows")])
-    runs = [(key, status, rows.num_rows) for key, status, rows in split_runs(block)]
+    runs = [(key, status, rows.num_rows) for key, status, rows, _ in split_runs(block)]
     assert runs == [("a", "rows", 2), ("a", "done", 1), ("b", "rows", 1)]

@@ -67,8 +67,8 @@ def test_pipeline_rows_agree_on_tensor_frames(carphone, monkeypatch):
     pipeline = VideoPipeline(config)
     on_host = [b.to_pydict() for b in pipeline.annotate(carphone)]
 
-    def tensor_decode(path, sampling, batch_size):
-        for batch in decode(path, sampling, batch_size):
+    def tensor_decode(path, sampling, batch_size, report):
+        for batch in decode(path, sampling, batch_size, report=report):
             yield dataclasses.replace(batch, frames=torch.from_numpy(batch.frames))
 
     monkeypatch.setattr(pipeline, "_decode", tensor_decode)

@@ -17,13 +17,14 @@ def test_recursive_by_extension_skipping_hidden_and_following_links_once(tmp_pat
         (tmp_path / rel).write_bytes(b"")
     os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # a cycle
     found = find_videos([tmp_path])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/y.MKV", "a/x.mp4"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found.videos] == ["a/b/y.MKV", "a/x.mp4"]
+    assert found.problems == [] and found.skipped_line() == "skipped 1 file that is not a video (.txt 1)"
 
 
 def test_explicit_files_are_taken_and_deduplicated(tmp_path):
     clip = tmp_path / "clip.bin"
     clip.write_bytes(b"")
-    assert find_videos([clip, clip]) == [clip.absolute()]
+    assert find_videos([clip, clip]).videos == [clip.absolute()]
 
 
 def test_missing_path_and_empty_folder(tmp_path):

@@ -62,7 +62,7 @@ def test_part_writer_is_atomic_and_merge_keeps_order(tmp_path):
     table = pq.read_table(layout.out)
     assert rows == table.num_rows == 6
     assert table.column("frame_index").to_pylist() == [10, 11, 11, 11, 0, 1]
-    assert read_metadata(layout.out) == {"version": "test"}
+    assert read_metadata(layout.out) == {"version": "test", "videos": []}
     assert not list(tmp_path.glob(".*tmp"))
 
 

@@ -16,7 +16,19 @@ Examples:
   annotate run videos/ --out results.parquet
   annotate run a.mp4 b.mkv --out results/ --sample-fps 5
   annotate run /data/corpus --out /data/out/ --address auto --device cuda
+
+\b
+Exit codes:
+  0  every video annotated
+  1  the program or the Ray cluster failed, or the output stopped accepting
+     writes (finished videos are kept: re-run the same command to resume)
+  2  usage error: bad option or path, an --out that cannot be used, or one
+     that another run is writing; nothing was done
+  3  the run finished, but some inputs failed or were damaged (see the
+     error column; a re-run retries the failed ones)
 """
+#: Failed or damaged videos listed after the summary line; the rest are in the error column.
+_PROBLEMS_SHOWN = 10
 
 
 @click.command("run", epilog=EPILOG)
@@ -46,17 +58,22 @@ Examples:
               help="Long side of the frame as the detector sees it (pixels).")
 @click.option("--min-face", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="Drop faces whose shorter box side is below PX pixels (original frame).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing result instead of resuming.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
 @cache_dir
 def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, every_n: int | None,
-                no_progress: bool, **options) -> None:
+                no_progress: bool, **options) -> int:
     """Annotate every video in PATHS (files, or folders searched recursively) into OUT.
 
     One row per face per sampled frame, one row per sampled frame without a face, one row per
-    video that failed. Re-running the same command resumes: finished videos are skipped.
+    video that failed, and for a damaged video the rows of every frame that decodes plus one row
+    saying what was lost. Re-running the same command resumes: finished videos are skipped.
+    OUT is annotate's own: a new or empty directory, where --overwrite removes only the parts
+    annotate wrote.
     """
     from annotator.orchestrate import ClusterError
+    from annotator.ownership import OutputBusy, OutputWriteError
     from annotator.run import run
 
     if sample_fps is not None and every_n is not None:
@@ -64,11 +81,13 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
     try:
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
         summary = run(config, progress=not no_progress)
-    except ConfigError as exc:
+    except (ConfigError, OutputBusy) as exc:
         raise click.UsageError(str(exc)) from None
-    except (FetchError, ClusterError, ValueError) as exc:
+    except (FetchError, ClusterError, OutputWriteError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"{summary.out}: {summary.videos} videos ({summary.skipped} already done, {summary.failed} failed), "
-        f"{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} frames/s"
-    )
+    click.echo(summary.line())
+    for problem in summary.problems[:_PROBLEMS_SHOWN]:
+        click.echo(f"  {problem}", err=True)
+    if len(summary.problems) > _PROBLEMS_SHOWN:
+        click.echo(f"  ... and {len(summary.problems) - _PROBLEMS_SHOWN} more (see the error column)", err=True)
+    return summary.exit_code

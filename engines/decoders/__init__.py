@@ -1,8 +1,10 @@
 """Video decoders. Every backend yields the same :class:`FrameBatch`; sampling is shared.
 
-Frames are uint8 RGB, NHWC; ``frame_index`` is the 0-based index of the frame in decode
-(presentation) order; ``pts_s`` comes from the container's timestamps, so variable-frame-rate
-video gets true times rather than ``index / fps``.
+Frames are uint8 RGB, NHWC, as a viewer sees them (the container's display rotation applied);
+``frame_index`` is the 0-based index of the frame among the decoded frames, in presentation
+order; ``pts_s`` comes from the container's timestamps, so variable-frame-rate video gets true
+times rather than ``index / fps``. What a decoder found on the way (rotation, damage) goes into a
+:class:`DecodeReport` the caller passes in.
 """
 
 from __future__ import annotations
@@ -22,16 +24,76 @@ class DecodeError(RuntimeError):
     """A video cannot be opened or decoded; the message names the file and the reason."""
 
 
+#: Pixels of frames in one CPU batch: one 4K UHD frame, or 9 frames of 720p. A batch never holds
+#: more (a larger frame is decoded scaled down to this many pixels, see :class:`FrameBatch`), so a
+#: worker's memory is bounded by this budget whatever the resolution of the corpus.
+CPU_BATCH_PIXELS = 3840 * 2160
+
+
+def batch_shape(width: int, height: int, batch_size: int, max_pixels: int | None) -> tuple[int, int, int]:
+    """(frames per batch, width, height) of decoded batches for a ``width`` x ``height`` video.
+
+    Up to ``batch_size`` frames whose pixels together stay within ``max_pixels``; a single frame
+    larger than the budget is scaled down (aspect kept) to fit it. ``None``: no budget.
+    """
+    if max_pixels is None or width * height <= max_pixels:
+        frames = batch_size if max_pixels is None else max(1, min(batch_size, max_pixels // (width * height)))
+        return frames, width, height
+    shrink = math.sqrt(max_pixels / (width * height))
+    return 1, max(2, int(width * shrink) // 2 * 2), max(2, int(height * shrink) // 2 * 2)
+
+
 @dataclass(frozen=True)
 class FrameBatch:
-    """Sampled frames of one video, in presentation order."""
+    """Sampled frames of one video, in presentation order.
+
+    ``scale`` is source pixels per frame pixel: 1 unless the video's frames exceed the batch's
+    pixel budget and were decoded smaller; coordinates found on ``frames`` times ``scale`` are
+    pixels of the video as displayed.
+    """
 
     frames: np.ndarray  # uint8 (B, H, W, 3) RGB (or a CUDA tensor from the DALI decoder)
     frame_index: np.ndarray  # int64 (B,)
     pts_s: np.ndarray  # float64 (B,)
+    scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.frame_index)
+
+
+@dataclass
+class DecodeReport:
+    """What decoding one video found, filled in by the decoder as it goes.
+
+    A damaged file is decoded as far as it goes: damaged packets are skipped (FFmpeg conceals
+    what it can in the frames that follow) and a container that ends early stops the decode
+    there; the frames that decode are kept, and this report says what was lost.
+    """
+
+    rotation_cw_deg: int = 0  # clockwise turn applied to show frames as displayed: 0, 90, 180, 270
+    width: int = 0  # as displayed, in source pixels
+    height: int = 0
+    frames_decoded: int = 0
+    frames_lost: int = 0  # frames the container holds that did not decode
+    bad_packets: int = 0
+    first_bad_s: float | None = None  # presentation time of the first lost frame
+    stopped_early: str | None = None  # why the container stopped before its end, if it did
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.frames_lost or self.bad_packets or self.stopped_early)
+
+    def describe(self) -> str:
+        """One line for the error column and the run summary, e.g. "damaged: 2 bad packets ..."."""
+        parts = []
+        if self.bad_packets:
+            parts.append(f"{self.bad_packets} damaged packet{'s' * (self.bad_packets != 1)} skipped")
+        if self.stopped_early:
+            parts.append(f"stream ends early ({self.stopped_early})")
+        lost = f"{self.frames_lost} of {self.frames_decoded + self.frames_lost} frames lost"
+        if self.first_bad_s is not None:
+            lost += f", the first at {self.first_bad_s:.3f} s"
+        return f"damaged: {'; '.join(parts + [lost])}"
 
 
 @dataclass(frozen=True)

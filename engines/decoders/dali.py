@@ -38,7 +38,7 @@ import av
 import numpy as np
 import torch
 
-from engines.decoders import DecodeError, FrameBatch, Sampling
+from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def build_pipeline(path: Path, device: DaliDevice, sequence_length: int, stride:
     return pipe
 
 
-def decode(path: str | Path, sampling: Sampling, batch_size: int, device_id: int = 0) -> Iterator[FrameBatch]:
+def decode(path: str | Path, sampling: Sampling, batch_size: int, device_id: int = 0, *,
+           report: DecodeReport | None = None) -> Iterator[FrameBatch]:
     """Yield sampled frames of the first video stream as CUDA tensors, ``batch_size`` at a time.
 
     Args:
@@ -136,24 +137,28 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, device_id: int
         sampling: which frames to keep (shared semantics with the PyAV decoder).
         batch_size: frames per yielded batch (the last one may be shorter).
         device_id: the CUDA device whose NVDEC decodes and whose memory holds the frames.
+        report: receives the display rotation applied and the size (DALI reports no damage:
+            a file it cannot decode fails as a whole).
 
     Raises:
         RuntimeError: DALI is not installed or no CUDA device is visible.
         DecodeError: the file cannot be opened, its codec is not supported, or decoding fails.
     """
-    return _decode(Path(path), sampling, batch_size, "gpu", device_id)
+    return _decode(Path(path), sampling, batch_size, "gpu", device_id, report or DecodeReport())
 
 
-def decode_cpu(path: str | Path, sampling: Sampling, batch_size: int) -> Iterator[FrameBatch]:
+def decode_cpu(path: str | Path, sampling: Sampling, batch_size: int, *,
+               report: DecodeReport | None = None) -> Iterator[FrameBatch]:
     """The same graph on DALI's CPU backend, yielding numpy frames; for tests without a GPU.
 
     DALI's CPU reader decodes only VP8, VP9 and MJPEG, so production CPU decoding is PyAV's.
     """
-    return _decode(Path(path), sampling, batch_size, "cpu", None)
+    return _decode(Path(path), sampling, batch_size, "cpu", None, report or DecodeReport())
 
 
 def _decode(
     path: Path, sampling: Sampling, batch_size: int, device: DaliDevice, device_id: int | None,
+    report: DecodeReport,
 ) -> Iterator[FrameBatch]:
     # A generator, like PyAV's decode: every error surfaces on the first next(), in the
     # caller's per-video try block, whichever backend it runs.
@@ -161,12 +166,24 @@ def _decode(
         raise RuntimeError("the DALI decoder needs a CUDA device; use the PyAV decoder on a CPU")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_codec(path, device)
+    turns = _check_codec(path, device, report)
     stride = sampling.every_n if sampling.fps is None else 1
     pipe = build_pipeline(path.resolve(), device, batch_size, stride, device_id)
     log.debug("%s: DALI %s reader, %d sequences of %d frames, stride %d",
               path, device, pipe.epoch_size(_READER), batch_size, stride)
-    yield from _rebatch(_sequences(pipe, path, sampling), batch_size)
+    for batch in _rebatch(_sequences(pipe, path, sampling), batch_size):
+        report.frames_decoded += len(batch)
+        yield _upright(batch, turns)
+
+
+def _upright(batch: FrameBatch, turns: int) -> FrameBatch:
+    """Turn frames as the display matrix says (DALI's reader returns them as stored)."""
+    if not turns:
+        return batch
+    frames = batch.frames
+    turned = torch.rot90(frames, turns, dims=(1, 2)) if isinstance(frames, torch.Tensor) else np.rot90(frames, turns, axes=(1, 2))
+    return FrameBatch(turned.contiguous() if isinstance(turned, torch.Tensor) else np.ascontiguousarray(turned),
+                      batch.frame_index, batch.pts_s, batch.scale)
 
 
 def _sequences(pipe: Any, path: Path, sampling: Sampling) -> Iterator[FrameBatch]:
@@ -248,10 +265,14 @@ def _slice(batch: FrameBatch, start: int, stop: int) -> FrameBatch:
     return FrameBatch(batch.frames[start:stop], batch.frame_index[start:stop], batch.pts_s[start:stop])
 
 
-def _check_codec(path: Path, device: DaliDevice) -> None:
+def _check_codec(path: Path, device: DaliDevice, report: DecodeReport) -> int:
     """Fail with the real reason before DALI would fail with "number of input samples: 0".
 
-    Only the container header is read (milliseconds); no frame is decoded.
+    Reads the container header and decodes the first frame on the CPU (milliseconds), whose
+    display matrix says how to turn the frames upright.
+
+    Returns:
+        Counterclockwise quarter turns to apply to the frames.
     """
     if not path.is_file():
         raise DecodeError(f"{path}: no such file")
@@ -259,12 +280,18 @@ def _check_codec(path: Path, device: DaliDevice) -> None:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DecodeError(f"{path}: no video stream")
-            codec = container.streams.video[0].codec_context.name
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name
+            first = next(container.decode(stream), None)
     except (av.error.FFmpegError, OSError) as exc:
         raise DecodeError(f"{path}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
+    turns = round(((first.rotation or 0) if first is not None else 0) / 90) % 4
+    report.rotation_cw_deg = (4 - turns) % 4 * 90
+    report.width, report.height = (stream.height, stream.width) if turns % 2 else (stream.width, stream.height)
     if codec not in SUPPORTED_CODECS[device]:
         supported = ", ".join(sorted(SUPPORTED_CODECS[device]))
         raise DecodeError(f"{path}: codec {codec} is not decoded by DALI's {device} reader (supported: {supported})")
+    return turns
 
 
 def _dali_reason(exc: Exception) -> str:

@@ -1,7 +1,9 @@
 """The CPU decoder: PyAV (FFmpeg), sequential decode with frame threading, no seeking.
 
 Frames that sampling drops are never converted to RGB, which is most of a decoder's cost
-after the bitstream itself.
+after the bitstream itself. Kept frames are converted (and, for frames beyond the batch's pixel
+budget, scaled) by one FFmpeg call straight into the batch, turned upright as the display matrix
+says, and a damaged file is decoded packet by packet, skipping what FFmpeg refuses.
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ from pathlib import Path
 import av
 import numpy as np
 
-from engines.decoders import DecodeError, FrameBatch, Sampling
+from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape
 
 
-def decode(path: str | Path, sampling: Sampling, batch_size: int) -> Iterator[FrameBatch]:
-    """Yield sampled frames of the first video stream in batches of ``batch_size``.
+def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
+           report: DecodeReport | None = None) -> Iterator[FrameBatch]:
+    """Yield sampled frames of the first video stream, as displayed, in batches.
+
+    A batch holds up to ``batch_size`` frames and at most ``max_pixels`` pixels (see
+    :func:`engines.decoders.batch_shape`). Damaged packets are skipped and counted in ``report``.
 
     Raises:
-        DecodeError: the file cannot be opened, has no video stream, or fails mid-stream.
+        DecodeError: the file cannot be opened, has no video stream, or no frame decodes.
     """
+    report = report if report is not None else DecodeReport()
     selector = sampling.selector()
     try:
         container = av.open(str(path))
@@ -33,32 +40,130 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int) -> Iterator[Fr
         # Frame threading decodes several frames at once; 'AUTO' adds slice threading.
         stream.thread_type = "AUTO"
         fallback_rate = float(stream.average_rate or stream.guessed_rate or 25)
-        frames: list[np.ndarray] = []
-        indices: list[int] = []
-        times: list[float] = []
+        batcher: _Batcher | None = None
+        index = -1
+        for index, frame in enumerate(_frames(container, stream, report)):
+            pts_s = frame.time if frame.time is not None else index / fallback_rate
+            if not selector.keep(index, pts_s):
+                continue
+            if batcher is None:
+                batcher = _Batcher(frame, batch_size, max_pixels, report)
+            if (batch := batcher.add(frame, index, pts_s)) is not None:
+                yield batch
+        report.frames_decoded = index + 1
+        if report.frames_decoded == 0:
+            what = f"; {report.describe()}" if report.damaged else ""
+            raise DecodeError(f"{path}: no frames decoded{what}")
+        if batcher is not None and (batch := batcher.flush()) is not None:
+            yield batch
+
+
+def _frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+            report: DecodeReport) -> Iterator[av.VideoFrame]:
+    """Decoded frames, packet by packet: a damaged packet is skipped, not fatal.
+
+    Frames lost are the packets the container holds (or its header counts, for a file cut
+    short) minus the frames that came out; the first lost one is found by timestamp, because
+    with frame threading FFmpeg reports a damaged packet a few packets after it was sent.
+    """
+    demuxed: list[int] = []
+    decoded: set[int] = set()
+    count = 0
+    first_error_pts: int | None = None
+    packets = container.demux(stream)
+    while True:
         try:
-            for index, frame in enumerate(container.decode(stream)):
-                pts_s = frame.time if frame.time is not None else index / fallback_rate
-                if not selector.keep(index, pts_s):
-                    continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                indices.append(index)
-                times.append(pts_s)
-                if len(frames) == batch_size:
-                    yield _batch(frames, indices, times)
-                    frames, indices, times = [], [], []
-        except av.error.FFmpegError as exc:
-            raise DecodeError(f"{path}: decode failed after {len(indices)} frames ({_reason(exc)})") from None
-        if frames:
-            yield _batch(frames, indices, times)
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError as exc:  # the container itself is cut or broken here
+            report.stopped_early = _reason(exc)
+            packet = None
+        if packet is not None and packet.size and packet.pts is not None:
+            demuxed.append(packet.pts)
+        try:
+            # A None packet flushes the decoder, so frames it holds come out after a cut.
+            frames = stream.codec_context.decode(packet) if packet is None else packet.decode()
+        except av.error.FFmpegError:
+            report.bad_packets += 1
+            if first_error_pts is None and packet is not None:
+                first_error_pts = packet.pts
+            continue
+        for frame in frames:
+            count += 1
+            if frame.pts is not None:
+                decoded.add(frame.pts)
+            yield frame
+        if packet is None:
+            break
+    expected = max(len(demuxed), stream.frames or 0)
+    report.frames_lost = max(0, expected - count)
+    time_base = stream.time_base or 0
+    if report.frames_lost or report.bad_packets or report.stopped_early:
+        missing = sorted(set(demuxed) - decoded)
+        first = missing[0] if missing else first_error_pts
+        if first is not None:
+            report.first_bad_s = float(first * time_base)  # the same clock as the rows' pts_s
+    if decoded and stream.duration and stream.average_rate:
+        end = (stream.start_time or 0) + stream.duration
+        _check_end(float(max(decoded) * time_base), float(end * time_base), float(stream.average_rate), report)
 
 
-def _batch(frames: list[np.ndarray], indices: list[int], times: list[float]) -> FrameBatch:
-    return FrameBatch(
-        frames=np.stack(frames),
-        frame_index=np.asarray(indices, dtype=np.int64),
-        pts_s=np.asarray(times, dtype=np.float64),
-    )
+def _check_end(last_s: float, end_s: float, rate: float, report: DecodeReport) -> None:
+    """A stream whose last frame comes well before the duration its header declares was cut.
+
+    Only the video stream's own duration counts (a container's may include a longer audio track).
+    """
+    period = 1.0 / rate
+    if end_s - last_s <= 2.5 * period:
+        return
+    report.stopped_early = report.stopped_early or f"the last frame is at {last_s:.3f} s of {end_s:.3f} s"
+    report.frames_lost = max(report.frames_lost, round((end_s - last_s) * rate) - 1)
+    if report.first_bad_s is None:
+        report.first_bad_s = last_s + period
+
+
+class _Batcher:
+    """Fills fresh uint8 batches frame by frame: one FFmpeg conversion per frame, no re-stacking.
+
+    The display rotation and the size are those of the video's first kept frame; a later frame
+    of another size is scaled to it, so every batch of a video has one shape.
+    """
+
+    def __init__(self, first: av.VideoFrame, batch_size: int, max_pixels: int | None, report: DecodeReport) -> None:
+        self.turns = round((first.rotation or 0) / 90) % 4  # counterclockwise quarter turns
+        width, height = (first.height, first.width) if self.turns % 2 else (first.width, first.height)
+        report.rotation_cw_deg, report.width, report.height = (4 - self.turns) % 4 * 90, width, height
+        self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
+        self.scale = width / out_w
+        # The frame as stored, at the working size: the rotation comes after the conversion.
+        self.stored_size = (out_h, out_w) if self.turns % 2 else (out_w, out_h)
+        self.interpolation = "AREA" if self.scale > 1 else None
+        self.shape = (out_h, out_w, 3)
+        self._start()
+
+    def _start(self) -> None:
+        self.frames = np.empty((self.size, *self.shape), np.uint8)
+        self.index = np.empty(self.size, np.int64)
+        self.pts = np.empty(self.size, np.float64)
+        self.count = 0
+
+    def add(self, frame: av.VideoFrame, index: int, pts_s: float) -> FrameBatch | None:
+        """Convert one kept frame into the batch; the batch when it is full."""
+        width, height = self.stored_size
+        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=self.interpolation)
+        self.frames[self.count] = np.rot90(rgb, self.turns) if self.turns else rgb
+        self.index[self.count], self.pts[self.count] = index, pts_s
+        self.count += 1
+        return self.flush() if self.count == self.size else None
+
+    def flush(self) -> FrameBatch | None:
+        if not self.count:
+            return None
+        n = self.count
+        batch = FrameBatch(self.frames[:n], self.index[:n], self.pts[:n], self.scale)
+        self._start()
+        return batch
 
 
 def _reason(exc: Exception) -> str:

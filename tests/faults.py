@@ -1,0 +1,72 @@
+"""Broken and unusual inputs, made from the real carphone clip: what users' folders really hold.
+
+Each maker writes a real file with PyAV and then damages or marks it the way real files are
+damaged or marked: packets overwritten in the middle, a cut-off tail, a display matrix saying
+"turn me 90 degrees" as phones write it.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def carphone_frames(carphone: Path) -> list[np.ndarray]:
+    with av.open(str(carphone)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def write_clip(path: Path, frames: list[np.ndarray], n: int, fps: int = 30, faststart: bool = False,
+               codec: str = "libx264") -> Path:
+    """``n`` frames (cycling through ``frames``) as H.264 MP4 at ``fps``."""
+    height, width = frames[0].shape[:2]
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(n):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def video_packets(path: Path) -> list[tuple[int, int]]:
+    """(byte offset, size) of each video packet, in file order."""
+    with av.open(str(path)) as container:
+        return [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+
+
+def overwrite_packets(src: Path, dst: Path, indices: tuple[int, ...], seed: int = 1) -> Path:
+    """A copy of ``src`` whose packets ``indices`` are overwritten with noise (their size kept)."""
+    data = bytearray(src.read_bytes())
+    rng = np.random.default_rng(seed)
+    for pos, size in (video_packets(src)[i] for i in indices):
+        data[pos + 4:pos + size] = rng.integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def truncate(src: Path, dst: Path, fraction: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def set_display_rotation(src: Path, dst: Path, clockwise_deg: int) -> Path:
+    """A copy of an MP4 whose track header says "turn clockwise by ``clockwise_deg``" to display.
+
+    Phones store sensor-oriented frames and this matrix (ISO 14496-12 ``tkhd``), exactly as here.
+    """
+    data = bytearray(src.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    matrix_at = at + 8 + (32 if version == 1 else 20) + 8 + 8  # times and ids, reserved, layer..volume
+    one, zero = 0x10000, 0
+    turn = {90: (zero, one, -one, zero), 180: (-one, zero, zero, -one), 270: (zero, -one, one, zero)}[clockwise_deg]
+    a, b, c, d = turn
+    data[matrix_at:matrix_at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    dst.write_bytes(bytes(data))
+    return dst

@@ -1,0 +1,228 @@
+"""Hostile inputs: damaged, cut, rotated and huge videos, and folders with entries that go nowhere.
+
+Every broken file is made here from the real carphone clip (tests/faults.py), damaged the way
+real files are.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from annotator.config import RunConfig
+from annotator.orchestrate import worker_memory_bytes
+from annotator.pipeline import VideoPipeline
+from annotator.run import EXIT_SOME_INPUTS_FAILED, run
+from annotator.writer import read_metadata
+from engines.decoders import CPU_BATCH_PIXELS, DecodeReport, Sampling, batch_shape
+from engines.decoders.pyav import decode
+from faults import carphone_frames, overwrite_packets, set_display_rotation, truncate, write_clip
+
+
+@pytest.fixture(scope="module")
+def frames(carphone):
+    return carphone_frames(carphone)
+
+
+@pytest.fixture(scope="module")
+def clean300(frames, tmp_path_factory) -> Path:
+    """300 frames (10 s at 30 fps) of the carphone clip, one keyframe at the start (GOP 250)."""
+    return write_clip(tmp_path_factory.mktemp("media") / "clean300.mp4", frames, 300)
+
+
+def _config(inputs, out, **kwargs) -> RunConfig:
+    return RunConfig(inputs=tuple(inputs), out=out, workers=0, **kwargs)
+
+
+def _decoded(path, sampling=Sampling(), **kwargs):
+    report = DecodeReport()
+    batches = list(decode(path, sampling, 16, report=report, **kwargs))
+    return batches, report
+
+
+def test_damaged_packets_are_skipped_and_the_loss_is_reported(clean300, tmp_path):
+    bad = overwrite_packets(clean300, tmp_path / "corrupt_middle.mp4", (100, 101))
+    batches, report = _decoded(bad)
+    index = np.concatenate([b.frame_index for b in batches])
+    pts = np.concatenate([b.pts_s for b in batches])
+    # Before: the decode stopped at the first damaged packet (98 frames here, 0 rows written).
+    assert 150 <= len(index) < 300
+    assert index.tolist() == list(range(len(index))) and np.all(np.diff(pts) > 0)
+    assert report.bad_packets == 2 and report.frames_lost == 300 - len(index) == 300 - report.frames_decoded
+    assert 3.0 <= report.first_bad_s <= 3.5  # packets 100-101 in decode order, 30 fps
+    assert report.describe().startswith("damaged: 2 damaged packets skipped;") and "frames lost" in report.describe()
+
+
+def test_a_damaged_video_keeps_its_rows_and_ends_with_the_damage(clean300, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    bad = overwrite_packets(clean300, videos / "corrupt_middle.mp4", (100, 101))
+    out = tmp_path / "out.parquet"
+    summary = run(_config([videos], out, sampling=Sampling(every_n=10)), progress=False)
+    table = pq.read_table(out)
+    errors = table.filter(table.column("error").is_valid())
+    rows = table.filter(table.column("error").is_null())
+    assert errors.num_rows == 1 and rows.num_rows >= 15  # ~298 decoded frames, every 10th
+    message = errors.column("error")[0].as_py()
+    assert message.startswith(f"{bad}: damaged: 2 damaged packets skipped;") and "frames lost, the first at 3." in message
+    assert errors.column("video_id")[0].as_py() == rows.column("video_id")[0].as_py()
+    assert summary.failed == 0 and summary.damaged == 1 and summary.frames_lost == 2
+    assert summary.exit_code == EXIT_SOME_INPUTS_FAILED and "1 damaged (2 frames lost)" in summary.line()
+    assert any("damaged" in p for p in summary.problems)
+    (facts,) = read_metadata(out)["videos"]
+    assert facts["damage"] == message.split(": ", 1)[1] and facts["frames_lost"] == 2
+
+
+def test_a_cut_off_file_keeps_its_head(frames, tmp_path):
+    whole = write_clip(tmp_path / "whole.mp4", frames, 90, faststart=True)  # index first, as streamed files are
+    cut = truncate(whole, tmp_path / "cut.mp4", 0.6)
+    batches, report = _decoded(cut)
+    kept = sum(len(b) for b in batches)
+    assert 20 <= kept < 90
+    assert report.stopped_early and report.frames_lost == 90 - kept
+    assert report.first_bad_s == pytest.approx(kept / 30, abs=0.05)
+
+
+def test_not_a_video_and_an_empty_file_are_failures_not_crashes(tmp_path):
+    (tmp_path / "notes.mp4").write_text("a thesis chapter, not a video")
+    (tmp_path / "empty.mkv").write_bytes(b"")
+    summary = run(_config([tmp_path], tmp_path / "out"), progress=False)
+    assert summary.failed == 2 and summary.exit_code == EXIT_SOME_INPUTS_FAILED
+    errors = sorted(ds.dataset(tmp_path / "out").to_table().column("error").to_pylist())
+    assert errors[0].startswith(f"{tmp_path / 'empty.mkv'}: cannot open") and errors[1].startswith(f"{tmp_path / 'notes.mp4'}: ")
+
+
+def test_discovery_turns_links_fifos_and_unreadable_entries_into_error_rows(carphone, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(carphone, videos / "good.mp4")
+    os.symlink("loop_b.mp4", videos / "loop_a.mp4")
+    os.symlink("loop_a.mp4", videos / "loop_b.mp4")
+    os.symlink("gone.mp4", videos / "dangling.mp4")
+    os.mkfifo(videos / "pipe.mp4")  # would block a decoder forever
+    os.symlink(videos, videos / "again")  # a folder cycle
+    (videos / "song.m4a").write_bytes(b"\0")
+    (videos / "notes.txt").write_text("x")
+    summary = run(_config([videos], tmp_path / "out", sampling=Sampling(every_n=20)), progress=False)
+    table = ds.dataset(tmp_path / "out").to_table()
+    errors = dict(zip(*(table.filter(table.column("error").is_valid()).column(c).to_pylist() for c in ("video_path", "error"))))
+    assert errors == {
+        str(videos / "loop_a.mp4"): f"{videos / 'loop_a.mp4'}: symbolic link loop",
+        str(videos / "loop_b.mp4"): f"{videos / 'loop_b.mp4'}: symbolic link loop",
+        str(videos / "dangling.mp4"): f"{videos / 'dangling.mp4'}: dangling symbolic link (to gone.mp4)",
+        str(videos / "pipe.mp4"): f"{videos / 'pipe.mp4'}: not a regular file",
+    }
+    assert table.filter(table.column("error").is_null()).num_rows >= 6  # good.mp4: 6 sampled frames
+    assert summary.videos == 5 and summary.failed == 4
+    assert summary.not_videos == "skipped 2 files that are not videos (.m4a 1, .txt 1)"
+    assert summary.not_videos in summary.line()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder whatever its mode bits")
+def test_an_unreadable_folder_is_an_error_row(carphone, tmp_path):
+    videos = tmp_path / "videos"
+    (videos / "locked").mkdir(parents=True)
+    shutil.copy(carphone, videos / "good.mp4")
+    (videos / "locked").chmod(0)
+    try:
+        summary = run(_config([videos], tmp_path / "out", sampling=Sampling(every_n=30)), progress=False)
+    finally:
+        (videos / "locked").chmod(0o755)
+    assert summary.failed == 1 and "cannot list the folder" in summary.problems[0]
+
+
+def test_a_rotated_phone_video_is_annotated_as_displayed(frames, tmp_path):
+    upright = write_clip(tmp_path / "upright.mp4", frames, 120)
+    sideways = write_clip(tmp_path / "sideways.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in frames], 120)
+    phone = set_display_rotation(sideways, tmp_path / "phone.mp4", 90)  # "turn 90 degrees clockwise to view"
+    tables = {}
+    for clip in (upright, sideways, phone):
+        out = tmp_path / f"{clip.stem}.parquet"
+        run(_config([clip], out, sampling=Sampling(every_n=4)), progress=False)
+        table = pq.read_table(out)
+        tables[clip.stem] = table.filter(pc.equal(table.column("face_index"), 0))
+    ref, turned, raw = tables["upright"], tables["phone"], tables["sideways"]
+    assert ref.num_rows >= 28 and turned.num_rows >= 28
+    common = sorted(set(ref.column("frame_index").to_pylist()) & set(turned.column("frame_index").to_pylist()))
+    assert len(common) >= 25
+
+    def column(table, name):
+        by_frame = dict(zip(table.column("frame_index").to_pylist(), table.column(name).to_pylist()))
+        return np.array([by_frame[i] for i in common])
+
+    # Boxes in the displayed (upright, 176x144) frame, as for the upright copy.
+    for c in ("x1", "y1", "x2", "y2"):
+        assert np.median(np.abs(column(turned, c) - column(ref, c))) < 3.0
+    assert np.mean(column(turned, "expression") == column(ref, "expression")) >= 0.8
+    # Before, the matrix was ignored: the face lay sideways and was missed in some frames.
+    assert raw.num_rows < ref.num_rows
+    (facts,) = read_metadata(tmp_path / "phone.parquet")["videos"]
+    assert facts["rotation_cw_deg"] == 90 and (facts["width"], facts["height"]) == (176, 144)
+    assert read_metadata(tmp_path / "upright.parquet")["videos"] == []
+
+
+def test_batches_are_bounded_by_pixels_not_frames():
+    assert batch_shape(1280, 720, 8, CPU_BATCH_PIXELS) == (8, 1280, 720)
+    assert batch_shape(1920, 1080, 8, CPU_BATCH_PIXELS) == (4, 1920, 1080)
+    assert batch_shape(3840, 2160, 8, CPU_BATCH_PIXELS) == (1, 3840, 2160)
+    frames, width, height = batch_shape(8000, 8000, 8, CPU_BATCH_PIXELS)
+    assert frames == 1 and width == height and width * height <= CPU_BATCH_PIXELS and width > 2800
+    assert batch_shape(176, 144, 8, None) == (8, 176, 144)
+
+
+def test_a_frame_over_the_budget_is_decoded_smaller_and_boxes_stay_in_source_pixels(carphone):
+    budget = 176 * 144 // 4
+    batches, report = _decoded(carphone, Sampling(every_n=10), max_pixels=budget)
+    assert all(len(b) == 1 and b.frames.shape[1] * b.frames.shape[2] <= budget for b in batches)
+    assert batches[0].scale == pytest.approx(2.0, rel=0.03) and (report.width, report.height) == (176, 144)
+
+    config = _config([carphone], carphone.with_suffix(".unused.parquet"), sampling=Sampling(every_n=10), min_face=10)
+    pipeline = VideoPipeline(config)
+    full = pa_rows(pipeline.annotate(carphone))
+    pipeline._decode = functools.partial(decode, max_pixels=176 * 144 // 2)  # 1.41x smaller frames
+    small = pa_rows(pipeline.annotate(carphone))
+    assert full["frame_index"] == small["frame_index"]
+    for c in ("x1", "y1", "x2", "y2", "nose_x", "nose_y"):
+        assert np.median(np.abs(np.array(full[c], float) - np.array(small[c], float))) < 3.0
+
+
+def pa_rows(batches) -> dict[str, list]:
+    table = pa.Table.from_batches(list(batches))
+    return table.filter(pc.equal(table.column("face_index"), 0)).to_pydict()
+
+
+def test_8k_frames_stay_within_a_workers_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 255, (250, 250, 3), dtype=np.uint8).repeat(32, 0).repeat(32, 1)  # 8000x8000
+    big = tmp_path / "big8k.mp4"
+    with av.open(str(big), "w") as out:
+        stream = out.add_stream("libx264", rate=30, options={"preset": "ultrafast"})
+        stream.width = stream.height = 8000
+        stream.pix_fmt = "yuv420p"
+        for i in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.roll(blocks, 32 * i, axis=1), format="rgb24")))
+        out.mux(stream.encode())
+    # Measured from a small parent: a child forked from this large pytest process would start
+    # with its high-water mark (Linux keeps ru_maxrss across exec).
+    measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "annotator", "run", str(big),
+                           "--out", str(tmp_path / "o.parquet"), "--workers", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.strip().splitlines()[-1]) * 1024
+    # Before: 5.2 GB at the default batch of 8 frames (2.5 GB for 3), for a 2 GB worker.
+    assert peak < worker_memory_bytes(_config([big], tmp_path / "o.parquet")), f"peak RSS {peak / 2**30:.2f} GiB"
+    assert pq.read_table(tmp_path / "o.parquet").column("frame_index").to_pylist() == [0, 1, 2, 3]
