@@ -1,4 +1,11 @@
-"""`annotate run --address`: joining an existing Ray cluster (a real head started here)."""
+"""`annotate run` against real Ray clusters started here, with token authentication on.
+
+Every Ray process of these tests belongs to a ``ray start --block`` started in its own session
+(:class:`RayNode`); stopping one signals that session and the workers its raylet started (they
+run in sessions of their own), never ``ray stop``, which would stop every Ray on the machine.
+The token is generated for the test with ``ray get-auth-token --generate`` under a temporary
+HOME, and handed to Ray with ``RAY_AUTH_TOKEN_PATH``: the user's ``~/.ray`` is never touched.
+"""
 
 from __future__ import annotations
 
@@ -10,53 +17,388 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
 RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
+#: How the CLI prints a failure: one line, exit code 1.
+ERROR_PREFIX = "annotate: error: "
+CARPHONE_FRAMES = 120
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    """A head node in its own process group (``--block``), so stopping it touches nothing else."""
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
-         "--num-cpus", "2", "--include-dashboard=false", "--temp-dir", temp_dir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    deadline = time.monotonic() + 60
-    while subprocess.run([RAY, "status", "--address", address], env=env, capture_output=True).returncode != 0:
-        if time.monotonic() > deadline or head.poll() is not None:
-            os.killpg(head.pid, signal.SIGTERM)
-            pytest.fail("the Ray head did not come up")
-        time.sleep(1)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Ray's workers run in sessions of their own, so a process
+    group does not hold them; their parent, the raylet, does while it lives)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
-def test_run_joins_an_existing_cluster_with_its_token(ray_head, carphone, tmp_path):
+class RayNode:
+    """One ``ray start --block`` (head or worker node) in its own session, with its own ports."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_started(self, timeout: float = 90) -> None:
+        """Until ``ray start`` says the node runs (after it registered with the GCS)."""
+        deadline = time.monotonic() + timeout
+        while b"Ray runtime started" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"a Ray node did not come up:\n{self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the node and every process it started: as a machine going away would (SIGKILL), or
+        with a grace period (SIGTERM, then SIGKILL)."""
+        tree = descendants(self.proc.pid)
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig != signal.SIGKILL:
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+            tree |= descendants(self.proc.pid)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in tree:  # the workers, each in its own session
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        self._log_file.close()
+
+
+class Cluster:
+    """A token-mode Ray cluster on this machine: a head, and worker nodes added on demand."""
+
+    def __init__(self, root: Path, token_file: Path, head_cpus: int, dashboard: bool) -> None:
+        self.root = root
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket paths must fit
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        self.env = {**os.environ, **self.auth_env}
+        self.env.pop("RAY_AUTH_TOKEN", None)
+        self.env.pop("RAY_ADDRESS", None)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = free_port() if dashboard else None
+        dash = (["--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)] if dashboard
+                else ["--include-dashboard=false"])
+        self.nodes = [RayNode(
+            ["--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1", "--num-cpus", str(head_cpus),
+             "--temp-dir", str(self.temp_dir), "--ray-client-server-port", str(free_port()),
+             "--dashboard-agent-listen-port", str(free_port()), *dash],
+            self.env, root / "head.log")]
+        try:
+            self.nodes[0].wait_started()
+            if dashboard:
+                self._wait_for_dashboard()
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_node(self, cpus: int) -> RayNode:
+        node = RayNode(
+            ["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+             "--temp-dir", str(self.temp_dir), "--dashboard-agent-listen-port", str(free_port())],
+            self.env, self.root / f"node{len(self.nodes)}.log")
+        self.nodes.append(node)
+        node.wait_started()
+        return node
+
+    def _wait_for_dashboard(self, timeout: float = 60) -> None:
+        token = Path(self.auth_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.dashboard_port}/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the Ray dashboard (job server) did not come up")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.proc.returncode is None:
+                node.kill(signal.SIGTERM)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A token made the README's way, ``ray get-auth-token --generate``, under a temporary HOME."""
+    home = tmp_path_factory.mktemp("home")
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    path = home / ".ray" / "auth_token"
+    assert path.read_text().strip() == made.stdout.strip() and len(made.stdout.strip()) >= 32
+    return path
+
+
+@pytest.fixture(scope="module")
+def warm_models() -> None:
+    """Models pulled once into the session's cache (conftest), so no worker converts them."""
+    pulled = subprocess.run([sys.executable, "-m", "annotator", "models", "pull"], capture_output=True,
+                            text=True, timeout=600)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, token_file: Path, warm_models: None) -> Iterator[Cluster]:
+    """A head in token mode with its job server (dashboard) on, 2 CPUs."""
+    started = Cluster(tmp_path_factory.mktemp("cluster"), token_file, head_cpus=2, dashboard=True)
+    yield started
+    started.stop()
+
+
+def driver_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a driver on another machine: no Ray auth settings, an empty HOME
+    (so no ``~/.ray/auth_token``), and whatever ``extra`` adds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**env, "HOME": str(home), **extra}
+
+
+def annotate(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "annotator", "run", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(ERROR_PREFIX), f"the CLI must print failures as {ERROR_PREFIX!r}…: {lines[0]}"
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_run_joins_a_token_cluster_with_its_token(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the CLI must turn token mode on
-    done = subprocess.run(
-        [sys.executable, "-m", "annotator", "run", str(carphone), "--out", str(out), "--address", ray_head,
-         "--every-n", "4", "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "1 videos" in done.stdout and "30 frames" in done.stdout
-    assert ds.dataset(out, format="parquet").to_table().num_rows == 30
+    # Only the token's file, as a node of the cluster would have it: the CLI turns token mode on.
+    env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
+    done = annotate(str(carphone), "--out", str(out), "--address", cluster.address, "--every-n", "4",
+                    "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 videos" in done.stdout and "30 frames" in done.stdout, done.stdout
+    table = ds.dataset(out, format="parquet").to_table()
+    assert sorted(set(table.column("frame_index").to_pylist())) == list(range(0, CARPHONE_FRAMES, 4))
+    assert table.num_rows == 30  # carphone: one face in every frame
+    assert set(table.column("video_path").to_pylist()) == {str(carphone)}
+    assert "constructor arguments in the object store" not in done.stderr, done.stderr[-3000:]
 
+
+def test_run_without_the_token_is_one_line(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    started = time.monotonic()
+    done = annotate(str(carphone), "--out", str(out), "--address", cluster.address, "--no-progress",
+                    env=driver_env(tmp_path), timeout=120)
+    assert_one_line_error(done, cluster.address, "token")
+    assert time.monotonic() - started < 30, "Ray's own retries (~15 s of warnings) were not cut short"
+    assert not list(out.glob("part-*"))  # no video was started
+
+
+def test_run_with_a_wrong_token_is_one_line(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
+    done = annotate(str(carphone), "--out", str(tmp_path / "results"), "--address", cluster.address,
+                    "--no-progress", env=driver_env(tmp_path, RAY_AUTH_TOKEN="0" * 64), timeout=120)
+    assert_one_line_error(done, "rejected", "token")
+
+
+def test_ray_job_submit_as_the_readme_says(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
+    """The README's job command, from the project root: the working directory is uploaded (with
+    .gitignore applied, so no virtual environment), the job's driver joins with ``--address auto``."""
+    out = tmp_path / "job-results"
+    env = {**driver_env(tmp_path), **cluster.auth_env}  # the README: the token and RAY_AUTH_MODE=token
+    resources = cluster.temp_dir / "session_latest" / "runtime_resources"
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}", "--working-dir", ".",
+         "--runtime-env-json", '{"excludes": [".git"]}', "--",
+         "python", "-m", "annotator", "run", str(carphone), "--out", str(out), "--address", "auto", "--every-n", "4",
+         "--no-progress"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    table = ds.dataset(out, format="parquet").to_table()
+    assert table.num_rows == 30
+    assert sorted(set(table.column("frame_index").to_pylist())) == list(range(0, CARPHONE_FRAMES, 4))
+    # What was uploaded: the project, without the virtual environments .gitignore names.
+    uploaded = [pkg for pkg in (resources / "working_dir_files").iterdir() if pkg.is_dir()]
+    assert uploaded and all((pkg / "annotator" / "cli.py").is_file() for pkg in uploaded), uploaded
+    for pkg in uploaded:
+        assert not any((pkg / name).exists() for name in (".venv", ".venv-ci", ".git")), sorted(pkg.iterdir())
+        size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+        assert size < 64 * 2**20, f"{size / 2**20:.0f} MiB uploaded"
+
+
+def test_a_job_driver_ships_no_second_copy_of_the_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Inside `ray job submit --working-dir .` our code is in the uploaded directory already, so
+    the driver adds no py_modules (another ~11 MB); joining from anywhere else, it ships both."""
+    from annotator.orchestrate import _project_modules
+
+    # What Ray 2.60's job manager hands a job's driver (seen in a real job).
+    job = ('{"runtime_env": {"excludes": [".git"], "working_dir": "gcs://_ray_pkg_caca76e1f2ac7f75.zip", '
+           '"env_vars": {}}, "metadata": {"job_submission_id": "raysubmit_cj9RgkBDETDzfAfQ"}}')
+    monkeypatch.chdir(REPO)
+    assert [Path(m).name for m in _project_modules()] == ["annotator", "engines"]  # not in a job
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    assert _project_modules() == []
+    monkeypatch.chdir(tmp_path)  # a job whose working directory is something else
+    assert [Path(m).name for m in _project_modules()] == ["annotator", "engines"]
+
+
+def test_a_plain_local_run_keeps_rays_noise_out(warm_models: None, carphone: Path, tmp_path: Path) -> None:
+    """`annotate run CLIP --out X.parquet` on its own: no token warning, no core_worker.cc line, no
+    token file written into HOME; the progress bar and the summary still come through."""
+    env = driver_env(tmp_path)
+    done = annotate(str(carphone), "--out", str(tmp_path / "x.parquet"), "--every-n", "4", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "30 frames" in done.stdout
+    assert "Token authentication" not in done.stderr, done.stderr[-3000:]
+    assert "core_worker.cc" not in done.stderr and "constructor arguments" not in done.stderr, done.stderr[-3000:]
+    assert "1/1" in done.stderr  # the bar passed the stderr filter
+    assert not (Path(env["HOME"]) / ".ray").exists()  # a one-off token, none left in the user's home
+
+
+def test_stderr_filter_drops_only_the_false_alarm() -> None:
+    """The filter on the bytes the terminal gets: Ray's false alarm glued to a progress bar, a
+    real C++ error after it, and the stream cut into small reads as a pipe delivers it."""
+    from annotator.stderr_filter import split
+
+    bar = b"\rannotate:   0%|          | 0/1 [00:00<?, ?video/s]"
+    alarm = (b"[2026-11-25 09:47:12,771 E 8702 8702] core_worker.cc:2465: Actor with class name: "
+             b"'MapWorker(MapBatches(RayVideoWorker))' and ID: '92ad' has constructor arguments in the object "
+             b"store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
+             b"the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\n")
+    real = b"[2026-11-25 09:47:13,002 E 8702 8720] core_worker.cc:812: Raylet died: connection reset\n"
+    stream = bar + alarm + real + bar + b" done\n"
+    for size in (1, 7, 64, len(stream)):
+        written, held = b"", b""
+        for start in range(0, len(stream), size):
+            now, held = split(held + stream[start:start + size])
+            written += now
+        assert written + held == bar + real + bar + b" done\n", size
+    # A bar's "[00:00<...]" is written at once, not held back as a possible Ray line.
+    assert split(bar) == (bar, b"")
+
+
+def frames_of(table: pa.Table) -> dict[str, dict[tuple[int, int | None], dict]]:
+    """Per video, its rows keyed by (frame, face), checking that no key comes twice."""
+    videos: dict[str, dict[tuple[int, int | None], dict]] = {}
+    for row in table.to_pylist():
+        rows = videos.setdefault(row["video_path"], {})
+        key = (row["frame_index"], row["face_index"])
+        assert key not in rows, f"{row['video_path']}: frame {key} written twice"
+        rows[key] = row
+    return videos
+
+
+def hosts_a_video_worker(node: RayNode) -> bool:
+    """Whether one of the node's processes is an actor of our pool (Ray titles it after the class)."""
+    for pid in descendants(node.proc.pid):
+        try:
+            if b"RayVideoWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def same_rows(got: dict[tuple[int, int | None], dict], want: dict[tuple[int, int | None], dict]) -> None:
+    assert sorted(got, key=str) == sorted(want, key=str)
+    for key, row in want.items():
+        assert got[key]["expression"] == row["expression"], key
+        for side in ("x1", "y1", "x2", "y2"):
+            assert got[key][side] == pytest.approx(row[side], abs=1.0), (key, side)
+
+
+def test_a_node_lost_mid_run_then_a_rerun_gives_every_frame_once(
+        token_file: Path, warm_models: None, carphone: Path, tmp_path: Path) -> None:
+    """Two nodes of one CPU each (so work lands on both); the second dies (SIGKILL to it and its
+    workers, as a machine going away) once some videos are written and others are not. That run
+    completes or fails in one line; a re-run of the same command then holds each video's frames
+    exactly once: the rows of a run nobody interrupted."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        shutil.copyfile(carphone, videos / f"clip{i}.mp4")
+    # What an uninterrupted run writes for one video: one copy, in this process (no Ray).
+    reference = annotate(str(videos / "clip0.mp4"), "--out", str(tmp_path / "reference"), "--every-n", "2",
+                         "--workers", "0", "--no-progress", env=driver_env(tmp_path))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (want,) = frames_of(ds.dataset(tmp_path / "reference", format="parquet").to_table()).values()
+    assert sorted({frame for frame, _ in want}) == list(range(0, CARPHONE_FRAMES, 2))
+
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster", token_file, head_cpus=1, dashboard=False)
+    try:
+        node = cluster.add_node(cpus=1)
+        out = tmp_path / "out"
+        # Two workers of one CPU each: one on each node, whatever memory the machine has.
+        command = [str(videos), "--out", str(out), "--address", cluster.address, "--every-n", "2", "--workers", "2",
+                   "--no-progress"]
+        env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
+        with open(tmp_path / "first.err", "w+") as err:
+            first = subprocess.Popen([sys.executable, "-m", "annotator", "run", *command], env=env, cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=err)
+            deadline = time.monotonic() + 240
+            # Some videos written, others not, and the node hosting one of the pool's workers.
+            while not (1 <= len(list(out.glob("part-*.parquet"))) < 4 and hosts_a_video_worker(node)):
+                assert first.poll() is None, f"the run ended before a node was lost: {Path(err.name).read_text()}"
+                assert time.monotonic() < deadline, "no video was written in time"
+                time.sleep(0.1)
+            node.kill()
+            code = first.wait(timeout=300)
+            err.seek(0)
+            stderr = err.read()
+        assert code == 0 or code == 1 and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+        if code == 1:
+            assert stderr.startswith(ERROR_PREFIX) and "re-run" in stderr, stderr
+
+        again = annotate(*command, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        got = frames_of(ds.dataset(out, format="parquet").to_table())
+        assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(4))
+        for rows in got.values():
+            same_rows(rows, {key: {**row} for key, row in want.items()})
+    finally:
+        cluster.stop()

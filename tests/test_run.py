@@ -155,12 +155,17 @@ def test_cli_help_lists_commands_with_examples():
 def test_pool_is_sized_to_the_cluster(monkeypatch):
     import ray
 
-    from annotator.orchestrate import pool_size
+    from annotator.orchestrate import pool_size, worker_memory_bytes
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 8.0 * 2**30})
     config = _config([Path("v.mp4")], Path("o.parquet"), workers=None, device="cpu")
-    assert pool_size(config, videos=100) == 4  # 8 GB allows 4 workers of 2 GB on 16 cores
-    assert pool_size(config, videos=3) == 3  # never more actors than videos
+    assert 1.8 * 2**30 < worker_memory_bytes(config) < 2.5 * 2**30  # defaults: 720p batch 8 peaks at 1.5 GB
+    assert pool_size(config, videos=100) == 3  # 8 GB holds 3 such workers on 16 cores
+    assert pool_size(config, videos=2) == 2  # never more actors than videos
+    # Memory follows the batch: 32 frames per batch need twice as much per worker.
+    big_batches = _config([Path("v.mp4")], Path("o.parquet"), workers=None, device="cpu", batch_size=32)
+    assert worker_memory_bytes(big_batches) > 2 * worker_memory_bytes(config)
+    assert pool_size(big_batches, videos=100) == 1
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 20.0 * 2**30})
     assert pool_size(config, videos=100) == 2
     assert pool_size(_config([Path("v.mp4")], Path("o.parquet"), workers=7), videos=100) == 7
