@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotator.worker import INTERNAL_COLUMNS, PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN
+from annotator import segmenting
 from annotator.writer import OutputLayout, PartWriter, write_part
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,11 @@ def frames_and_faces(rows: pa.Table) -> tuple[int, int]:
 
 
 class PartCollector:
-    """Turns the stream into committed parts and keeps the run's counters."""
+    """Turns the stream into committed parts and keeps the run's counters.
+
+    A table tagged ``key#i`` belongs to segment ``i`` of a split video: it goes to a hidden
+    segment part, and the video's part is stitched when its last segment is in.
+    """
 
     def __init__(self, layout: OutputLayout, schema: pa.Schema) -> None:
         self.layout = layout
@@ -56,40 +62,54 @@ class PartCollector:
         self._writers: dict[str, PartWriter] = {}
         self._last_frame: dict[str, int] = {}
         self._counted: dict[str, tuple[int, int]] = {}  # frames, faces of each open part
+        self._failed: set[str] = set()  # videos with a failed segment: counted once
+
+    def _path(self, tag: str) -> Path:
+        key, _, index = tag.partition("#")
+        return self.layout.segment_path(key, int(index)) if index else self.layout.part_path(key)
 
     def add(self, table: pa.Table) -> int:
         """Consume one streamed table; returns how many videos it finished (done or failed)."""
         finished = 0
-        for key, status, rows, video in split_runs(table):
+        for tag, status, rows, video in split_runs(table):
+            key = tag.partition("#")[0]
             if status == "failed":
-                self.add_failure(key, rows)
-                finished += 1
+                finished += self.add_failure(key, rows, tag)
                 continue
             first = rows.column("frame_index")[0].as_py()  # null on a damaged video's closing row
-            if key in self._writers and first is not None and first <= self._last_frame[key]:
-                log.warning("%s: video restarted by Ray, rewriting its part", key)
-                self._drop(key)
-            if key not in self._writers:
-                self._writers[key] = PartWriter(self.layout.part_path(key), self.schema)
-                self._counted[key] = (0, 0)
-            self._writers[key].write(rows)
-            self._last_frame[key] = pc.max(rows.column("frame_index")).as_py() or self._last_frame.get(key, -1)
+            if tag in self._writers and first is not None and first <= self._last_frame[tag]:
+                log.warning("%s: video restarted by Ray, rewriting its part", tag)
+                self._drop(tag)
+            if tag not in self._writers:
+                self._writers[tag] = PartWriter(self._path(tag), self.schema)
+                self._counted[tag] = (0, 0)
+            self._writers[tag].write(rows)
+            self._last_frame[tag] = pc.max(rows.column("frame_index")).as_py() or self._last_frame.get(tag, -1)
             frames, faces = frames_and_faces(rows)
             self.frames, self.faces = self.frames + frames, self.faces + faces
-            self._counted[key] = (self._counted[key][0] + frames, self._counted[key][1] + faces)
+            self._counted[tag] = (self._counted[tag][0] + frames, self._counted[tag][1] + faces)
             if status == "done":
-                self._writers[key].commit(video)
-                del self._writers[key], self._counted[key]
-                self.note_damage(json.loads(video) if video else {})
-                finished += 1
+                self._writers[tag].commit(video)
+                del self._writers[tag], self._counted[tag]
+                if tag == key:
+                    self.note_damage(json.loads(video) if video else {})
+                    finished += 1
+                elif key not in self._failed and segmenting.complete(self.layout, key):
+                    self.note_damage(segmenting.stitch(self.layout, key, self.schema))
+                    finished += 1
         return finished
 
-    def add_failure(self, key: str, error_row: pa.Table) -> None:
-        """Record a video that could not be annotated: its one error row, as an error part."""
-        self._drop(key)
+    def add_failure(self, key: str, error_row: pa.Table, tag: str | None = None) -> int:
+        """Record a video that could not be annotated (or a segment of it): its one error row, as
+        the video's error part. Returns 1 the first time a video fails, else 0."""
+        self._drop(tag or key)
         write_part(self.layout.part_path(key, failed=True), self.schema, error_row.combine_chunks().to_batches()[0])
-        self.failed += 1
         self.problems.append(error_row.column("error")[0].as_py())
+        if key in self._failed:
+            return 0
+        self._failed.add(key)
+        self.failed += 1
+        return 1
 
     def note_damage(self, facts: dict) -> None:
         """Count a video annotated as far as it decodes (its facts: worker.video_facts)."""
@@ -98,11 +118,11 @@ class PartCollector:
             self.frames_lost += int(facts.get("frames_lost") or 0)
             self.problems.append(f"{facts['video_path']}: {facts['damage']}")
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, tag: str) -> None:
         """Abandon an open part (its rows are being replaced) and uncount its rows."""
-        if key in self._writers:
-            self._writers.pop(key).abort()
-            frames, faces = self._counted.pop(key)
+        if tag in self._writers:
+            self._writers.pop(tag).abort()
+            frames, faces = self._counted.pop(tag)
             self.frames, self.faces = self.frames - frames, self.faces - faces
 
     def close(self) -> None:

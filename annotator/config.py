@@ -22,6 +22,13 @@ DEFAULT_DETECTOR = "retinaface-mnv2"
 DEFAULT_SCORER = "student-fer-distilled"
 
 
+#: Faces smaller than this (shorter box side, video pixels) are dropped; the detector is sized so
+#: that such a face is still 32 of its pixels where the --det-size cap allows (see engines.retinaface.detector_side).
+DEFAULT_MIN_FACE = 32.0
+#: Full-frame detection on every K-th sampled frame; tracked faces are re-found in between.
+DEFAULT_DETECT_EVERY = 15
+
+
 class ConfigError(ValueError):
     """An option value that cannot work; the message is one line naming the option."""
 
@@ -43,7 +50,8 @@ class RunConfig:
     scorer: str = DEFAULT_SCORER
     det_threshold: float = 0.9
     det_size: int = 640
-    min_face: float = 20.0
+    min_face: float = DEFAULT_MIN_FACE
+    detect_every: int = DEFAULT_DETECT_EVERY
     cache_dir: Path | None = None
     overwrite: bool = False
 
@@ -58,6 +66,8 @@ class RunConfig:
             raise ConfigError(f"--det-size must be in [32, 4096], got {self.det_size}")
         if self.min_face < 0:
             raise ConfigError(f"--min-face must be >= 0, got {self.min_face}")
+        if self.detect_every < 1:
+            raise ConfigError(f"--detect-every must be >= 1, got {self.detect_every}")
         if self.decoder == "dali" and self.resolved_device() == "cpu":
             raise ConfigError("--decoder dali needs a CUDA device (its CPU decoder reads only VP8/VP9/MJPEG)")
 

@@ -18,11 +18,10 @@ import pyarrow as pa
 
 from annotator.config import RunConfig
 from annotator.pipeline import VideoPipeline
-from annotator.worker import RayVideoWorker, annotate_tagged
+from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged
 
 log = logging.getLogger(__name__)
 
-WorkItem = tuple[Path, str]  # (video path, part key)
 
 
 class ClusterError(RuntimeError):
@@ -58,8 +57,8 @@ def _has_ray_token() -> bool:
 def stream_in_process(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Table]:
     """The single-process path (``--workers 0``): same stages, a plain loop, no Ray."""
     pipeline = VideoPipeline(config)
-    for path, part in items:
-        yield from annotate_tagged(pipeline, path, part)
+    for item in items:
+        yield from annotate_tagged(pipeline, item)
 
 
 def _init_ray(config: RunConfig) -> None:
@@ -281,6 +280,12 @@ def _worker_resources(config: RunConfig, workers: int) -> tuple[float, float, in
     return per_worker, 0.0, max(1, int(per_worker))
 
 
+def cluster_workers(config: RunConfig) -> int:
+    """The pool a run would get with work for all (starts or joins Ray): how finely to split."""
+    _init_ray(config)
+    return pool_size(config, videos=1 << 30)
+
+
 def stream_with_ray(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Table]:
     """Tagged tables from a Ray actor pool (see :func:`pool_size`), as they are produced."""
     _init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
@@ -303,15 +308,15 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Tab
     workers = pool_size(config, len(items))
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
     videos = ray.data.from_items(
-        [{"path": str(path), "part": part} for path, part in items],
-        override_num_blocks=len(items),  # one block per video, so every actor gets work
+        [item.to_row() for item in items],
+        override_num_blocks=len(items),  # one block per item, so every actor gets work
     )
     annotated = videos.map_batches(
         RayVideoWorker,
         fn_constructor_kwargs={"config": config, "threads": threads},
-        batch_size=1,  # the unit of work is one video
+        batch_size=1,  # the unit of work is one video, or one segment of a long one
         batch_format="pyarrow",
-        # One video in flight per actor: a long video never queues others behind it.
+        # One item in flight per actor: a long video never queues others behind it.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         num_cpus=num_cpus,
         num_gpus=num_gpus,

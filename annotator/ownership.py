@@ -27,10 +27,14 @@ from annotator.config import ConfigError
 MANIFEST_NAME = ".annotator-output.json"
 LOCK_NAME = ".annotator.lock"
 PROBE_NAME = ".annotator-probe"
-#: Every name a run writes into its output directory; anything else is the user's.
+#: Every name a run writes into its output directory; anything else is the user's. Parts of a
+#: video's segments and the video's segment plan are hidden (a leading dot), so a dataset reader
+#: sees only finished videos.
 _PART = r"part-[0-9a-f]{16}(?:\.error)?\.parquet"
-_OURS = re.compile(rf"^(?:{_PART}|\.{_PART}\.tmp|{re.escape(MANIFEST_NAME)}|{re.escape(LOCK_NAME)}|{re.escape(PROBE_NAME)})$")
-_PARTS = re.compile(rf"^(?:{_PART}|\.{_PART}\.tmp)$")
+_SEGMENT = r"\.part-[0-9a-f]{16}\.(?:seg\d{4}\.parquet|plan\.json)"
+_PARTS_AND_TEMPS = rf"(?:{_PART}|\.{_PART}\.tmp|{_SEGMENT}|\.{_SEGMENT}\.tmp|{_SEGMENT}\.tmp)"
+_OURS = re.compile(rf"^(?:{_PARTS_AND_TEMPS}|{re.escape(MANIFEST_NAME)}|{re.escape(LOCK_NAME)}|{re.escape(PROBE_NAME)})$")
+_PARTS = re.compile(rf"^{_PARTS_AND_TEMPS}$")
 
 
 class OutputBusy(RuntimeError):

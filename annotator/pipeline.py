@@ -1,4 +1,4 @@
-"""One video, end to end: decode → sample → detect → align → score → track → record batches.
+"""One video, end to end: decode → sample → find and track faces → align → score → record batches.
 
 :class:`VideoPipeline` loads its models once and then annotates video after video; the Ray
 worker and the in-process path both call it, so they produce identical rows. Per-stage wall
@@ -7,6 +7,7 @@ time is accumulated in :attr:`VideoPipeline.timings` for the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterator
@@ -15,15 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from annotator.align import warp_crops, warp_crops_tensor
 from annotator.config import RunConfig
 from annotator.schema import frame_rows
-from annotator.tracking import IouTracker
+from annotator.tracking import FaceTracker
+from engines.align import align_faces
 from engines.decoders import DecodeReport, FrameBatch
+from engines.decoders.segments import Segment
 from engines.factory import Scorer, create_detector, create_scorer
+from engines.retinaface import detector_side
 
-STAGES = ("decode", "detect", "align", "score", "track", "rows")
+STAGES = ("decode", "detect", "align", "score", "rows")
 _ID_SAMPLE_BYTES = 8 << 20  # hash 8 MiB from each end: stable, content-derived, O(1) in size
 
 
@@ -52,16 +56,19 @@ class VideoPipeline:
         self.config = config
         device = config.resolved_device()
         backend = config.resolved_backend()
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)  # the warps and the letterbox: this worker's share of cores
         self.detector, self.detector_artifacts = create_detector(
             config.detector, backend, device, threads, config.cache_dir,
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
         )
+        self.tracker = FaceTracker(self.detector, detect_every=config.detect_every)
         self.scorer: Scorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir)
         self.model_id = self.scorer.model_id
         self.timings = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.faces = 0
-        self._decode = _decoder(config.resolved_decoder())
+        self._decode = _decoder(config.resolved_decoder(), threads)
 
     @contextmanager
     def _timed(self, stage: str):
@@ -69,46 +76,49 @@ class VideoPipeline:
         yield
         self.timings[stage] += time.perf_counter() - start
 
-    def annotate(self, path: Path, report: DecodeReport | None = None) -> Iterator[pa.RecordBatch]:
+    def annotate(self, path: Path, report: DecodeReport | None = None,
+                 segment: Segment | None = None) -> Iterator[pa.RecordBatch]:
         """Record batches (one per decoded batch of frames) of one video, in frame order.
 
         ``report`` receives what decoding found (rotation, damage); a damaged video yields the
-        rows of every frame that decodes.
+        rows of every frame that decodes. ``segment``: only that piece of the video (its track
+        ids start at 0; the driver makes them continuous when it stitches the segments).
 
         Raises:
             engines.decoders.DecodeError: the video cannot be decoded at all.
         """
         vid = video_id(path)
-        tracker = IouTracker()
+        options = {"segment": segment} if segment is not None else {}  # only PyAV decodes segments
         batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
-                               report=report if report is not None else DecodeReport())
+                               report=report if report is not None else DecodeReport(), **options)
+        started = False
         while True:
             with self._timed("decode"):
                 batch = next(batches, None)
             if batch is None:
                 return
-            yield self._annotate_batch(batch, str(path), vid, tracker)
+            if not started:  # the detector's size follows the video's: see detector_side
+                # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
+                min_face = self.config.min_face / batch.scale
+                height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
+                self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face)
+                started = True
+            yield self._annotate_batch(batch, str(path), vid)
 
-    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str, tracker: IouTracker) -> pa.RecordBatch:
+    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> pa.RecordBatch:
         with self._timed("detect"):
-            # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
-            detections = self.detector.detect(batch.frames, min_face=self.config.min_face / batch.scale)
-        counts = np.array([len(d.scores) for d in detections], dtype=np.int64)
-        boxes = np.concatenate([d.boxes for d in detections]).reshape(-1, 4)
-        landmarks = np.concatenate([d.landmarks for d in detections]).reshape(-1, 5, 2)
-        scores = np.concatenate([d.scores for d in detections]).reshape(-1)
+            # Sequential by nature (each frame's crops follow the last frame's faces).
+            faces = self.tracker(batch.frames)
+        counts = np.array([len(f.scores) for f in faces], dtype=np.int64)
+        boxes = np.concatenate([f.boxes for f in faces]).reshape(-1, 4)
+        landmarks = np.concatenate([f.landmarks for f in faces]).reshape(-1, 5, 2)
+        scores = np.concatenate([f.scores for f in faces]).reshape(-1)
+        track_ids = np.concatenate([f.track_ids for f in faces]).astype(np.int64)
         frame_of_face = np.repeat(np.arange(len(counts)), counts)
-        on_device = not isinstance(batch.frames, np.ndarray)  # a torch tensor from DALI
         with self._timed("align"):
-            if on_device:
-                crops = warp_crops_tensor(batch.frames, frame_of_face, landmarks)
-            else:
-                crops, _ = warp_crops(batch.frames, frame_of_face, landmarks)
+            crops = align_faces(batch.frames, frame_of_face, landmarks)
         with self._timed("score"):
-            probs, va = self.scorer.predict_tensor(crops) if on_device else self.scorer.predict(crops)
-        with self._timed("track"):
-            # Sequential by nature (each frame depends on the last), but only per frame, not per pixel.
-            track_ids = np.concatenate([tracker.update(d.boxes) for d in detections]).astype(np.int64)
+            probs, va = self.scorer.predict(crops)
         with self._timed("rows"):
             rows = frame_rows(
                 video_path=path, video_id=vid, model_id=self.model_id,
@@ -121,9 +131,11 @@ class VideoPipeline:
         return rows
 
 
-def _decoder(name: str):
+def _decoder(name: str, threads: int):
     if name == "dali":
         from engines.decoders.dali import decode
-    else:
-        from engines.decoders.pyav import decode
-    return decode
+
+        return decode
+    from engines.decoders.pyav import decode
+
+    return functools.partial(decode, threads=threads)

@@ -22,7 +22,8 @@ import annotator
 from annotator.collect import PartCollector
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import Discovery, find_videos
-from annotator.orchestrate import WorkItem, stream_in_process, stream_with_ray
+from annotator import segmenting
+from annotator.orchestrate import cluster_workers, stream_in_process, stream_with_ray
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
 from annotator.writer import (
@@ -104,7 +105,7 @@ def run_metadata(config: RunConfig) -> dict[str, object]:
     # What makes rows comparable across resumed runs: same weights, same sampling and detection.
     fingerprint = {
         "models": [m["id"] for m in models],
-        **{k: options[k] for k in ("sampling", "det_threshold", "det_size", "min_face")},
+        **{k: options[k] for k in ("sampling", "det_threshold", "det_size", "min_face", "detect_every")},
     }
     return {"package": "video-annotator", "version": annotator.__version__, "models": models,
             "options": options, "fingerprint": fingerprint}
@@ -188,13 +189,17 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
     """Stream every video not yet done into its part; return what happened."""
     videos = found.videos
     keys = {v: part_key(v) for v in videos}
-    items: list[WorkItem] = [(v, key) for v, key in keys.items() if key not in existing.done]
+    pending = [(v, key) for v, key in keys.items() if key not in existing.done]
     collector = PartCollector(layout, schema)
     for key in existing.damaged.keys() & set(keys.values()):
         collector.note_damage(existing.damaged[key])  # done before, damaged all the same
-    for _, key in items:
+    for _, key in pending:
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
-    bar = tqdm(total=len(videos), initial=len(videos) - len(items), unit="video", disable=not progress,
+    # Long videos are split when there are fewer videos than workers to keep busy; only PyAV
+    # decodes a segment, and the in-process path has one worker anyway.
+    split = pending and config.workers != 0 and config.resolved_decoder() == "pyav"
+    items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
+    bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True)
     writing = functools.partial(_writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     try:
@@ -211,7 +216,7 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         collector.close()
         bar.close()
     return RunSummary(
-        config.out, len(videos) + len(found.problems), len(videos) - len(items), collector.failed,
+        config.out, len(videos) + len(found.problems), len(videos) - len(pending), collector.failed,
         collector.frames, collector.faces, time.perf_counter() - start,
         damaged=collector.damaged, frames_lost=collector.frames_lost,
         problems=tuple(collector.problems), not_videos=found.skipped_line(),

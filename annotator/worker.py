@@ -1,7 +1,8 @@
-"""The unit of work: one video → a stream of tagged Arrow tables, failures included.
+"""The unit of work: one video (or one segment of a long video) → a stream of tagged Arrow
+tables, failures included.
 
 Each table carries the output columns plus three internal ones the driver strips: ``_part``
-(which part file the rows belong to), ``_status`` (``rows``; ``done`` on the video's last
+(the :attr:`WorkItem.tag`: which part file the rows belong to), ``_status`` (``rows``; ``done`` on the video's last
 table; ``failed`` on the single error row of a video that could not be annotated) and
 ``_video`` (on ``done`` rows: the video's facts as JSON, for the part's file metadata). The last
 table is held back one step so it can be tagged ``done`` without an extra empty message.
@@ -12,9 +13,11 @@ says what was lost (see :meth:`engines.decoders.DecodeReport.describe`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +26,7 @@ from annotator.config import RunConfig
 from annotator.pipeline import VideoPipeline
 from annotator.schema import constant_column, error_row
 from engines.decoders import DecodeError, DecodeReport
+from engines.decoders.segments import Segment
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +44,42 @@ def tag_table(batch: pa.RecordBatch, part: str, status: str, video: str | None =
     return table.append_column(VIDEO_COLUMN, constant_column(video, n))
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """What a worker annotates: a video, or one segment of it."""
+
+    path: Path
+    key: str  # the video's part key (annotator.writer.part_key)
+    segment: Segment | None = None
+
+    @property
+    def tag(self) -> str:
+        """The part the rows go to: the video's key, ``key#index`` for a segment."""
+        return self.key if self.segment is None else f"{self.key}#{self.segment.index}"
+
+    def to_row(self) -> dict[str, str]:
+        segment = json.dumps(self.segment.to_json()) if self.segment else ""
+        return {"path": str(self.path), "key": self.key, "segment": segment}
+
+    @classmethod
+    def from_row(cls, path: str, key: str, segment: str) -> WorkItem:
+        return cls(Path(path), key, Segment.from_json(json.loads(segment)) if segment else None)
+
+
 def video_facts(path: Path, report: DecodeReport) -> dict[str, object]:
-    """What the part's file metadata records about its video: size, rotation applied, damage."""
-    return {"video_path": str(path), "width": report.width, "height": report.height,
-            "rotation_cw_deg": report.rotation_cw_deg, "frames_decoded": report.frames_decoded,
-            "frames_lost": report.frames_lost, "damage": report.describe() if report.damaged else None}
+    """What the part's file metadata records about its video: size, rotation applied, damage
+    (with the report's fields, so the segments of a video can be summed up)."""
+    return {"video_path": str(path), **dataclasses.asdict(report),
+            "damage": report.describe() if report.damaged else None}
 
 
-def annotate_tagged(pipeline: VideoPipeline, path: Path, part: str) -> Iterator[pa.Table]:
-    """Tagged tables of one video; never raises for a bad video, it reports it as a row."""
+def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Table]:
+    """Tagged tables of one work item; never raises for a bad video, it reports it as a row."""
+    path, part = item.path, item.tag
     pending: pa.RecordBatch | None = None
     report = DecodeReport()
     try:
-        for batch in pipeline.annotate(path, report):
+        for batch in pipeline.annotate(path, report, item.segment):
             if pending is not None:
                 yield tag_table(pending, part, "rows")
             pending = batch
@@ -82,5 +109,5 @@ class RayVideoWorker:
         self.pipeline = VideoPipeline(config, threads=threads)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for path, part in zip(batch.column("path").to_pylist(), batch.column("part").to_pylist()):
-            yield from annotate_tagged(self.pipeline, Path(path), part)
+        for row in batch.to_pylist():
+            yield from annotate_tagged(self.pipeline, WorkItem.from_row(**row))

@@ -66,6 +66,27 @@ class OutputLayout:
     def part_path(self, key: str, failed: bool = False) -> Path:
         return self.parts_dir / f"part-{key}{'.error' if failed else ''}.parquet"
 
+    def segment_path(self, key: str, index: int) -> Path:
+        """A finished segment of a video still being annotated (hidden from dataset readers)."""
+        return self.parts_dir / f".part-{key}.seg{index:04d}.parquet"
+
+    def plan_path(self, key: str) -> Path:
+        """The segments a video was cut into, kept until the video is stitched (resume per segment)."""
+        return self.parts_dir / f".part-{key}.plan.json"
+
+    def segment_done(self, key: str, index: int) -> bool:
+        """A segment part that exists and reads back; an unreadable one is removed (and redone)."""
+        path = self.segment_path(key, index)
+        if not path.is_file():
+            return False
+        try:
+            _verified_metadata(path)
+            return True
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("%s: unreadable segment part (%s), its segment is annotated again", path, exc)
+            path.unlink(missing_ok=True)
+            return False
+
     def completed_keys(self) -> set[str]:
         """Keys of videos already annotated successfully (failed ones are retried)."""
         return self.scan().done

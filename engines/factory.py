@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engines.cache import Artifacts, resolve
 from engines.registry import FileSource, ModelEntry, get_entry
@@ -205,31 +206,18 @@ class Scorer:
     def model_id(self) -> str:
         return model_id(self.artifacts)
 
-    def __call__(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw outputs on float32 (B, 3, 112, 112) RGB 0..255 crops (training uses the logits)."""
         return self.runtime(crops)
 
-    def predict(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities (N, 7) float32, valence/arousal (N, 2) or None) for uint8 NHWC crops."""
+    def predict(self, crops: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, 7) float32, valence/arousal (N, 2) or None) on the host, for float32
+        (N, 3, 112, 112) RGB 0..255 crops on any device (``engines.align.align_faces``' output)."""
         if len(crops) == 0:
             return np.zeros((0, 7), np.float32), (np.zeros((0, 2), np.float32) if self.has_va else None)
-        return self._probabilities(self.runtime(np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)))
-
-
-    def predict_tensor(self, crops) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`predict` for torch float32 (N, 3, 112, 112) crops on the runtime's device."""
-        if not hasattr(self.runtime, "forward_tensor"):
-            return self._probabilities(self.runtime(crops.cpu().numpy()))
-        if len(crops) == 0:
-            return self.predict(np.zeros((0, 112, 112, 3), np.uint8))
-        outputs = self.runtime.forward_tensor(crops)
-        return self._probabilities({k: v.float().cpu().numpy() for k, v in outputs.items()})
-
-    def _probabilities(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        logits = outputs["expr_logits"].astype(np.float32)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = exp / exp.sum(axis=1, keepdims=True)
-        return probs, (outputs["va"].astype(np.float32) if self.has_va else None)
+        outputs = self.runtime(crops)
+        probs = torch.softmax(outputs["expr_logits"].float(), dim=1).cpu().numpy()
+        return probs, (outputs["va"].float().cpu().numpy() if self.has_va else None)
 
 
 def create_scorer(name_or_path: str, backend: str | None = None, device: str = "cpu",

@@ -20,12 +20,12 @@ def carphone_frames(carphone: Path) -> list[np.ndarray]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], n: int, fps: int = 30, faststart: bool = False,
-               codec: str = "libx264") -> Path:
-    """``n`` frames (cycling through ``frames``) as H.264 MP4 at ``fps``."""
+               codec: str = "libx264", keyint: int | None = None) -> Path:
+    """``n`` frames (cycling through ``frames``) as H.264 MP4 at ``fps``, a keyframe every ``keyint``."""
     height, width = frames[0].shape[:2]
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream(codec, rate=fps)
+        stream = out.add_stream(codec, rate=fps, options={"g": str(keyint)} if keyint else {})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(n):
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")))

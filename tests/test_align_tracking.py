@@ -1,11 +1,18 @@
-"""Alignment maths and the IoU tracker."""
+"""Alignment maths and the one warp (against OpenCV as the oracle), and the face tracker on real video."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import pytest
+import skimage.data
+import torch
 
-from annotator.align import TEMPLATE_112, similarity_matrices, warp_crops
-from annotator.tracking import IouTracker, iou_matrix
+from annotator.tracking import FaceTracker, associate, iou_matrix
+from engines.align import TEMPLATE_112, align_faces, similarity_matrices, square_matrices, warp
+from engines.decoders import Sampling
+from engines.decoders.pyav import decode
+from engines.factory import create_detector
 
 
 def _apply(matrix, points):
@@ -26,29 +33,81 @@ def test_recovers_a_known_similarity():
     np.testing.assert_allclose(_apply(m, landmarks), TEMPLATE_112, atol=1e-3)
 
 
-def test_warp_crops_follow_the_face():
-    frames = np.zeros((2, 300, 400, 3), np.uint8)
-    frames[1, 150:160, 200:210] = 255  # a bright patch where frame 1's nose is
-    nose_at = np.array([205.0, 155.0])
-    landmarks = (TEMPLATE_112 - TEMPLATE_112[2] + nose_at)[None]
-    crops, matrices = warp_crops(frames, np.array([1]), landmarks)
-    assert crops.shape == (1, 112, 112, 3) and crops.dtype == np.uint8
-    y, x = np.round(TEMPLATE_112[2]).astype(int)[::-1]
-    assert crops[0, y, x].min() == 255 and crops[0, 5, 5].max() == 0
+@pytest.fixture(scope="module")
+def textured() -> np.ndarray:
+    image = skimage.data.astronaut()
+    return np.stack([image, image[::-1].copy()])
 
 
-def test_iou_matrix():
+def test_warp_matches_opencv_inside_and_off_the_frame(textured):
+    rng = np.random.default_rng(0)
+    landmarks = (TEMPLATE_112 * 1.5 + np.array([150, 60]))[None] + rng.normal(0, 4, (6, 5, 2))
+    landmarks[4] -= 200  # mostly off the frame, top left
+    landmarks[5] += 420  # mostly off the frame, bottom right
+    landmarks = landmarks.astype(np.float32)
+    owner = np.array([0, 1, 0, 1, 0, 1])
+    crops = align_faces(torch.from_numpy(textured), owner, landmarks)
+    assert crops.shape == (6, 3, 112, 112) and crops.dtype == torch.float32
+    for crop, frame, matrix in zip(crops, owner, similarity_matrices(landmarks)):
+        expected = cv2.warpAffine(textured[frame], matrix, (112, 112), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT).astype(np.float32)
+        diff = np.abs(crop.permute(1, 2, 0).numpy() - expected)
+        # OpenCV interpolates in 5-bit fixed point and rounds to uint8: half a grey level at most.
+        assert diff.max() <= 1.0 and diff.mean() < 0.3
+    assert align_faces(torch.from_numpy(textured), np.zeros(0, int), np.zeros((0, 5, 2))).shape == (0, 3, 112, 112)
+
+
+def test_square_crops_cut_exactly_the_square(textured):
+    matrices = square_matrices(np.array([[200.0, 150.0]]), np.array([96.0]), 96)
+    crop = warp(torch.from_numpy(textured), np.array([1]), matrices, 96)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(crop, textured[1, 102:198, 152:248], atol=0.01)  # float32 rounding
+
+
+def test_iou_and_association():
     a = np.array([[0, 0, 10, 10]], np.float32)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
     np.testing.assert_allclose(iou_matrix(a, b), [[1.0, 50 / 150, 0.0]], atol=1e-6)
+    previous = np.array([[0, 0, 10, 10], [50, 0, 60, 10]], np.float32)
+    # Listed in the other order and slightly moved: each continues its own previous box.
+    assert associate(previous, np.array([[51, 0, 61, 10], [1, 0, 11, 10], [90, 90, 99, 99]], np.float32)).tolist() == [1, 0, -1]
+    assert associate(previous, np.zeros((0, 4), np.float32)).tolist() == []
 
 
-def test_tracker_keeps_ids_and_opens_new_ones():
-    tracker = IouTracker()
-    left, right = [0, 0, 10, 10], [50, 0, 60, 10]
-    assert tracker.update(np.array([left, right], np.float32)).tolist() == [0, 1]
-    # Same faces, listed in the other order and slightly moved: ids follow the boxes.
-    assert tracker.update(np.array([[51, 0, 61, 10], [1, 0, 11, 10]], np.float32)).tolist() == [1, 0]
-    assert tracker.update(np.zeros((0, 4), np.float32)).tolist() == []
-    # After a frame without faces the face is new again.
-    assert tracker.update(np.array([left], np.float32)).tolist() == [2]
+@pytest.fixture(scope="module")
+def carphone_frames(carphone) -> torch.Tensor:
+    return torch.cat([b.frames for b in decode(carphone, Sampling(), 32)])
+
+
+@pytest.fixture(scope="module")
+def detector():
+    detector, _ = create_detector("retinaface-mnv2", "onnxrt", threshold=0.9)
+    return detector
+
+
+def _track(detector, frames: torch.Tensor, every: int) -> list:
+    tracker = FaceTracker(detector, detect_every=every)
+    tracker.start(det_size=176, min_face=20)
+    return [face for start in range(0, len(frames), 8) for face in tracker(frames[start:start + 8])], tracker
+
+
+def test_tracking_between_keyframes_follows_full_detection(detector, carphone_frames):
+    full, _ = _track(detector, carphone_frames, 1)
+    fast, tracker = _track(detector, carphone_frames, 10)
+    assert all(f.keyframe for f in full)
+    assert tracker.keyframes == 12 == sum(f.keyframe for f in fast)  # 120 frames, no track lost
+    assert all(len(f.scores) == 1 for f in fast) and all(len(f.scores) == 1 for f in full)
+    assert {int(f.track_ids[0]) for f in fast} == {0}  # one person, one id for the whole clip
+    boxes = np.stack([f.boxes[0] for f in fast]) - np.stack([f.boxes[0] for f in full])
+    landmarks = np.stack([f.landmarks[0] for f in fast]) - np.stack([f.landmarks[0] for f in full])
+    assert np.median(np.abs(boxes)) < 1.5 and np.median(np.abs(landmarks)) < 1.5  # a 45-pixel face
+
+
+def test_a_lost_face_brings_the_next_keyframe_forward(detector, carphone_frames):
+    frames = carphone_frames[:12].clone()
+    frames[4] = 0  # the face is gone for one frame
+    tracker = FaceTracker(detector, detect_every=10)
+    tracker.start(det_size=176, min_face=20)
+    faces = tracker(frames)
+    assert [f.keyframe for f in faces] == [True, False, False, False, False, True] + [False] * 6
+    assert len(faces[4].scores) == 0 and len(faces[5].scores) == 1
+    assert faces[5].track_ids[0] == 1  # it came back: a new id

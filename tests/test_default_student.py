@@ -38,7 +38,7 @@ def test_student_agrees_with_its_teacher_on_unseen_people():
     """LFW faces 80-99 were never trained on; the card's number must be reproducible."""
     card = json.loads((WEIGHTS / "model_card.json").read_text())
     faces = [f for f in collect_faces() if f[2] == "test"]
-    crops = np.stack([f[0] for f in faces])
+    crops = torch.from_numpy(np.stack([f[0] for f in faces])).permute(0, 3, 1, 2).float()
     student = create_scorer(DEFAULT_SCORER).predict(crops)[0].argmax(axis=1)
     teacher = create_scorer("fer-minixception").predict(crops)[0].argmax(axis=1)
     agreement = float(np.mean(student == teacher))

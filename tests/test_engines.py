@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -46,12 +47,13 @@ def test_torch_and_onnxruntime_agree(name):
     entry = get_entry(name)
     artifacts = resolve(entry)
     _, shape = example_shapes(entry)
-    x = np.random.default_rng(1).uniform(0, 255, size=shape).astype(np.float32)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(0, 255, size=shape).astype(np.float32))
     torch_out = load_runtime(artifacts, "torch")(x)
     ort_out = load_runtime(artifacts, "onnxrt")(x)
     assert tuple(torch_out) == tuple(ort_out) == entry.outputs
     for key in entry.outputs:
-        np.testing.assert_allclose(ort_out[key], torch_out[key], atol=1e-4, err_msg=f"{name}:{key}")
+        assert isinstance(ort_out[key], torch.Tensor) and ort_out[key].device.type == "cpu"
+        np.testing.assert_allclose(ort_out[key].numpy(), torch_out[key].numpy(), atol=1e-4, err_msg=f"{name}:{key}")
 
 
 def test_corrupt_artifact_is_rebuilt_not_trusted(tmp_path):
@@ -83,7 +85,7 @@ def test_unreachable_source_says_where_to_put_the_file(tmp_path):
 
 def test_scorer_probabilities():
     scorer = create_scorer("fer-minixception")
-    crops = np.random.default_rng(0).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    crops = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (5, 3, 112, 112)).astype(np.float32))
     probs, va = scorer.predict(crops)
     assert probs.shape == (5, 7) and va is None and not scorer.has_va
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)

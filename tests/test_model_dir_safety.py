@@ -83,7 +83,7 @@ def test_a_fresh_export_is_accepted_and_loads(tmp_path: Path, cache: Path):
     save_atomic({"arch": {"backbone": "tiny"}, "model": build_student("tiny").state_dict()}, tmp_path / "best.pt")
     export_student(tmp_path / "best.pt", tmp_path / "export")
     scorer = create_scorer(str(tmp_path / "export"), "onnxrt", cache_dir=cache)
-    probs, va = scorer.predict(np.zeros((2, 112, 112, 3), np.uint8))
+    probs, va = scorer.predict(torch.zeros((2, 3, 112, 112)))
     assert probs.shape == (2, 7) and va is not None and va.shape == (2, 2)
     assert scorer.artifacts.torch.is_relative_to(cache / "models" / "student")
 

@@ -61,9 +61,9 @@ def reference() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def torch_runtime(model: RetinaFaceMobileNetV2) -> Runtime:
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            return {k: v.numpy() for k, v in zip(HEADS, model(torch.from_numpy(x)))}
+            return dict(zip(HEADS, model(x)))
 
     return run
 
@@ -91,7 +91,7 @@ def onnx_session(
 
 @pytest.fixture(scope="session")
 def onnx_runtime(onnx_session: ort.InferenceSession) -> Runtime:
-    return lambda x: dict(zip(HEADS, onnx_session.run(None, {"images": x})))
+    return lambda x: {k: torch.from_numpy(v) for k, v in zip(HEADS, onnx_session.run(None, {"images": x.numpy()}))}
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +101,8 @@ def carphone() -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def _nchw(image: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
+def _nchw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,7 +125,7 @@ def test_converted_module_matches_tensorflow_heads(
         "scores": reference[f"{name}__softmax"][:, 1],
     }
     for head in HEADS:
-        np.testing.assert_allclose(outputs[head][0], expected[head], rtol=0, atol=PARITY_ATOL)
+        np.testing.assert_allclose(outputs[head][0].numpy(), expected[head], rtol=0, atol=PARITY_ATOL)
 
 
 def test_convert_rejects_a_graph_without_the_expected_nodes(tmp_path: Path) -> None:
@@ -146,10 +146,10 @@ def test_onnx_export_matches_torch(
     onnx_runtime: Runtime,
 ) -> None:
     astronaut = cv2.resize(reference["astronaut__image"], (width, height))
-    batch = np.concatenate([_nchw(astronaut), _nchw(astronaut[:, ::-1])])
+    batch = torch.cat([_nchw(astronaut), _nchw(astronaut[:, ::-1])])
     expected, actual = torch_runtime(batch), onnx_runtime(batch)
     for head in HEADS:
-        np.testing.assert_allclose(actual[head], expected[head], rtol=0, atol=PARITY_ATOL)
+        np.testing.assert_allclose(actual[head].numpy(), expected[head].numpy(), rtol=0, atol=PARITY_ATOL)
 
 
 # ------------------------------------------------------------------------------ post-processing
@@ -167,7 +167,7 @@ def test_detector_matches_graph_postprocessing(
         threshold=GRAPH_SCORE_THRESHOLD,
         nms_iou=GRAPH_NMS_IOU,
     )
-    (found,) = detector.detect(image[None])
+    (found,) = detector.detect(torch.from_numpy(image[None]))
     graph = reference[f"{name}__identity"]  # normalised x1 y1 x2 y2, 5 (x, y), flag, score
     assert len(found.scores) == len(graph)
     size = np.array([width, height], np.float32)
@@ -229,27 +229,32 @@ def test_nms_keeps_the_best_of_each_overlapping_group() -> None:
 
 
 def test_letterbox_shrinks_the_long_side_and_pads_to_32() -> None:
-    frames = np.random.default_rng(0).integers(0, 256, (2, 180, 320, 3), dtype=np.uint8)
-    batch, scale = letterbox(frames, 160)
+    frames = cv2.GaussianBlur(skimage.data.astronaut(), (0, 0), 1)[None, :360, :, :].repeat(2, 0)[:, :, :480]
+    batch, scale = letterbox(torch.from_numpy(frames), 240)
     assert scale == 0.5
-    assert batch.shape == (2, 3, 96, 160) and batch.dtype == np.float32
-    resized = cv2.resize(frames[1], (160, 90), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_array_equal(batch[1, :, :90], resized.transpose(2, 0, 1))
-    assert not batch[:, :, 90:].any()
+    assert batch.shape == (2, 3, 192, 256) and batch.dtype == torch.float32
+    # Antialiased bilinear (torch's uint8 fast path rounds; the float reference does not).
+    reference = torch.nn.functional.interpolate(torch.from_numpy(frames[1:]).permute(0, 3, 1, 2).float(),
+                                                size=(180, 240), mode="bilinear", antialias=True)
+    assert (batch[1:, :, :180, :240] - reference).abs().max() <= 1.0
+    # ... which is smooth enough to resemble OpenCV's area average.
+    area = cv2.resize(frames[1], (240, 180), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+    assert np.abs(batch[1, :, :180, :240].numpy() - area).mean() < 2.0
+    assert not batch[:, :, 180:].any() and not batch[:, :, :, 240:].any()
     # Frames at or below det_size keep their native size (copied, not resampled).
-    for det_size in (320, 640):
-        same, scale = letterbox(frames, det_size)
-        assert scale == 1.0 and same.shape == (2, 3, 192, 320)
-        np.testing.assert_array_equal(same[0, :, :180], frames[0].transpose(2, 0, 1))
+    for det_size in (480, 640):
+        same, scale = letterbox(torch.from_numpy(frames), det_size)
+        assert scale == 1.0 and same.shape == (2, 3, 384, 480)
+        np.testing.assert_array_equal(same[0, :, :360].numpy(), frames[0].transpose(2, 0, 1))
     with pytest.raises(ValueError, match="uint8"):
-        letterbox(frames.astype(np.float32), 320)
+        letterbox(torch.from_numpy(frames.astype(np.float32)), 320)
 
 
 # -------------------------------------------------------------------------------------- quality
 
 
 def test_finds_the_astronaut_face_with_ordered_landmarks(torch_runtime: Runtime) -> None:
-    (found,) = RetinaFaceDetector(torch_runtime).detect(skimage.data.astronaut()[None])
+    (found,) = RetinaFaceDetector(torch_runtime).detect(torch.from_numpy(skimage.data.astronaut()[None]))
     assert len(found.scores) == 1 and found.scores[0] > 0.99
     x1, y1, x2, y2 = found.boxes[0]
     # Her face spans roughly x 180..270, y 60..180 in the 512 x 512 image.
@@ -262,7 +267,7 @@ def test_finds_the_astronaut_face_with_ordered_landmarks(torch_runtime: Runtime)
 def test_finds_no_face_in_blank_or_noise(onnx_runtime: Runtime) -> None:
     blank = np.zeros((240, 320, 3), np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    results = RetinaFaceDetector(onnx_runtime).detect(np.stack([blank, noise]))
+    results = RetinaFaceDetector(onnx_runtime).detect(torch.from_numpy(np.stack([blank, noise])))
     for found in results:
         assert found.boxes.shape == (0, 4) and found.boxes.dtype == np.float32
         assert found.landmarks.shape == (0, 5, 2) and found.landmarks.dtype == np.float32
@@ -275,7 +280,7 @@ def test_carphone_face_is_found_and_stable(carphone: np.ndarray, onnx_runtime: R
     results = [
         found
         for start in range(0, len(carphone), batch)
-        for found in detector.detect(carphone[start : start + batch])
+        for found in detector.detect(torch.from_numpy(carphone[start : start + batch]))
     ]
     assert len(results) == len(carphone)
     recall = np.mean([len(r.scores) > 0 for r in results])
@@ -293,7 +298,7 @@ def test_batched_equals_unbatched_and_min_face_filters(
     carphone: np.ndarray, onnx_runtime: Runtime
 ) -> None:
     detector = RetinaFaceDetector(onnx_runtime, det_size=320)
-    frames = carphone[[0, 60, 119]]
+    frames = torch.from_numpy(carphone[[0, 60, 119]])
     batched = detector.detect(frames)
     for frame, together in zip(frames, batched):
         (alone,) = detector.detect(frame[None])

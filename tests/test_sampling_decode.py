@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from engines.decoders import DecodeError, Sampling
@@ -22,7 +23,7 @@ def test_every_frame_decoded_with_increasing_timestamps(carphone):
     assert index.tolist() == list(range(120))
     assert np.all(np.diff(pts) > 0)
     np.testing.assert_allclose(pts, index / CARPHONE_FPS, atol=1e-6)
-    assert frames[0].dtype == np.uint8 and frames[0].shape[1:] == (144, 176, 3)
+    assert frames[0].dtype == torch.uint8 and frames[0].shape[1:] == (144, 176, 3)
     assert [len(f) for f in frames] == [16] * 7 + [8]
 
 

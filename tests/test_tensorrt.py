@@ -83,13 +83,13 @@ def _assert_fp16_close(name: str, reference: np.ndarray, fp16: np.ndarray) -> No
 @pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
 def test_tensorrt_matches_onnxruntime_within_fp16_tolerance(entry: ModelEntry) -> None:
     artifacts = _artifacts(entry)
-    batch = _model_input(entry)
+    batch = torch.from_numpy(_model_input(entry))
     reference = load_runtime(artifacts, "onnxrt", "cpu")(batch)
     engine = load_runtime(artifacts, "tensorrt", "cuda:0")
     outputs = engine(batch)
     assert tuple(outputs) == entry.outputs
     for name in entry.outputs:
-        _assert_fp16_close(name, reference[name], outputs[name])
+        _assert_fp16_close(name, reference[name].numpy(), outputs[name].cpu().numpy())
     # A second runtime reuses the cached engine file instead of building again.
     built = {path: path.stat().st_mtime_ns for path in artifacts.onnx.parent.glob("model.*.engine")}
     assert built
@@ -103,7 +103,7 @@ def test_tensorrt_keeps_outputs_on_the_gpu() -> None:
     artifacts = _artifacts(get_entry("retinaface-mnv2"))
     engine = load_runtime(artifacts, "tensorrt", "cuda:0")
     batch = torch.from_numpy(_model_input(artifacts.entry)).cuda()
-    outputs = engine.forward_tensor(batch)
+    outputs = engine(batch)
     assert all(value.is_cuda and value.dtype == torch.float32 for value in outputs.values())
     assert outputs["scores"].shape[0] == DETECTOR_INPUT[0]
 
@@ -125,10 +125,10 @@ def test_fp16_onnx_for_the_engine_agrees_with_fp32(entry: ModelEntry, tmp_path: 
     assert dynamic == (["batch", "", "height", "width"] if entry.kind == "detector" else ["batch", "", "", ""])
     assert tuple(o.name for o in graph.output) == entry.outputs
     batch = _model_input(entry)
-    reference = load_runtime(artifacts, "onnxrt", "cpu")(batch)
+    reference = load_runtime(artifacts, "onnxrt", "cpu")(torch.from_numpy(batch))
     session = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"])
     for name, value in zip(entry.outputs, session.run(list(entry.outputs), {"input": batch.astype(np.float16)})):
-        _assert_fp16_close(name, reference[name], value)
+        _assert_fp16_close(name, reference[name].numpy(), value)
 
 
 def test_engine_cache_key_follows_onnx_gpu_and_tensorrt_version(

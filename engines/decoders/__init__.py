@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
@@ -52,13 +53,17 @@ class FrameBatch:
     pixels of the video as displayed.
     """
 
-    frames: np.ndarray  # uint8 (B, H, W, 3) RGB (or a CUDA tensor from the DALI decoder)
+    frames: torch.Tensor  # uint8 (B, H, W, 3) RGB on ``device``: host memory from PyAV, GPU from DALI
     frame_index: np.ndarray  # int64 (B,)
     pts_s: np.ndarray  # float64 (B,)
     scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.frame_index)
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.device
 
 
 @dataclass
@@ -114,28 +119,39 @@ class Sampling:
         if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
             raise ValueError(f"sample fps must be a positive number, got {self.fps}")
 
-    def selector(self) -> "FrameSelector":
-        return FrameSelector(self)
+    def selector(self, start_s: float | None = None, previous_s: float | None = None) -> "FrameSelector":
+        """Per-video state; ``start_s``/``previous_s`` continue a video from inside (a segment)."""
+        return FrameSelector(self, start_s, previous_s)
 
 
 class FrameSelector:
-    """Per-video state of a :class:`Sampling`: decides frame by frame, before conversion."""
+    """Per-video state of a :class:`Sampling`: decides frame by frame, before conversion.
 
-    _EPS = 1e-6  # seconds; absorbs rounding in rational timestamps such as 1001/30000
+    With ``fps`` a frame is kept when a tick ``t0 + k / fps`` falls after the previous frame and
+    at or before it: the first frame at or after each tick. The rule looks only at the frame and
+    the one before it, so a segment that knows ``t0`` and its previous frame's time keeps exactly
+    the frames the whole video would.
+    """
 
-    def __init__(self, sampling: Sampling) -> None:
+    #: A frame this close before a tick (in ticks) counts as at it: absorbs rounding in rational
+    #: timestamps (1001/30000) and a requested rate a hair below the source's (29.97 for 30000/1001).
+    _EPS = 0.01
+
+    def __init__(self, sampling: Sampling, start_s: float | None = None, previous_s: float | None = None) -> None:
         self.sampling = sampling
-        self._t0: float | None = None
-        self._next_tick = -math.inf
+        self._t0 = start_s
+        continuing = previous_s is not None and start_s is not None and sampling.fps is not None
+        self._last_tick = self._tick(previous_s) if continuing else None
+
+    def _tick(self, pts_s: float) -> int:
+        return math.floor((pts_s - self._t0) * self.sampling.fps + self._EPS)
 
     def keep(self, frame_index: int, pts_s: float) -> bool:
-        fps = self.sampling.fps
-        if fps is None:
+        if self.sampling.fps is None:
             return frame_index % self.sampling.every_n == 0
         if self._t0 is None:
             self._t0 = pts_s
-        if pts_s + self._EPS < self._next_tick:
-            return False
-        elapsed_ticks = math.floor((pts_s - self._t0) * fps + self._EPS)
-        self._next_tick = self._t0 + (elapsed_ticks + 1) / fps
-        return True
+        tick = self._tick(pts_s)
+        kept = self._last_tick is None or tick > self._last_tick
+        self._last_tick = tick
+        return kept

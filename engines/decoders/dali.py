@@ -180,10 +180,7 @@ def _upright(batch: FrameBatch, turns: int) -> FrameBatch:
     """Turn frames as the display matrix says (DALI's reader returns them as stored)."""
     if not turns:
         return batch
-    frames = batch.frames
-    turned = torch.rot90(frames, turns, dims=(1, 2)) if isinstance(frames, torch.Tensor) else np.rot90(frames, turns, axes=(1, 2))
-    return FrameBatch(turned.contiguous() if isinstance(turned, torch.Tensor) else np.ascontiguousarray(turned),
-                      batch.frame_index, batch.pts_s, batch.scale)
+    return FrameBatch(torch.rot90(batch.frames, turns, dims=(1, 2)).contiguous(), batch.frame_index, batch.pts_s, batch.scale)
 
 
 def _sequences(pipe: Any, path: Path, sampling: Sampling) -> Iterator[FrameBatch]:
@@ -214,8 +211,8 @@ def _host_array(tensor_list: Any) -> np.ndarray:
     return np.array(tensor_list.as_cpu().as_tensor()).reshape(-1)
 
 
-def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor | np.ndarray:
-    """The kept frames of the one sequence: a CUDA tensor for the GPU reader, numpy for the CPU.
+def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor:
+    """The kept frames of the one sequence: a CUDA tensor for the GPU reader, a host one for the CPU.
 
     DLPack hands DALI's buffer to torch without a copy and orders torch's current stream after
     DALI's; only the gather of a partial selection copies, and only the kept frames.
@@ -223,7 +220,7 @@ def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor | np.ndar
     frames = torch.from_dlpack(tensor_list.as_tensor())[0]
     if not keep.all():
         frames = frames[torch.from_numpy(np.flatnonzero(keep)).to(frames.device)]
-    return frames if frames.is_cuda else frames.numpy()
+    return frames
 
 
 def _rebatch(chunks: Iterable[FrameBatch], batch_size: int) -> Iterator[FrameBatch]:
@@ -251,9 +248,8 @@ def _rebatch(chunks: Iterable[FrameBatch], batch_size: int) -> Iterator[FrameBat
 def _concat(batches: list[FrameBatch]) -> FrameBatch:
     if len(batches) == 1:
         return batches[0]
-    frames = [b.frames for b in batches]
     return FrameBatch(
-        frames=torch.cat(frames) if isinstance(frames[0], torch.Tensor) else np.concatenate(frames),
+        frames=torch.cat([b.frames for b in batches]),
         frame_index=np.concatenate([b.frame_index for b in batches]),
         pts_s=np.concatenate([b.pts_s for b in batches]),
     )

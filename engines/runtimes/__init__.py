@@ -1,14 +1,17 @@
 """One small interface over every backend: ``load(artifacts, device) -> Runtime``.
 
-A runtime is called on one float32 NCHW batch and returns the model's outputs by name, as
-numpy arrays. The backend is chosen by name here and nowhere else.
+A runtime is called on one float32 NCHW torch tensor and returns the model's outputs by name,
+as torch tensors on its :attr:`Runtime.device`. Tensors are the one currency of every stage: on
+a CPU a torch tensor and a numpy array share memory, so ONNX Runtime converts at its own edge
+for free, and on a GPU the frames never leave the device. The backend is chosen by name here
+and nowhere else.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Protocol
 
-import numpy as np
+import torch
 
 from engines.cache import Artifacts
 
@@ -17,11 +20,16 @@ BACKENDS: tuple[str, ...] = ("torch", "onnxrt", "tensorrt")
 
 
 class Runtime(Protocol):
-    """A loaded model: ``runtime(batch) -> {output name: array}``."""
+    """A loaded model: ``runtime(batch) -> {output name: tensor}``.
+
+    ``batch`` is float32 (B, C, H, W) on any device (moved to :attr:`device` if it is elsewhere);
+    the outputs are float32 tensors on :attr:`device`.
+    """
 
     output_names: tuple[str, ...]
+    device: torch.device
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 def default_backend(device: str) -> Backend:

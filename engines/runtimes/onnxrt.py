@@ -5,17 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 class OrtRuntime:
-    """An ONNX Runtime session that pickles by path, so Ray can ship it and rebuild it."""
+    """An ONNX Runtime session that pickles by path, so Ray can ship it and rebuild it.
+
+    Its inputs and outputs live in host memory (``device`` is the CPU whatever the execution
+    provider): a CPU tensor is handed to ONNX Runtime as a numpy view, without a copy.
+    """
 
     def __init__(self, onnx_path: Path, output_names: tuple[str, ...], device: str = "cpu", threads: int = 0) -> None:
         import onnxruntime as ort
 
         self.onnx_path = Path(onnx_path)
         self.output_names = tuple(output_names)
-        self.device = device
+        self.provider_device = device
+        self.device = torch.device("cpu")
         self.threads = threads
         options = ort.SessionOptions()
         if threads:
@@ -29,9 +35,10 @@ class OrtRuntime:
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        return dict(zip(self.output_names, self.session.run(list(self.output_names), feed)))
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        feed = {self.input_name: np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())}
+        outputs = self.session.run(list(self.output_names), feed)
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
 
     def __reduce__(self):
-        return (OrtRuntime, (self.onnx_path, self.output_names, self.device, self.threads))
+        return (OrtRuntime, (self.onnx_path, self.output_names, self.provider_device, self.threads))

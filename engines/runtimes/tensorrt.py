@@ -21,7 +21,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engines.cache import Artifacts
@@ -127,8 +126,8 @@ class TensorRTRuntime:
         tmp.write_bytes(bytes(serialized))
         os.replace(tmp, engine_path)
 
-    def forward_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run on a CUDA tensor; outputs stay on the GPU (float32)."""
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run on a tensor (moved to the GPU if it is elsewhere); outputs stay on the GPU (float32)."""
         x = batch.to(self.device, torch.float16).contiguous()
         self.context.set_input_shape("input", tuple(x.shape))
         self.context.set_tensor_address("input", x.data_ptr())
@@ -145,7 +144,3 @@ class TensorRTRuntime:
                 raise RuntimeError(f"TensorRT execution failed for {self.entry.name}")
         self.stream.synchronize()
         return {name: value.float() for name, value in outputs.items()}
-
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.forward_tensor(torch.from_numpy(np.ascontiguousarray(batch)))
-        return {name: value.cpu().numpy() for name, value in outputs.items()}

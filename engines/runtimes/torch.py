@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from engines.cache import Artifacts
@@ -24,11 +23,6 @@ class TorchRuntime:
         self.module = module.to(self.device).eval()
 
     @torch.inference_mode()
-    def forward_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run on a tensor already on the device (the GPU path keeps frames there)."""
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.module(batch.to(self.device, torch.float32))
-        return dict(zip(self.output_names, outputs))
-
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.forward_tensor(torch.from_numpy(np.ascontiguousarray(batch)))
-        return {name: value.float().cpu().numpy() for name, value in outputs.items()}
+        return {name: value.float() for name, value in zip(self.output_names, outputs)}

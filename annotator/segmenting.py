@@ -1,0 +1,196 @@
+"""Long videos over several workers: cut them into segments, and stitch the segments back.
+
+When a run has fewer videos than it has workers to keep busy, a long video would otherwise run
+on one worker while the others idle (a 2-hour film on a 16-core machine). Such videos are cut at
+keyframes into segments (``engines.decoders.segments``) that run in parallel. Each finished
+segment is a hidden part; the plan is kept beside them, so a re-run redoes only the segments
+that are missing. When the last segment of a video is in, its parts are stitched into the
+video's one part: rows in frame order, each frame once, and track ids made continuous by
+associating the faces of one segment's last sampled frame with the next one's first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from annotator.schema import SCHEMA, error_row
+from annotator.tracking import associate
+from annotator.worker import WorkItem
+from annotator.writer import OutputLayout, PartWriter, read_metadata
+from engines.decoders import DecodeReport
+from engines.decoders.segments import Segment, frame_count, plan_segments
+
+log = logging.getLogger(__name__)
+
+#: A segment shorter than this (10 s at 30 fps) costs more in start-up (seek, a keyframe's full
+#: detection, a fresh tracker) than it gains in parallelism.
+MIN_SEGMENT_FRAMES = 300
+#: Work items per worker when videos are split: enough that uneven segments still balance.
+ITEMS_PER_WORKER = 4
+
+
+def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: int) -> list[WorkItem]:
+    """The items of a run: whole videos, or the missing segments of videos worth splitting.
+
+    A video split by an earlier run keeps its plan. Otherwise videos are split only when there
+    are fewer than two per worker, each into pieces in proportion to its length.
+    """
+    plans = {key: plan for _, key in videos if (plan := load_plan(layout, key)) is not None}
+    pieces: dict[str, int] = {}
+    fresh = [(path, key) for path, key in videos if key not in plans]
+    if workers > 1 and 0 < len(videos) < 2 * workers and fresh:
+        frames = {key: _frames(path) for path, key in fresh}
+        total = sum(frames.values()) or 1
+        for _, key in fresh:
+            # A multiple of the workers, so the last round of segments keeps all of them busy.
+            rounds = min(round(frames[key] / total * ITEMS_PER_WORKER), frames[key] // (MIN_SEGMENT_FRAMES * workers))
+            pieces[key] = workers * rounds if rounds >= 1 else max(1, frames[key] // MIN_SEGMENT_FRAMES)
+    items: list[WorkItem] = []
+    for path, key in videos:
+        plan = plans.get(key)
+        if plan is None and pieces.get(key, 1) > 1:
+            plan = _plan(path, pieces[key])
+            if len(plan) > 1:
+                save_plan(layout, key, plan)
+        if plan is None or len(plan) == 1:
+            items.append(WorkItem(path, key))
+            continue
+        items += [WorkItem(path, key, s) for s in plan if not layout.segment_done(key, s.index)]
+    return items
+
+
+def _frames(path: Path) -> int:
+    try:
+        return frame_count(path)
+    except Exception:  # unreadable here: the worker reports it as the video's error row
+        return 0
+
+
+def _plan(path: Path, pieces: int) -> list[Segment]:
+    try:
+        return plan_segments(path, pieces)
+    except Exception as exc:  # noqa: BLE001 - a file that cannot be scanned is annotated whole
+        log.info("%s: not split (%s)", path, exc)
+        return [Segment(0, 1, None, None, 0, None)]
+
+
+def load_plan(layout: OutputLayout, key: str) -> list[Segment] | None:
+    path = layout.plan_path(key)
+    if not path.is_file():
+        return None
+    try:
+        return [Segment.from_json(s) for s in json.loads(path.read_text())["segments"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable segment plan, the video is planned again", path)
+        for index in range(10_000):
+            if not layout.segment_path(key, index).exists():
+                break
+            layout.segment_path(key, index).unlink()
+        path.unlink(missing_ok=True)
+        return None
+
+
+def save_plan(layout: OutputLayout, key: str, plan: list[Segment]) -> None:
+    path = layout.plan_path(key)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"segments": [s.to_json() for s in plan]}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def complete(layout: OutputLayout, key: str) -> bool:
+    """Whether every segment of a planned video is in."""
+    plan = load_plan(layout, key)
+    return plan is not None and all(layout.segment_path(key, s.index).is_file() for s in plan)
+
+
+def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, object]:
+    """Merge a video's segment parts into its part (then drop them); returns the video's facts."""
+    plan = load_plan(layout, key)
+    assert plan is not None, key
+    writer = PartWriter(layout.part_path(key), schema)
+    reports, path, video_id = [], "", None
+    previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    next_id = 0
+    try:
+        for segment in plan:
+            part = layout.segment_path(key, segment.index)
+            facts = read_metadata(part)["video"]
+            path = facts["video_path"]
+            reports.append(_report(facts))
+            table = pq.read_table(part).cast(SCHEMA)
+            rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
+            if rows.num_rows == 0:
+                continue
+            video_id = rows.column("video_id")[0].as_py()
+            ids, next_id = _continuous_ids(rows, previous_boxes, previous_ids, next_id)
+            rows = rows.set_column(rows.schema.get_field_index("track_id"), "track_id", ids)
+            writer.write(rows)
+            previous_boxes, previous_ids = _faces_of(rows, pc.max(rows.column("frame_index")).as_py())
+        report = _combine(reports)
+        if report.damaged:
+            writer.write(error_row(path, f"{path}: {report.describe()}", video_id=video_id))
+        facts = {"video_path": path, **dataclasses.asdict(report),
+                 "damage": report.describe() if report.damaged else None, "segments": len(plan)}
+        writer.commit(json.dumps(facts))
+    except BaseException:
+        writer.abort()
+        raise
+    for segment in plan:
+        layout.segment_path(key, segment.index).unlink(missing_ok=True)
+    layout.plan_path(key).unlink(missing_ok=True)
+    return facts
+
+
+def _faces_of(rows: pa.Table, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes, track ids) of the faces of one frame."""
+    mask = pc.and_(pc.equal(rows.column("frame_index"), frame), pc.is_valid(rows.column("face_index")))
+    faces = rows.filter(mask)
+    boxes = np.stack([faces.column(c).to_numpy(zero_copy_only=False) for c in ("x1", "y1", "x2", "y2")], axis=1)
+    return boxes.astype(np.float32).reshape(-1, 4), faces.column("track_id").to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _continuous_ids(rows: pa.Table, previous_boxes: np.ndarray, previous_ids: np.ndarray,
+                    next_id: int) -> tuple[pa.Array, int]:
+    """The segment's track ids (which start at 0) as the video's: a face on the segment's first
+    frame that continues one on the previous segment's last frame keeps its id, others get new ones."""
+    local = rows.column("track_id").combine_chunks()
+    if local.null_count == len(local):
+        return local, next_id
+    mapping = np.full(int(pc.max(local).as_py()) + 1, -1, np.int64)
+    boxes, first_ids = _faces_of(rows, pc.min(rows.column("frame_index")).as_py())
+    continues = associate(previous_boxes, boxes)
+    mapping[first_ids[continues >= 0]] = previous_ids[continues[continues >= 0]]
+    for local_id in np.unique(local.drop_null().to_numpy()):
+        if mapping[local_id] < 0:
+            mapping[local_id], next_id = next_id, next_id + 1
+    valid = local.is_valid().to_numpy(zero_copy_only=False)
+    values = mapping[np.where(valid, local.fill_null(0).to_numpy(), 0)]
+    return pa.array(values, pa.int64(), mask=~valid), next_id
+
+
+def _report(facts: dict) -> DecodeReport:
+    fields = DecodeReport.__dataclass_fields__
+    return DecodeReport(**{k: v for k, v in facts.items() if k in fields})
+
+
+def _combine(reports: list[DecodeReport]) -> DecodeReport:
+    """One video's report from its segments' (in order)."""
+    first_bad = [r.first_bad_s for r in reports if r.first_bad_s is not None]
+    return DecodeReport(
+        rotation_cw_deg=reports[0].rotation_cw_deg, width=reports[0].width, height=reports[0].height,
+        frames_decoded=sum(r.frames_decoded for r in reports), frames_lost=sum(r.frames_lost for r in reports),
+        bad_packets=sum(r.bad_packets for r in reports), first_bad_s=min(first_bad) if first_bad else None,
+        stopped_early=next((r.stopped_early for r in reports if r.stopped_early), None),
+    )

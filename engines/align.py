@@ -1,0 +1,138 @@
+"""Face crops: a 5-point similarity transform onto the 112x112 ArcFace template, and the one warp
+that cuts every crop the project needs (aligned faces for the scorer, square regions around a
+tracked face for the detector), on the frames' own device.
+
+Landmark order (image left to right as seen): left eye, right eye, nose tip, left mouth
+corner, right mouth corner — the order RetinaFace emits. A pure array function with no
+knowledge of videos or runs, so training and annotation share it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CROP_SIZE = 112
+#: The ArcFace 112x112 five-point template (insightface), in pixels of the crop.
+TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+def similarity_matrices(landmarks: np.ndarray, template: np.ndarray = TEMPLATE_112) -> np.ndarray:
+    """Least-squares similarity transforms (Umeyama, no reflection) mapping landmarks → template.
+
+    Args:
+        landmarks: float (N, 5, 2) source points in frame pixels.
+        template: float (5, 2) destination points.
+
+    Returns:
+        float32 (N, 2, 3) affine matrices, frame pixels → crop pixels (``cv2.warpAffine``'s).
+    """
+    src = landmarks.astype(np.float64)
+    dst = template.astype(np.float64)
+    src_mean = src.mean(axis=1, keepdims=True)
+    dst_mean = dst.mean(axis=0)
+    src_c = src - src_mean
+    dst_c = dst - dst_mean
+    # Closed form for 2-D similarity: with complex numbers z = x + iy the optimal map is
+    # w = a * z + b, a = sum(conj(z_c) * w_c) / sum(|z_c|^2); no SVD needed, vectorised over N.
+    z = src_c[..., 0] + 1j * src_c[..., 1]
+    w = dst_c[:, 0] + 1j * dst_c[:, 1]
+    a = (np.conj(z) * w).sum(axis=1) / np.maximum((np.abs(z) ** 2).sum(axis=1), 1e-12)
+    cos, sin = a.real, a.imag
+    matrices = np.empty((len(src), 2, 3), dtype=np.float64)
+    matrices[:, 0, 0], matrices[:, 0, 1] = cos, -sin
+    matrices[:, 1, 0], matrices[:, 1, 1] = sin, cos
+    rotated_mean = np.einsum("nij,nj->ni", matrices[:, :, :2], src_mean[:, 0])
+    matrices[:, :, 2] = dst_mean - rotated_mean
+    return matrices.astype(np.float32)
+
+
+def square_matrices(centres: np.ndarray, sides: np.ndarray, size: int) -> np.ndarray:
+    """Matrices (frame → crop) that cut axis-aligned squares (centre, side) into size x size crops.
+
+    Pixel centres map to pixel centres, so a square covering pixels [x0, x0 + side) fills the
+    crop exactly.
+    """
+    scale = size / np.asarray(sides, np.float64)
+    matrices = np.zeros((len(scale), 2, 3), np.float64)
+    matrices[:, 0, 0] = matrices[:, 1, 1] = scale
+    corner = np.asarray(centres, np.float64) - np.asarray(sides, np.float64)[:, None] / 2
+    matrices[:, :, 2] = (0.5 - corner) * scale[:, None] - 0.5
+    return matrices.astype(np.float32)
+
+
+def invert(matrices: np.ndarray) -> np.ndarray:
+    """Inverse of each 2x3 affine matrix (crop pixels → frame pixels)."""
+    m = matrices.astype(np.float64)
+    linear = np.linalg.inv(m[:, :, :2])
+    offset = -np.einsum("nij,nj->ni", linear, m[:, :, 2])
+    return np.concatenate([linear, offset[:, :, None]], axis=2).astype(np.float32)
+
+
+def apply(matrices: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map (N, K, 2) points through (N, 2, 3) matrices."""
+    return np.einsum("nij,nkj->nki", matrices[:, :, :2], points) + matrices[:, None, :, 2]
+
+
+def warp(frames: torch.Tensor, frame_of_crop: np.ndarray, matrices: np.ndarray, size: int) -> torch.Tensor:
+    """Crops of ``frames`` through affine ``matrices`` (frame → crop), as the networks eat them.
+
+    Bilinear sampling at the inverse-mapped crop pixel centres, zero outside the frame (the rule
+    of ``cv2.warpAffine(INTER_LINEAR, BORDER_CONSTANT)``). Each crop reads only the frame region
+    under it, so whole frames are never converted to float; the per-crop work is a slice and one
+    ``grid_sample`` call, the same code on a CPU and on a GPU.
+
+    Args:
+        frames: uint8 (B, H, W, 3) RGB on any device.
+        frame_of_crop: int (N,) index into ``frames`` of each crop.
+        matrices: float (N, 2, 3) frame pixels → crop pixels.
+        size: crop side in pixels.
+
+    Returns:
+        float32 (N, 3, size, size) RGB 0..255 on the frames' device.
+    """
+    n = len(frame_of_crop)
+    out = torch.zeros((n, 3, size, size), dtype=torch.float32, device=frames.device)
+    if n == 0:
+        return out
+    _, height, width, _ = frames.shape
+    inverse = invert(np.asarray(matrices, np.float32)).astype(np.float64)  # crop → frame
+    # The frame region each crop reads (its corners' bounding box, one pixel wider for the taps).
+    corners = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], np.float64)
+    mapped = apply(inverse, np.broadcast_to(corners, (n, 4, 2)))
+    low = np.floor(mapped.min(axis=1)).astype(int) - 1
+    high = np.ceil(mapped.max(axis=1)).astype(int) + 2
+    x0, y0 = np.clip(low[:, 0], 0, width), np.clip(low[:, 1], 0, height)
+    x1, y1 = np.clip(high[:, 0], 0, width), np.clip(high[:, 1], 0, height)
+    # A crop that shrinks its region more than 2x reads every step-th pixel of it: bilinear taps
+    # then still fall on neighbouring read pixels (as OpenCV's, which never prefilters either),
+    # and the float copy of the region is step^2 times smaller.
+    shrink = np.sqrt(np.abs(np.linalg.det(inverse[:, :, :2])))
+    step = np.maximum(1, np.floor(shrink / 2)).astype(int)
+    # affine_grid's theta: crop coordinates normalised to [-1, 1] → region coordinates likewise
+    # (pixel centres, align_corners=False): u = size/2 * un + (size-1)/2, and a frame coordinate x
+    # is read pixel (x - r0) / step of R of them: rn = (2 (x - r0) / step + 1) / R - 1.
+    samples = np.stack([-(-np.maximum(x1 - x0, 1) // step), -(-np.maximum(y1 - y0, 1) // step)], axis=1)
+    extent = (samples * step[:, None]).astype(np.float64)  # (n, 2) frame pixels the read spans
+    origin = np.stack([x0, y0], axis=1).astype(np.float64)
+    linear = inverse[:, :, :2] * (size / 2)
+    shift = inverse[:, :, :2].sum(axis=2) * (size - 1) / 2 + inverse[:, :, 2] - origin
+    theta = np.concatenate([linear, shift[:, :, None]], axis=2) * (2 / extent)[:, :, None]
+    theta[:, :, 2] += 1 / samples - 1
+    grids = F.affine_grid(torch.from_numpy(theta.astype(np.float32)).to(frames.device), [n, 3, size, size],
+                          align_corners=False)
+    owners, bounds = np.asarray(frame_of_crop).tolist(), np.stack([x0, x1, y0, y1, step], axis=1).tolist()
+    for i, (owner, (left, right, top, bottom, every)) in enumerate(zip(owners, bounds)):
+        if right > left and bottom > top:  # a crop entirely off the frame stays zero
+            region = frames[owner, top:bottom:every, left:right:every].permute(2, 0, 1)[None].float()
+            out[i] = F.grid_sample(region, grids[i:i + 1], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return out
+
+
+def align_faces(frames: torch.Tensor, frame_of_face: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+    """Aligned 112x112 crops of every face (float32 (N, 3, 112, 112) RGB 0..255, frames' device)."""
+    return warp(frames, frame_of_face, similarity_matrices(np.asarray(landmarks, np.float32).reshape(-1, 5, 2)), CROP_SIZE)

