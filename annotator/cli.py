@@ -8,6 +8,7 @@ import sys
 import click
 
 import annotator
+from annotator.commands.bench import bench
 from annotator.commands.example import example
 from annotator.commands.models import models
 from annotator.commands.run import run_command
@@ -37,6 +38,7 @@ cli.add_command(example)
 cli.add_command(train)
 cli.add_command(eval_cmd)
 cli.add_command(export)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from annotator.collect import PartCollector
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import Discovery, find_videos
 from annotator import segmenting
-from annotator.orchestrate import cluster_workers, stream_in_process, stream_with_ray
+from annotator.orchestrate import cluster_workers, on_cluster, stream_in_process, stream_with_ray
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
 from annotator.writer import (
@@ -197,7 +197,10 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
     # Long videos are split when there are fewer videos than workers to keep busy; only PyAV
     # decodes a segment, and the in-process path has one worker anyway.
-    split = pending and config.workers != 0 and config.resolved_decoder() == "pyav"
+    on_ray = bool(pending) and config.workers != 0
+    if on_ray:
+        config = on_cluster(config)
+    split = on_ray and config.resolved_decoder() == "pyav"
     items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
     bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True)

@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.schema import SCHEMA, error_row
-from annotator.tracking import associate
 from annotator.worker import WorkItem
 from annotator.writer import OutputLayout, PartWriter, read_metadata
 from engines.decoders import DecodeReport
@@ -165,6 +164,8 @@ def _continuous_ids(rows: pa.Table, previous_boxes: np.ndarray, previous_ids: np
                     next_id: int) -> tuple[pa.Array, int]:
     """The segment's track ids (which start at 0) as the video's: a face on the segment's first
     frame that continues one on the previous segment's last frame keeps its id, others get new ones."""
+    from annotator.tracking import associate  # torch: only once a video is stitched
+
     local = rows.column("track_id").combine_chunks()
     if local.null_count == len(local):
         return local, next_id

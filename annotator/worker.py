@@ -19,14 +19,17 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from annotator.config import RunConfig
-from annotator.pipeline import VideoPipeline
 from annotator.schema import constant_column, error_row
 from engines.decoders import DecodeError, DecodeReport
 from engines.decoders.segments import Segment
+
+if TYPE_CHECKING:
+    from annotator.pipeline import VideoPipeline
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ class RayVideoWorker:
     """Ray Data callable class: models load once in ``__init__``, one video per call."""
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
+        from annotator.pipeline import VideoPipeline  # torch and the models: in the worker only
+
         logging.basicConfig(level=logging.WARNING)
         self.pipeline = VideoPipeline(config, threads=threads)
 

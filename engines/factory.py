@@ -11,15 +11,18 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engines.cache import Artifacts, resolve
 from engines.registry import FileSource, ModelEntry, get_entry
 from engines.sources import plain_name
 from engines.runtimes import Runtime, default_backend, load_runtime
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_CARD = "model_card.json"
 
@@ -215,6 +218,8 @@ class Scorer:
         (N, 3, 112, 112) RGB 0..255 crops on any device (``engines.align.align_faces``' output)."""
         if len(crops) == 0:
             return np.zeros((0, 7), np.float32), (np.zeros((0, 2), np.float32) if self.has_va else None)
+        import torch
+
         outputs = self.runtime(crops)
         probs = torch.softmax(outputs["expr_logits"].float(), dim=1).cpu().numpy()
         return probs, (outputs["va"].float().cpu().numpy() if self.has_va else None)

@@ -273,7 +273,7 @@ def test_ray_job_submit_as_the_readme_says(cluster: Cluster, carphone: Path, tmp
 def test_a_job_driver_ships_no_second_copy_of_the_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Inside `ray job submit --working-dir .` our code is in the uploaded directory already, so
     the driver adds no py_modules (another ~11 MB); joining from anywhere else, it ships both."""
-    from annotator.orchestrate import _project_modules
+    from annotator.cluster import _project_modules
 
     # What Ray 2.60's job manager hands a job's driver (seen in a real job).
     job = ('{"runtime_env": {"excludes": [".git"], "working_dir": "gcs://_ray_pkg_caca76e1f2ac7f75.zip", '

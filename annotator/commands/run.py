@@ -77,7 +77,7 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
     OUT is annotate's own: a new or empty directory, where --overwrite removes only the parts
     annotate wrote.
     """
-    from annotator.orchestrate import ClusterError
+    from annotator.cluster import ClusterError
     from annotator.ownership import OutputBusy, OutputWriteError
     from annotator.run import run
 

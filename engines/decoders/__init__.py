@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the CLI loads this before torch, so Ray can start while torch loads
+    import torch
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
@@ -62,7 +65,7 @@ class FrameBatch:
         return len(self.frame_index)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> "torch.device":
         return self.frames.device
 
 

@@ -9,9 +9,10 @@ and nowhere else.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from engines.cache import Artifacts
 

@@ -1,0 +1,106 @@
+"""`annotate bench`: the real command on a real clip, its JSON, table and plot; and its helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ray_scaling import efficiency
+from benchmarks.suite import ISOLATED, PIPELINE_NAME, _table
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _annotate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "annotator", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory, carphone_720p):
+    """One quick run: the 30-frame 720p carphone clip, ONNX Runtime, batch 8."""
+    out = tmp_path_factory.mktemp("bench") / "tmp" / "bench.json"
+    proc = _annotate("bench", "--quick", "--video", str(carphone_720p), "--backend", "onnxrt",
+                     "--batch-size", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text()), out
+
+
+def test_quick_bench_reports_every_stage_and_the_pipeline(quick_bench, carphone_720p):
+    _, report, _ = quick_bench
+    assert [r["backend"] for r in report["results"]] == ["onnxrt"]
+    (row,) = report["results"]
+    assert row["batch_size"] == 8 and row["clip"] == carphone_720p.stem
+    for stage in (*ISOLATED, "detect_full"):
+        result = row["stages"][stage]
+        assert result["fps"] > 0 and result["seconds"] > 0, stage
+        assert result["peak_rss_mb"] > 100, stage  # a Python process with torch loaded
+    pipeline = row["pipeline"]
+    # The same 30 frames everywhere (the clip is shorter than --quick's 48).
+    frames = {row["stages"][s]["frames"] for s in ISOLATED} | {pipeline["frames"]}
+    assert frames == {30}
+    assert row["stages"]["detect_full"]["frames"] == 16
+    # One person talking: the tracker finds them in (nearly) every frame, and the isolated detect
+    # stage finds exactly the faces the pipeline does (same tracker, same frames).
+    assert pipeline["faces"] >= 27
+    assert row["stages"]["detect"]["faces"] == pipeline["faces"] == row["stages"]["score"]["faces"]
+    assert row["stages"]["detect"]["keyframes"] == pipeline["keyframes"] >= 2
+    assert pipeline["faces_per_s"] > 0 and pipeline["peak_rss_mb"] > 100
+    # Shares of the pipeline's wall time: one per stage, and they add up to (at most) 1.
+    shares = pipeline["stage_share"]
+    assert set(shares) == {*PIPELINE_NAME.values(), "other"}
+    assert 0.95 <= sum(shares.values()) <= 1.05
+    assert shares["detect"] > 0
+    # The pipeline runs its stages one after another: it cannot beat its slowest stage.
+    slowest = min(ISOLATED, key=lambda s: row["stages"][s]["fps"])
+    assert row["slowest_stage"] == slowest
+    assert row["ratio"] == pytest.approx(pipeline["fps"] / row["stages"][slowest]["fps"])
+    assert 0 < row["ratio"] <= 1.2
+
+
+def test_quick_bench_records_machine_versions_and_options(quick_bench):
+    _, report, _ = quick_bench
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["cpu_model"]
+    for package in ("python", "torch", "onnxruntime", "av", "pyarrow", "ray", "video-annotator"):
+        assert report["versions"].get(package), package
+    options = report["options"]
+    assert options["batch_sizes"] == [8] and options["backends_run"] == ["onnxrt"]
+    assert options["quick"] is True and options["threads"] == 1 and options["detect_every"] == 15
+    assert report["clips"][0]["width"] == 1280 and report["clips"][0]["frames_used"] == 30
+
+
+def test_quick_bench_prints_the_table_and_draws_the_plot(quick_bench, carphone_720p):
+    proc, report, out = quick_bench
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("clip") and "PIPELINE" in line)
+    for column in ("decode", "detect", "full-det", "align", "score", "write", "ratio"):
+        assert column in header, column
+    row = next(line for line in lines if line.startswith(carphone_720p.stem) and "onnxrt" in line)
+    assert f"{report['results'][0]['ratio']:.2f}" in row
+    # Columns line up: each value ends where its header does.
+    assert len(row.rstrip()) == len(header.rstrip())
+    plot = out.with_suffix(".png")
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE and plot.stat().st_size < 100_000
+    assert f"wrote {out}" in proc.stdout
+
+
+def test_bench_refuses_bad_options_in_one_line(tmp_path):
+    missing = _annotate("bench", "--video", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "b.json"), timeout=60)
+    assert missing.returncode == 2 and "nope.mp4" in missing.stderr
+    zero = _annotate("bench", "--batch-size", "4,0", timeout=60)
+    assert zero.returncode == 2 and "--batch-size" in zero.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_table_aligns_columns():
+    text = _table(["clip", "fps"], [["a", "1.5"], ["longer", "100"]], left=1)
+    assert text.splitlines() == ["clip    fps", "------  ---", "a       1.5", "longer  100"]
+
+
+def test_ray_efficiency_is_per_worker_speed_relative_to_the_fewest_workers():
+    results = [{"workers": 2, "frames_per_s": 30.0}, {"workers": 1, "frames_per_s": 20.0}]
+    efficiency(results)
+    assert results[0]["efficiency"] == 0.75 and results[1]["efficiency"] == 1.0
