@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from annotator.config import RunConfig
-from annotator.schema import frame_rows
+from annotator.stages import AlignFaces, BuildRows, FindFaces, ScoreFaces
 from annotator.tracking import FaceTracker
-from engines.align import align_faces
 from engines.decoders import DecodeReport, FrameBatch
 from engines.decoders.segments import Segment
 from engines.factory import Scorer, create_detector, create_scorer
@@ -65,6 +63,8 @@ class VideoPipeline:
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every)
         self.scorer: Scorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir)
         self.model_id = self.scorer.model_id
+        self.find, self.align, self.score = FindFaces(self.tracker), AlignFaces(), ScoreFaces(self.scorer)
+        self.rows = BuildRows(self.model_id)
         self.timings = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.faces = 0
@@ -107,27 +107,15 @@ class VideoPipeline:
 
     def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> pa.RecordBatch:
         with self._timed("detect"):
-            # Sequential by nature (each frame's crops follow the last frame's faces).
-            faces = self.tracker(batch.frames)
-        counts = np.array([len(f.scores) for f in faces], dtype=np.int64)
-        boxes = np.concatenate([f.boxes for f in faces]).reshape(-1, 4)
-        landmarks = np.concatenate([f.landmarks for f in faces]).reshape(-1, 5, 2)
-        scores = np.concatenate([f.scores for f in faces]).reshape(-1)
-        track_ids = np.concatenate([f.track_ids for f in faces]).astype(np.int64)
-        frame_of_face = np.repeat(np.arange(len(counts)), counts)
+            faces = self.find(batch, path, vid)
         with self._timed("align"):
-            crops = align_faces(batch.frames, frame_of_face, landmarks)
+            faces = self.align(faces)
         with self._timed("score"):
-            probs, va = self.scorer.predict(crops)
+            faces = self.score(faces)
         with self._timed("rows"):
-            rows = frame_rows(
-                video_path=path, video_id=vid, model_id=self.model_id,
-                frame_index=batch.frame_index, pts_s=batch.pts_s, faces_per_frame=counts,
-                boxes=boxes * batch.scale, scores=scores, landmarks=landmarks * batch.scale, track_ids=track_ids,
-                probs=probs, va=va,
-            )
+            rows = self.rows(faces)
         self.frames += len(batch)
-        self.faces += int(counts.sum())
+        self.faces += int(faces.counts.sum())
         return rows
 
 
