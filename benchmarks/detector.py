@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from benchmarks.media import upscale
-from benchmarks.pipeline import carphone_path
+from benchmarks.media import carphone_path, upscale
 from engines.decoders import Sampling
 from engines.decoders.pyav import decode
 from engines.factory import create_detector
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         clip = upscale(carphone_path(), Path(tmp) / "hd.mp4", 1280, 720, max_frames=args.frames)
-        frames = np.concatenate([b.frames for b in decode(clip, Sampling(), 64)])
+        frames = torch.cat([b.frames for b in decode(clip, Sampling(), 64)])
     results = []
     for backend in args.backends:
         for size in args.sizes:

@@ -1,25 +1,106 @@
-"""End-to-end throughput through Ray: `annotate run` on N copies of a clip with 1..K workers.
+"""End-to-end throughput through Ray: the real `annotate run` command on N copies of a clip, 1..K workers.
 
-Measures what a user sees (driver wall time, Ray start-up included, models already cached),
-so it shows both the per-worker speed and the fixed cost of starting a local Ray instance.
+Measures what a user sees (wall time of the command, Ray start-up and model loading included,
+models already cached), and the fixed cost alone (the same command on 2-frame cuts of the clips),
+so the steady rate is frames / (wall - fixed). Efficiency is the steady frames/s with N workers
+over N times that with the fewest workers measured (1.0: perfect scaling). ``annotate bench --ray-workers 1,2`` calls
+:func:`scaling` on each benchmark clip.
 
     python -m benchmarks.ray_scaling --copies 4 --workers 1 2 --out bench-ray.json
+    python -m benchmarks.ray_scaling --720p -- --backend onnxrt --det-size 320
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from annotator.config import RunConfig
-from annotator.run import run
-from benchmarks.media import upscale
-from benchmarks.pipeline import carphone_path
-from engines.decoders import Sampling
+from benchmarks.media import carphone_path, upscale
+
+#: "... 3 videos (0 already done, 0 failed), 360 frames, 360 faces, 41.2 frames/s" (annotate run's summary line)
+_SUMMARY = re.compile(r"(\d+) videos \(.*?\), (\d+) frames, (\d+) faces")
+
+
+def annotate_command() -> list[str]:
+    """The ``annotate`` command of this environment (``python -m annotator``: the same entry point)."""
+    return [sys.executable, "-m", "annotator"]
+
+
+def time_run(videos: Path, out: Path, workers: int, run_args: Sequence[str] = ()) -> dict[str, object]:
+    """Run ``annotate run VIDEOS --out OUT --workers N`` in a subprocess; its wall time and counts.
+
+    Raises:
+        RuntimeError: the command failed (its last lines of stderr in the message).
+    """
+    command = [*annotate_command(), "run", str(videos), "--out", str(out), "--workers", str(workers),
+               "--no-progress", *run_args]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    match = _SUMMARY.search(proc.stdout)
+    if proc.returncode != 0 or match is None:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
+        raise RuntimeError(f"annotate run with {workers} workers exited {proc.returncode}:\n{tail}")
+    videos_done, frames, faces = (int(g) for g in match.groups())
+    return {"workers": workers, "videos": videos_done, "frames": frames, "faces": faces, "wall_s": round(wall, 2),
+            "videos_per_s": round(videos_done / wall, 3), "frames_per_s": round(frames / wall, 2)}
+
+
+def efficiency(results: list[dict[str, object]], key: str = "frames_per_s") -> None:
+    """Add ``efficiency`` to each result: (``key`` / workers) over that of the fewest workers."""
+    base = min(results, key=lambda r: r["workers"])
+    per_worker = base[key] / base["workers"]
+    for r in results:
+        r["efficiency"] = round(r[key] / (r["workers"] * per_worker), 3) if per_worker else None
+
+
+def _copies(clip: Path, folder: Path, copies: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(copies):
+        shutil.copy(clip, folder / f"copy{i}{clip.suffix}")
+    return folder
+
+
+def scaling(clip: Path, copies: int, workers: Sequence[int], run_args: Sequence[str] = (),
+            echo=print, steady: bool = True) -> list[dict[str, object]]:
+    """``annotate run`` on ``copies`` copies of ``clip`` with each worker count; see :func:`time_run`.
+
+    ``steady``: also time the same command on ``copies`` copies of the clip's first 2 frames,
+    whose wall time is the fixed cost (Ray start-up, model loading in each worker, merging);
+    ``steady_frames_per_s`` is frames over the wall time less that, and the efficiency is
+    computed on it (on plain frames/s otherwise).
+    """
+    from engines.decoders.pyav import probe
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+        folder = _copies(clip, Path(tmp) / "videos", copies)
+        if steady:
+            width, height, _ = probe(clip)
+            stub = upscale(clip, Path(tmp) / f"stub{clip.suffix}", width, height, max_frames=2)
+            stubs = _copies(stub, Path(tmp) / "stubs", copies)
+        for n in workers:
+            result = time_run(folder, Path(tmp) / f"out{n}.parquet", n, run_args)
+            line = (f"  ray {clip.name} x{copies}, {n} worker{'s' * (n != 1)}: {result['frames']} frames in "
+                    f"{result['wall_s']:.1f} s = {result['frames_per_s']:.1f} frames/s, "
+                    f"{result['videos_per_s']:.2f} videos/s")
+            if steady:
+                fixed = time_run(stubs, Path(tmp) / f"stub{n}.parquet", n, run_args)["wall_s"]
+                result["startup_s"] = fixed
+                result["steady_frames_per_s"] = round(result["frames"] / max(result["wall_s"] - fixed, 1e-3), 2)
+                line += f"; start-up {fixed:.1f} s, steady {result['steady_frames_per_s']:.1f} frames/s"
+            results.append(result)
+            echo(line)
+    efficiency(results, "steady_frames_per_s" if steady else "frames_per_s")
+    return results
 
 
 def main() -> None:
@@ -28,29 +109,19 @@ def main() -> None:
     parser.add_argument("--720p", dest="hd", action="store_true", help="use carphone upscaled to 1280x720")
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--every-n", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-ray.json"))
+    parser.add_argument("run_args", nargs="*", help="passed to annotate run (after --)")
     args = parser.parse_args()
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         clip = args.video or carphone_path()
         if args.hd:
             clip = upscale(clip, Path(tmp) / "hd.mp4", 1280, 720)
-        videos = Path(tmp) / "videos"
-        videos.mkdir()
-        for i in range(args.copies):
-            shutil.copy(clip, videos / f"copy{i}{clip.suffix}")
-        for workers in args.workers:
-            out = Path(tmp) / f"out{workers}"
-            start = time.perf_counter()
-            summary = run(RunConfig(inputs=(videos,), out=out, workers=workers,
-                                    sampling=Sampling(every_n=args.every_n)), progress=False)
-            wall = time.perf_counter() - start
-            results.append({"workers": workers, "videos": summary.videos, "frames": summary.frames,
-                            "faces": summary.faces, "wall_s": round(wall, 2),
-                            "frames_per_s": round(summary.frames / wall, 1)})
-            print(f"workers={workers}: {summary.frames} frames in {wall:.1f} s = {summary.frames / wall:.1f} frames/s")
-    args.out.write_text(json.dumps({"clip": str(clip.name), "copies": args.copies, "results": results}, indent=2))
+        results = scaling(clip, args.copies, args.workers, args.run_args)
+    for r in results:
+        print(f"workers={r['workers']}: {r['frames_per_s']:.1f} frames/s ({r['steady_frames_per_s']:.1f} after "
+              f"{r['startup_s']:.1f} s of start-up), efficiency {r['efficiency']:.2f}")
+    args.out.write_text(json.dumps({"clip": clip.name, "copies": args.copies, "run_args": args.run_args,
+                                    "results": results}, indent=2))
 
 
 if __name__ == "__main__":
