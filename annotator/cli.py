@@ -11,6 +11,8 @@ import annotator
 from annotator.commands.bench import bench
 from annotator.commands.example import example
 from annotator.commands.models import models
+from annotator.commands.overlay import overlay
+from annotator.commands.report import report
 from annotator.commands.run import run_command
 from annotator.commands.train import eval_cmd, export, train
 
@@ -39,6 +41,8 @@ cli.add_command(train)
 cli.add_command(eval_cmd)
 cli.add_command(export)
 cli.add_command(bench)
+cli.add_command(report)
+cli.add_command(overlay)
 
 
 def main() -> None:
