@@ -29,6 +29,10 @@ DEFAULT_MIN_FACE = 32.0
 DEFAULT_DETECT_EVERY = 15
 
 
+#: More pipelines than this on one GPU only queue on its NVDEC engines (7 on an H100, the most of any).
+MAX_PIPELINES_PER_GPU = 16
+
+
 class ConfigError(ValueError):
     """An option value that cannot work; the message is one line naming the option."""
 
@@ -54,6 +58,9 @@ class RunConfig:
     detect_every: int = DEFAULT_DETECT_EVERY
     cache_dir: Path | None = None
     overwrite: bool = False
+    pipelines_per_gpu: int | None = None  # None: one per NVDEC engine of the GPU, where known
+    temporal: bool = False  # the scorer directory's CNN + GRU head over each face track (annotator.temporal)
+
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -68,8 +75,10 @@ class RunConfig:
             raise ConfigError(f"--min-face must be >= 0, got {self.min_face}")
         if self.detect_every < 1:
             raise ConfigError(f"--detect-every must be >= 1, got {self.detect_every}")
-        if self.decoder == "dali" and self.resolved_device() == "cpu":
-            raise ConfigError("--decoder dali needs a CUDA device (its CPU decoder reads only VP8/VP9/MJPEG)")
+        if self.pipelines_per_gpu is not None and not 1 <= self.pipelines_per_gpu <= MAX_PIPELINES_PER_GPU:
+            raise ConfigError(f"--pipelines-per-gpu must be in [1, {MAX_PIPELINES_PER_GPU}], got {self.pipelines_per_gpu}")
+        # --decoder dali is allowed without a GPU: DALI's CPU reader takes VP8/VP9/MJPEG and every
+        # other file goes to PyAV (engines.decoders.routed), so the DALI graph runs everywhere.
 
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``: ``auto`` picks the GPU when torch sees one."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.cluster import ClusterError, init_ray
-from annotator.config import RunConfig
+from annotator.config import ConfigError, RunConfig
 from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def worker_memory_bytes(config: RunConfig) -> int:
 def pool_size(config: RunConfig, videos: int) -> int:
     """Actors in the pool: ``--workers``, else sized to the cluster Ray reports.
 
-    One per GPU on GPUs. On CPUs one single-threaded worker per core, within memory
+    On GPUs ``--pipelines-per-gpu`` per GPU (see :func:`gpu_pipelines`). On CPUs one single-threaded worker per core, within memory
     (:func:`worker_memory_bytes` each): measured
     on 2 cores at 720p, 2 workers x 1 thread gave 18.9 frames/s end to end and 1 worker x 2
     threads 13.1, because decoding and inference then overlap across processes. Never more
@@ -76,7 +76,7 @@ def pool_size(config: RunConfig, videos: int) -> int:
     else:
         resources = ray.cluster_resources()
         if config.resolved_device() == "cuda":
-            wanted = int(resources.get("GPU", 1))
+            wanted = gpu_pool_size(resources.get("GPU", 1), gpu_pipelines(config, resources))
         else:
             per_worker = worker_memory_bytes(config)
             by_memory = int(resources.get("memory", per_worker) // per_worker)
@@ -89,8 +89,8 @@ def _worker_resources(config: RunConfig, workers: int) -> tuple[float, float, in
     import ray
 
     if config.resolved_device() == "cuda":
-        # One actor per GPU: a single process feeds NVDEC and the engines best (DESIGN.md).
-        return 1.0, 1.0, 0
+        # Several decode pipelines (actors) share a GPU, one per NVDEC engine: a fractional GPU each.
+        return 1.0, 1.0 / gpu_pipelines(config, ray.cluster_resources()), 0
     cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     per_worker = max(1.0, cpus // workers) if workers <= cpus else cpus / workers
     return per_worker, 0.0, max(1, int(per_worker))
@@ -104,11 +104,64 @@ def on_cluster(config: RunConfig) -> RunConfig:
     find out.
     """
     init_ray(config)
-    if config.device != "auto":
-        return config
     import ray
 
-    return dataclasses.replace(config, device="cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    check_gpus(config, gpus)
+    if config.device != "auto":
+        return config
+    return dataclasses.replace(config, device="cuda" if gpus > 0 else "cpu")
+
+
+def check_gpus(config: RunConfig, gpus: float) -> None:
+    """``--device cuda`` where Ray offers no GPU fails now, in one line: otherwise Ray waits
+    forever for a GPU that will never come.
+
+    Raises:
+        ConfigError: no GPU in the local instance or the cluster.
+    """
+    if config.device == "cuda" and gpus <= 0:
+        where = f"the Ray cluster at {config.address} has" if config.address else "this machine has"
+        raise ConfigError(f"--device cuda: {where} no GPU (Ray reports none); use --device cpu or auto")
+
+
+def require_device(config: RunConfig) -> None:
+    """Check an explicit ``--device cuda`` before any work (models are pulled, outputs claimed).
+
+    In this process (``--workers 0``) torch must see a GPU; otherwise the local Ray instance or
+    the cluster at ``--address`` must offer one (Ray is started or joined here, as the run would).
+    """
+    if config.device != "cuda":
+        return
+    if config.workers == 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu or auto")
+        return
+    on_cluster(config)
+
+
+def accelerator_type(resources: dict[str, float]) -> str | None:
+    """The GPU model Ray detected (its ``accelerator_type:<name>`` resource), if one."""
+    names = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
+    return names[0] if len(names) == 1 else None
+
+
+def gpu_pipelines(config: RunConfig, resources: dict[str, float]) -> int:
+    """Decode pipelines per GPU: ``--pipelines-per-gpu``, else one per NVDEC engine of the GPU
+    model Ray reports (memory permitting; 1 for a model not in the table or a mixed cluster)."""
+    from engines.decoders.choice import pipelines_per_gpu
+    from engines.runtimes.engine_plan import actor_memory
+
+    memory = actor_memory(config.resolved_batch_size(), config.det_size)
+    accelerator = accelerator_type(resources)
+    return pipelines_per_gpu(accelerator, config.pipelines_per_gpu, memory.total)
+
+
+def gpu_pool_size(gpus: float, pipelines: int) -> int:
+    """Actors that ``gpus`` GPUs hold at ``pipelines`` actors each (each asks 1/pipelines of one)."""
+    return max(1, int(gpus) * pipelines)
 
 
 def cluster_workers(config: RunConfig) -> int:
@@ -137,6 +190,11 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Tab
     drop_ray_false_alarms()
     workers = pool_size(config, len(items))
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
+    if num_gpus:
+        from engines.runtimes.engine_plan import actor_memory
+
+        log.info("%d GPU workers, %d per GPU; estimated %s at 1080p", workers, round(1 / num_gpus),
+                 actor_memory(config.resolved_batch_size(), config.det_size).describe())
     videos = ray.data.from_items(
         [item.to_row() for item in items],
         override_num_blocks=len(items),  # one block per item, so every actor gets work

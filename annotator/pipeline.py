@@ -7,7 +7,6 @@ time is accumulated in :attr:`VideoPipeline.timings` for the benchmarks.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from collections.abc import Iterator
@@ -18,9 +17,11 @@ import pyarrow as pa
 import torch
 
 from annotator.config import RunConfig
-from annotator.stages import AlignFaces, BuildRows, FindFaces, ScoreFaces
+from annotator.stages import AlignFaces, BuildRows, FaceBatch, FindFaces, ScoreFaces
+from annotator.temporal import TemporalScores, load_temporal_head
 from annotator.tracking import FaceTracker
 from engines.decoders import DecodeReport, FrameBatch
+from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
 from engines.factory import Scorer, create_detector, create_scorer
 from engines.retinaface import detector_side
@@ -59,16 +60,25 @@ class VideoPipeline:
         self.detector, self.detector_artifacts = create_detector(
             config.detector, backend, device, threads, config.cache_dir,
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
+            batch_size=config.resolved_batch_size(),
         )
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every)
-        self.scorer: Scorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir)
+        self.scorer: Scorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir,
+                                            batch_size=config.resolved_batch_size())
         self.model_id = self.scorer.model_id
         self.find, self.align, self.score = FindFaces(self.tracker), AlignFaces(), ScoreFaces(self.scorer)
+        # --temporal: the CNN + GRU head replaces the per-frame scores; rows then wait (a bounded
+        # lookahead per track) for their window, see annotator.temporal.
+        self.temporal: TemporalScores | None = None
+        if config.temporal:
+            self.temporal = TemporalScores(load_temporal_head(config.scorer, device, threads))
+            self.model_id = f"{self.model_id}+{self.temporal.head.model_id}"
         self.rows = BuildRows(self.model_id)
         self.timings = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.faces = 0
-        self._decode = _decoder(config.resolved_decoder(), threads)
+        # Per file: DALI where it can decode the file, PyAV otherwise (engines.decoders.routed).
+        self._decode = RoutedDecoder(config.decoder, device, threads)
 
     @contextmanager
     def _timed(self, stage: str):
@@ -92,10 +102,16 @@ class VideoPipeline:
         batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
                                report=report if report is not None else DecodeReport(), **options)
         started = False
+        if self.temporal is not None:
+            self.temporal.start()
         while True:
             with self._timed("decode"):
                 batch = next(batches, None)
             if batch is None:
+                if self.temporal is not None:  # the video (or segment) is over: every track ends
+                    with self._timed("score"):
+                        ready = self.temporal.flush()
+                    yield from self._rows(ready)
                 return
             if not started:  # the detector's size follows the video's: see detector_side
                 # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
@@ -103,27 +119,23 @@ class VideoPipeline:
                 height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
                 self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face)
                 started = True
-            yield self._annotate_batch(batch, str(path), vid)
+            yield from self._annotate_batch(batch, str(path), vid)
 
-    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> pa.RecordBatch:
+    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> Iterator[pa.RecordBatch]:
+        """The batch's rows; with --temporal, the rows of every earlier batch now complete instead."""
         with self._timed("detect"):
             faces = self.find(batch, path, vid)
         with self._timed("align"):
             faces = self.align(faces)
-        with self._timed("score"):
-            faces = self.score(faces)
-        with self._timed("rows"):
-            rows = self.rows(faces)
         self.frames += len(batch)
         self.faces += int(faces.counts.sum())
-        return rows
+        with self._timed("score"):
+            ready = [self.score(faces)] if self.temporal is None else self.temporal(faces)
+        yield from self._rows(ready)
 
+    def _rows(self, scored: list[FaceBatch]) -> Iterator[pa.RecordBatch]:
+        for faces in scored:
+            with self._timed("rows"):
+                rows = self.rows(faces)
+            yield rows
 
-def _decoder(name: str, threads: int):
-    if name == "dali":
-        from engines.decoders.dali import decode
-
-        return decode
-    from engines.decoders.pyav import decode
-
-    return functools.partial(decode, threads=threads)

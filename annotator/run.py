@@ -6,6 +6,7 @@ video's part writer, and a part is committed (renamed into place) only when its 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import logging
@@ -23,9 +24,10 @@ from annotator.collect import PartCollector
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import Discovery, find_videos
 from annotator import segmenting
-from annotator.orchestrate import cluster_workers, on_cluster, stream_in_process, stream_with_ray
+from annotator.orchestrate import cluster_workers, on_cluster, require_device, stream_in_process, stream_with_ray
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
+from annotator.temporal import temporal_card, temporal_record
 from annotator.writer import (
     ExistingParts,
     OutputLayout,
@@ -92,7 +94,10 @@ def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:
 def lookup_models(config: RunConfig) -> tuple[ModelEntry, ModelEntry]:
     """The detector and scorer entries; an unknown name is a configuration error."""
     try:
-        return lookup(config.detector, "detector"), lookup(config.scorer, "scorer")
+        entries = lookup(config.detector, "detector"), lookup(config.scorer, "scorer")
+        if config.temporal:
+            temporal_card(config.scorer)
+        return entries
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -101,6 +106,8 @@ def run_metadata(config: RunConfig) -> dict[str, object]:
     """Models (with digests), package version and options; pulls the models if needed."""
     detector, scorer = (resolve(entry, config.cache_dir) for entry in lookup_models(config))
     models = [_model_record("detector", detector), _model_record("scorer", scorer)]
+    if config.temporal:  # its id joins the fingerprint: temporal and per-frame rows never mix
+        models.append(temporal_record(config.scorer))
     options = config.options_for_metadata()
     # What makes rows comparable across resumed runs: same weights, same sampling and detection.
     fingerprint = {
@@ -153,7 +160,9 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
         engines.sources.FetchError: a model cannot be fetched.
     """
     start = time.perf_counter()
+    started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lookup_models(config)
+    require_device(config)  # --device cuda without a GPU: one line now, not a wait forever
     found = find_videos(config.inputs)
     layout = OutputLayout(config.out)
     _check_single_file(layout, config)
@@ -169,8 +178,13 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
         if layout.single_file:
             keys = [part_key(p) for p in found.videos] + [part_key(p) for p, _ in found.problems]
             candidates = (layout.part_path(k, failed=failed) for k in keys for failed in (False, True))
+            # How long this invocation took and what it did (a resumed run counts only its own
+            # frames), for `annotate report`; a parts directory has no single place for it.
+            timing = {"started_utc": started_utc, "seconds": round(time.perf_counter() - start, 3),
+                      "frames": summary.frames}
             with _writing(layout.out, "the parts are kept, re-run to merge them"):
-                merge_parts([p for p in candidates if p.is_file()], layout.out, schema_with_metadata(metadata))
+                merge_parts([p for p in candidates if p.is_file()], layout.out,
+                            schema_with_metadata({**metadata, "timing": timing}))
             claim.dissolve()
     return summary
 

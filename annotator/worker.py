@@ -104,6 +104,42 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Tabl
     yield tag_table(pending, part, "done", json.dumps(video_facts(path, report)))
 
 
+def worker_device(requested: str, gpu_ids: list[int | str], visible_devices: str | None) -> tuple[str, int | None]:
+    """This worker's device from what Ray gave it: (``cuda``, local index) or (``cpu``, None).
+
+    ``auto`` becomes the GPU when Ray assigned one to this worker and the CPU otherwise, whatever
+    the driver's machine has. Ray hides other GPUs through ``CUDA_VISIBLE_DEVICES``, so the
+    assigned id is found in that list (index 0 when Ray set it); where the variable is not set
+    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) the id itself is the index.
+
+    Raises:
+        RuntimeError: ``cuda`` was asked for but Ray assigned this worker no GPU.
+    """
+    if requested == "cpu":
+        return "cpu", None
+    if not gpu_ids:
+        if requested == "cuda":
+            raise RuntimeError("--device cuda, but Ray assigned this worker no GPU (it was started without num_gpus)")
+        return "cpu", None
+    assigned = str(gpu_ids[0])
+    visible = [v.strip() for v in visible_devices.split(",")] if visible_devices else []
+    return "cuda", visible.index(assigned) if assigned in visible else int(assigned)
+
+
+def resolve_in_worker(config: RunConfig) -> RunConfig:
+    """``config`` with its device set from this Ray worker's own resources (see :func:`worker_device`)."""
+    import os
+
+    import ray
+
+    device, index = worker_device(config.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if index is not None:
+        import torch
+
+        torch.cuda.set_device(index)  # "cuda" below (engines, DALI, tensors) means this GPU
+    return dataclasses.replace(config, device=device)  # type: ignore[arg-type]
+
+
 class RayVideoWorker:
     """Ray Data callable class: models load once in ``__init__``, one video per call."""
 
@@ -111,7 +147,7 @@ class RayVideoWorker:
         from annotator.pipeline import VideoPipeline  # torch and the models: in the worker only
 
         logging.basicConfig(level=logging.WARNING)
-        self.pipeline = VideoPipeline(config, threads=threads)
+        self.pipeline = VideoPipeline(resolve_in_worker(config), threads=threads)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for row in batch.to_pylist():

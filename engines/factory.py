@@ -8,6 +8,7 @@ the same way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ from engines.cache import Artifacts, resolve
 from engines.registry import FileSource, ModelEntry, get_entry
 from engines.sources import plain_name
 from engines.runtimes import Runtime, default_backend, load_runtime
+from engines.runtimes.engine_plan import EngineShapes, detector_shapes, scorer_shapes
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 MODEL_CARD = "model_card.json"
 
@@ -140,9 +144,29 @@ class _CardReader:
                 raise self.fail(f"arch_kwargs.{key}", f"must be an identifier with a plain value, got {value!r}")
         return tuple(sorted(kwargs.items()))
 
+    def check_preprocessing(self, architecture: str) -> None:
+        """A student is only usable on the crops ``annotate run`` cuts (``student.PREPROCESSING``).
+
+        A card that records another preprocessing is refused; a card from before the record
+        (trained on 1.2x zoomed crops) still loads, with a warning, so old exports keep working.
+        """
+        if architecture != "student":
+            return
+        from engines.models.student import PREPROCESSING
+
+        recorded = self.card.get("input", {}).get("preprocessing") if isinstance(self.card.get("input"), dict) else None
+        if recorded is None:
+            log.warning("%s: no \"input.preprocessing\": exported before training used annotate run's crops "
+                        "(it saw faces zoomed 1.2x); re-export a model trained with this version", self.card_path)
+            return
+        if recorded != PREPROCESSING:
+            raise self.fail("input.preprocessing", f"must be {json.dumps(PREPROCESSING)} (what annotate run "
+                            f"feeds the scorer), got {json.dumps(recorded)}")
+
     def entry(self, directory: Path) -> ModelEntry:
         name = self.name()
         kind, architecture = self.kind(), self.architecture()
+        self.check_preprocessing(architecture)
         torch_path = self.artifacts(directory)["torch"]
         digests = self.sha256()
         torch_file = self.card["artifacts"]["torch"]
@@ -188,10 +212,11 @@ def model_id(artifacts: Artifacts) -> str:
     return f"{artifacts.entry.name}:{artifacts.sha256['model.onnx'][:12]}"
 
 
-def _runtime(entry: ModelEntry, backend: str | None, device: str, threads: int, cache_dir) -> tuple[Artifacts, Runtime]:
+def _runtime(entry: ModelEntry, backend: str | None, device: str, threads: int, cache_dir,
+             shapes: EngineShapes | None = None) -> tuple[Artifacts, Runtime]:
     artifacts = resolve(entry, cache_dir)
     chosen = backend or default_backend(device)
-    return artifacts, load_runtime(artifacts, chosen, device, threads)  # type: ignore[arg-type]
+    return artifacts, load_runtime(artifacts, chosen, device, threads, shapes)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -226,16 +251,22 @@ class Scorer:
 
 
 def create_scorer(name_or_path: str, backend: str | None = None, device: str = "cpu",
-                  threads: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Scorer:
-    """Load a scorer by registry name or exported directory, pulling it on first use."""
+                  threads: int = 0, cache_dir: str | os.PathLike[str] | None = None, *,
+                  batch_size: int = 32) -> Scorer:
+    """Load a scorer by registry name or exported directory, pulling it on first use.
+
+    ``batch_size``: the run's frames per batch, which sizes a TensorRT engine's profile.
+    """
     entry = lookup(name_or_path, "scorer")
-    return Scorer(*_runtime(entry, backend, device, threads, cache_dir))
+    return Scorer(*_runtime(entry, backend, device, threads, cache_dir, scorer_shapes(batch_size)))
 
 
 def create_detector(name_or_path: str, backend: str | None = None, device: str = "cpu", threads: int = 0,
                     cache_dir: str | os.PathLike[str] | None = None, *, det_size: int = 640,
-                    threshold: float = 0.9, min_face: float = 0.0):
+                    threshold: float = 0.9, min_face: float = 0.0, batch_size: int = 32):
     """Load a RetinaFace detector by registry name, pulling it on first use.
+
+    ``batch_size`` and ``det_size`` size a TensorRT engine's profile to the run.
 
     Returns:
         (``engines.retinaface.RetinaFaceDetector``, its artifacts).
@@ -243,6 +274,6 @@ def create_detector(name_or_path: str, backend: str | None = None, device: str =
     from engines.retinaface import RetinaFaceDetector
 
     entry = lookup(name_or_path, "detector")
-    artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir)
+    artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir, detector_shapes(batch_size, det_size))
     detector = RetinaFaceDetector(runtime, det_size=det_size, threshold=threshold, min_face=min_face)
     return detector, artifacts

@@ -181,13 +181,36 @@ def letterbox(frames: torch.Tensor, det_size: int) -> tuple[torch.Tensor, float]
     scale = min(1.0, det_size / max(height, width))
     new_w, new_h = round(width * scale), round(height * scale)
     x = frames.permute(0, 3, 1, 2)
-    if (new_w, new_h) != (width, height):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     padded_h = math.ceil(new_h / SIZE_MULTIPLE) * SIZE_MULTIPLE
     padded_w = math.ceil(new_w / SIZE_MULTIPLE) * SIZE_MULTIPLE
     out = torch.zeros((batch, 3, padded_h, padded_w), dtype=torch.float32, device=frames.device)
-    out[:, :, :new_h, :new_w] = x
+    if (new_w, new_h) == (width, height):
+        out[:, :, :new_h, :new_w] = x
+    elif frames.device.type == "cpu":
+        out[:, :, :new_h, :new_w] = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True,
+                                                  align_corners=False)
+    else:
+        # CUDA has no uint8 antialiased resize; half precision is exact for 0..255 and halves the
+        # copy, and converting a few frames at a time bounds it (a 1080p batch of 32 as float32
+        # would be 0.8 GB, as half 0.4 GB; in chunks it is RESIZE_CHUNK_BYTES).
+        resize_in_chunks(x, out[:, :, :new_h, :new_w], torch.float16)
     return out, scale
+
+
+#: Bytes of source frames converted to the resize's working precision at once (off the CPU).
+RESIZE_CHUNK_BYTES = 64 << 20
+
+
+def resize_in_chunks(frames: torch.Tensor, out: torch.Tensor, dtype: torch.dtype,
+                     chunk_bytes: int = RESIZE_CHUNK_BYTES) -> None:
+    """Antialiased bilinear resize of uint8 (B, 3, H, W) ``frames`` into ``out`` (B, 3, h, w), a
+    few frames at a time in ``dtype``, so no full-batch copy in a wider type is ever made."""
+    per_frame = frames[0].numel() * torch.finfo(dtype).bits // 8
+    step = max(1, chunk_bytes // max(per_frame, 1))
+    size = tuple(out.shape[2:])
+    for start in range(0, len(frames), step):
+        chunk = frames[start:start + step].to(dtype)
+        out[start:start + step] = F.interpolate(chunk, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from engines.cache import Artifacts, cached, resolve
 from engines.registry import ModelEntry, UrlSource, get_entry, list_models
 from engines.runtimes import default_backend, load_runtime
 from engines.runtimes import tensorrt as trt_runtime
+from engines.runtimes.derived import record_digest
 
 # FP16 keeps 11 significant bits (a relative step of 4.9e-4); through the ~50 layers of these
 # networks the error grows to about 1 % of an output's magnitude. Measured with ONNX Runtime
@@ -134,16 +135,18 @@ def test_fp16_onnx_for_the_engine_agrees_with_fp32(entry: ModelEntry, tmp_path: 
 def test_engine_cache_key_follows_onnx_gpu_and_tensorrt_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An engine is valid only for one FP16 ONNX, one GPU model and one TensorRT version."""
+    """An engine is valid only for one FP16 ONNX, one GPU model, one TensorRT version and one profile."""
     gpu_name = {"value": "NVIDIA H100 80GB HBM3"}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu_name["value"])
     artifacts = Artifacts(get_entry("retinaface-mnv2"), tmp_path / "model.pt", tmp_path / "model.onnx", {})
-    fp16_onnx = tmp_path / "model.fp16.onnx"  # present, so no export (and no GPU) is needed
+    fp16_onnx = tmp_path / "model.fp16.onnx"  # present and verified, so no export (and no GPU) is needed
     fp16_onnx.write_bytes(b"fp16 graph v1")
-    # _engine_path needs only the module's version and the device; no TensorRT import.
+    record_digest(fp16_onnx)
+    # _engine_path needs only the module's version, the device and the profile; no TensorRT import.
     runtime = object.__new__(trt_runtime.TensorRTRuntime)
     runtime.trt = SimpleNamespace(__version__="10.9.0.34")
     runtime.device = torch.device("cuda:0")
+    runtime.shapes = trt_runtime.default_shapes("detector")
 
     path = runtime._engine_path(artifacts)
     assert path.parent == tmp_path and path.suffix == ".engine"
@@ -152,12 +155,15 @@ def test_engine_cache_key_follows_onnx_gpu_and_tensorrt_version(
 
     keys = {path.name}
     fp16_onnx.write_bytes(b"fp16 graph v2")
+    record_digest(fp16_onnx)
     keys.add(runtime._engine_path(artifacts).name)
     gpu_name["value"] = "NVIDIA A100-SXM4-40GB"
     keys.add(runtime._engine_path(artifacts).name)
     runtime.trt = SimpleNamespace(__version__="10.13.0.35")
     keys.add(runtime._engine_path(artifacts).name)
-    assert len(keys) == 4
+    runtime.shapes = trt_runtime.default_shapes("detector", batch_size=64, det_size=1280)
+    keys.add(runtime._engine_path(artifacts).name)
+    assert len(keys) == 5
 
 
 @pytest.mark.parametrize(

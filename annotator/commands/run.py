@@ -7,7 +7,15 @@ from pathlib import Path
 import click
 
 from annotator.commands.options import cache_dir
-from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, DEFAULT_SCORER, ConfigError, RunConfig
+from annotator.config import (
+    DEFAULT_DETECT_EVERY,
+    DEFAULT_DETECTOR,
+    DEFAULT_MIN_FACE,
+    DEFAULT_SCORER,
+    MAX_PIPELINES_PER_GPU,
+    ConfigError,
+    RunConfig,
+)
 from engines.decoders import Sampling
 from engines.sources import FetchError
 
@@ -42,11 +50,15 @@ _PROBLEMS_SHOWN = 10
               help="Frames per detector batch.  [default: 32 on a GPU, 8 on a CPU]")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Ray workers (0: run in this process).  [default: sized to the cluster, 1 per GPU or CPU core]")
+@click.option("--pipelines-per-gpu", type=click.IntRange(1, MAX_PIPELINES_PER_GPU), default=None,
+              help="Decode pipelines (Ray workers) per GPU, each with 1/N of it.  [default: one per NVDEC "
+                   "engine of the GPU model Ray reports (7 on an H100), within its memory; else 1]")
 @click.option("--address", default=None,
               help="Join this Ray cluster ('auto' or host:port).  [default: start a local instance]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--decoder", type=click.Choice(["auto", "pyav", "dali"]), default="auto", show_default=True,
-              help="auto: DALI on a GPU when installed, else PyAV.")
+              help="auto: on a GPU, DALI (NVDEC) for each file it can decode, PyAV for the rest; PyAV on a "
+                   "CPU. dali: also on a CPU, where DALI's reader takes VP8/VP9/MJPEG and PyAV the rest.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxrt", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT (else torch) on a GPU, ONNX Runtime on a CPU.")
 @click.option("--detector", default=DEFAULT_DETECTOR, show_default=True, help="Detector name (annotate models list).")
@@ -63,6 +75,9 @@ _PROBLEMS_SHOWN = 10
 @click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
               help="Full-frame detection on every K-th sampled frame; in between each tracked face is re-found "
                    "around its last position (new faces appear at the next full detection). 1: every frame.")
+@click.option("--temporal", is_flag=True,
+              help="Score each face track with the model's temporal head (CNN features -> bidirectional GRU over "
+                   "32-frame windows, PAPER.md); needs a --model directory exported with one.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")

@@ -1,35 +1,33 @@
-"""The GPU decoder: NVIDIA DALI's video reader on NVDEC, frames left in GPU memory.
+"""The GPU decoder: NVIDIA DALI on NVDEC, one pipeline per worker fed file after file.
 
-Yields the same :class:`~engines.decoders.FrameBatch` as the PyAV decoder, except that
+Yields the same :class:`~engines.decoders.FrameBatch` as the PyAV decoder, except that on a GPU
 ``frames`` is a CUDA ``torch.uint8`` tensor (B, H, W, 3) RGB on ``cuda:<device_id>``, so
 letterboxing and detection read it without a host round trip.
 
-What DALI can and cannot do here (checked against DALI 2.4):
+Why this shape (checked against DALI 2.4):
 
-- The reader is ``fn.experimental.readers.video``. It is the only DALI video reader with a CPU
-  backend (the older ``fn.readers.video`` is GPU-only), so one graph serves the GPU path and
-  the CPU test path; it also returns a frame number per frame (``enable_frame_num="sequence"``)
-  instead of one per sequence, and a timestamp per frame.
-- Variable frame rate: timestamps are each frame's own presentation time in seconds, so VFR
-  clips get true times (a VP9 clip with irregular gaps reads back exactly as PyAV reads it).
-  The older ``fn.readers.video`` "only supports constant frame rate videos" and checks for
-  VFR input (``skip_vfr_check`` turns the check off, at the risk of wrong frames).
-- Codecs: the GPU backend decodes H.264, HEVC, AV1, MPEG-4, VP8, VP9 and MJPEG; the CPU
-  backend only VP8, VP9 and MJPEG. Anything else (ProRes, MPEG-2, ...) belongs to PyAV.
-- ``every_n`` becomes the reader's ``stride``: skipped frames are still decoded (inter-coded
-  streams need them as references) but are never returned, so they cost no output memory and
-  no copy. ``fps`` sampling cannot be expressed as a stride (the gap between kept frames varies,
-  and on VFR input it is not a whole number of frames), so the reader returns every frame and
-  the shared :class:`~engines.decoders.FrameSelector` picks them, exactly as PyAV's path does.
-- No seeking by time and no partial decode: one pipeline reads one file front to back.
-- A file DALI cannot open is dropped by its reader with only a log line, and the build then
-  fails with "number of input samples: 0"; the file and codec are therefore checked here
-  first, so the error names the real reason.
+- The operator is ``fn.experimental.inputs.video``: it decodes an encoded file handed to it with
+  ``Pipeline.feed_input`` in sequences, and takes the next file when one ends. So a worker builds
+  its pipeline (and NVDEC decoder session) once and feeds it every video it is given; building a
+  reader per file (``fn.experimental.readers.video`` takes its file names at build time) costs a
+  pipeline build and a decoder instance per video. The same operator has a CPU backend (VP8,
+  VP9, MJPEG), so the one graph runs in the tests on any machine.
+- The file is handed over as a read-only memory map with ``no_copy``: the OS pages it in as
+  NVDEC consumes it, so a long video does not become a process-sized buffer.
+- The operator returns frames only. Frame numbers and presentation times come from demuxing the
+  same file with PyAV (packet timestamps in presentation order, no decoding): one timestamp per
+  packet, which is one frame for every codec this decoder accepts. Variable frame rate stays
+  exact, and ``every_n``/``fps`` sampling both go through the shared
+  :class:`~engines.decoders.FrameSelector`, as in PyAV's path.
+- No seeking and no partial decode: a file is read front to back (segments are PyAV's).
+- DALI reports no damage: a file it cannot decode fails as a whole (the router then falls back
+  to PyAV if nothing was yielded yet; see :mod:`engines.decoders.routed`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -39,180 +37,219 @@ import numpy as np
 import torch
 
 from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
+from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
+from engines.decoders.probe import StreamInfo, probe
 
 log = logging.getLogger(__name__)
 
 DaliDevice = Literal["cpu", "gpu"]
 
-INSTALL_HINT = "pip install nvidia-dali-cuda120"
-#: Codecs (FFmpeg names) each reader backend decodes, from DALI 2.4's reader documentation.
-SUPPORTED_CODECS: dict[DaliDevice, frozenset[str]] = {
-    "gpu": frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"}),
-    "cpu": frozenset({"vp8", "vp9", "mjpeg"}),
-}
-_READER = "reader"
-# Pipeline CPU threads: the graph has no CPU operator but the reader, which decodes one
-# sequence at a time from one file, so a second thread only covers demuxing and bookkeeping.
+#: The first DALI with everything used here: ``fn.experimental.inputs.video`` (CPU 1.22, GPU
+#: 1.23) and the dynamic executor as a supported, zero-copy mode (1.44: before it, outputs were
+#: buffers DALI reuses, which the DLPack hand-off below would read after they were overwritten).
+MIN_DALI_VERSION = (1, 44)
+INSTALL_HINT = "pip install 'nvidia-dali-cuda120>=1.44'"
+#: Codecs each backend decodes (FFmpeg names); NVDEC's AV1 depends on the GPU (engines.decoders.choice).
+SUPPORTED_CODECS: dict[DaliDevice, frozenset[str]] = {"gpu": NVDEC_CODECS | {"av1"}, "cpu": DALI_CPU_CODECS}
+_INPUT = "video"
+# Pipeline CPU threads: demuxing and bookkeeping for the one operator.
 _NUM_THREADS = 2
-# Iterations DALI runs ahead of the consumer. Each queued iteration holds one sequence of
-# batch_size frames: 64 frames of 1920x1080 RGB are 64 * 1920 * 1080 * 3 B = 398 MB of GPU
-# memory, so depth 2 costs ~0.8 GB per decoder to overlap decoding the next sequence with
-# inference on this one. (The reader's ``initial_fill`` is the shuffle buffer: it is left at
-# its default because ``random_shuffle`` stays False, which makes DALI ignore it; with
-# shuffling it would buffer 1024 such sequences, ~400 GB.)
-_PREFETCH_DEPTH = 2
+# One iteration at a time: the operator must not run ahead past the end of the file it was fed
+# (it would fail for want of data, or start on the next file before that one is fed). Decoding
+# still overlaps inference, across the several pipelines (actors) a GPU runs.
+_PREFETCH_DEPTH = 1
 
 
-def video_graph(filename: str, device: DaliDevice, sequence_length: int, stride: int) -> tuple[Any, Any, Any]:
-    """The DALI graph: one reader, one file, sequences of ``sequence_length`` frames.
+def dali_version(module: Any) -> tuple[int, int]:
+    """(major, minor) of an imported ``nvidia.dali``."""
+    parts = str(getattr(module, "__version__", "0.0")).split(".")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
-    Meant to be wrapped by ``nvidia.dali.pipeline_def`` (done lazily in :func:`build_pipeline`,
-    so that importing this module does not need DALI); ``batch_size``, ``device_id`` and
-    ``num_threads`` are given only when the pipeline is built.
 
-    Sequences tile the video (``step = sequence_length * stride``), so every kept frame is read
-    exactly once. ``pad_mode="constant"`` keeps the tail: without it the last, shorter sequence
-    is silently dropped; padded slots carry frame number -1. ``pad_last_batch`` is not needed
-    because the pipeline's batch is one sequence, and the ``file_list`` rounding options (the
-    older reader's ``file_list_include_preceding_frame``) only apply to time ranges, while this
-    graph reads whole files.
+def require_dali() -> Any:
+    """Import ``nvidia.dali`` or fail with one line: not installed, or older than the floor.
+
+    Raises:
+        RuntimeError: DALI is missing or older than :data:`MIN_DALI_VERSION`.
+    """
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        raise RuntimeError(f"the DALI decoder needs NVIDIA DALI: {INSTALL_HINT}") from None
+    if dali_version(dali) < MIN_DALI_VERSION:
+        floor = ".".join(map(str, MIN_DALI_VERSION))
+        raise RuntimeError(f"NVIDIA DALI {dali.__version__} is older than {floor}, the first with the "
+                           f"video input operator and zero-copy outputs used here: {INSTALL_HINT}")
+    return dali
+
+
+def video_graph(device: DaliDevice, sequence_length: int) -> Any:
+    """The DALI graph: one video input, sequences of ``sequence_length`` frames.
+
+    Meant to be wrapped by ``nvidia.dali.pipeline_def`` (done in :class:`DaliVideoDecoder`, so
+    importing this module needs no DALI). ``last_sequence_policy="partial"`` returns a file's
+    last, shorter sequence as it is (no padding to trim).
 
     Returns:
-        (frames (1, F, H, W, 3) uint8 RGB, frame numbers (1, F) int, timestamps (1, F) seconds).
+        frames: (1, F, H, W, 3) uint8 RGB per iteration.
     """
     from nvidia.dali import fn
 
-    frames, frame_num, timestamps = fn.experimental.readers.video(
-        device=device,
-        filenames=[filename],
+    return fn.experimental.inputs.video(
+        name=_INPUT,
+        device="mixed" if device == "gpu" else "cpu",
         sequence_length=sequence_length,
-        stride=stride,
-        step=sequence_length * stride,
-        pad_mode="constant",
-        enable_frame_num="sequence",
-        enable_timestamps=True,
-        random_shuffle=False,
-        name=_READER,
+        last_sequence_policy="partial",
+        no_copy=True,  # the memory map below is read in place and kept alive until the file ends
     )
-    return frames, frame_num, timestamps
 
 
-def build_pipeline(path: Path, device: DaliDevice, sequence_length: int, stride: int, device_id: int | None) -> Any:
-    """Build (but do not run) the DALI pipeline for one file.
+def packet_times(path: Path) -> np.ndarray:
+    """Presentation times (s, float64, ascending) of the first video stream's frames, by demuxing.
 
-    Raises:
-        RuntimeError: DALI is not installed.
-        DecodeError: DALI cannot build a reader for this file.
+    One per packet that carries data; a stream without timestamps gets ``index / rate``.
     """
-    try:
-        from nvidia.dali import pipeline_def
-    except ImportError:
-        raise RuntimeError(f"the DALI decoder needs NVIDIA DALI: {INSTALL_HINT}") from None
-    pipe = pipeline_def(video_graph)(
-        filename=str(path),
-        device=device,
-        sequence_length=sequence_length,
-        stride=stride,
-        batch_size=1,  # one sequence per iteration; the sequence is the FrameBatch
-        num_threads=_NUM_THREADS,
-        device_id=device_id,
-        prefetch_queue_depth=_PREFETCH_DEPTH,
-        # The dynamic executor allocates every output afresh and never reuses a buffer the
-        # caller still holds, which is what makes the zero-copy DLPack hand-off below safe.
-        exec_dynamic=True,
-    )
-    try:
-        pipe.build()
-    except RuntimeError as exc:
-        raise DecodeError(f"{path}: DALI cannot read it ({_dali_reason(exc)})") from None
-    return pipe
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts = [p.pts for p in container.demux(stream) if p.size]
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        if not pts or any(t is None for t in pts):
+            return np.arange(len(pts), dtype=np.float64) / rate
+        return np.sort(np.asarray(pts, np.float64)) * float(stream.time_base)
+
+
+class DaliVideoDecoder:
+    """One DALI pipeline, built on first use and fed file after file.
+
+    Args:
+        device: ``gpu`` (NVDEC, frames in GPU memory) or ``cpu`` (DALI's CPU reader).
+        batch_size: frames per yielded batch, and per DALI sequence.
+        device_id: the CUDA device (``gpu`` only; None: torch's current device).
+    """
+
+    def __init__(self, device: DaliDevice, batch_size: int, device_id: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = device
+        self.batch_size = batch_size
+        self.device_id = device_id
+        self._pipe: Any = None
+        self.files_fed = 0  # files this one pipeline has decoded (how many builds were saved)
+
+    def _pipeline(self) -> Any:
+        if self._pipe is None:
+            if self.device == "gpu":
+                if not torch.cuda.is_available():
+                    raise RuntimeError("DALI's GPU decoder needs a CUDA device; use the PyAV decoder on a CPU")
+                if self.device_id is None:
+                    self.device_id = torch.cuda.current_device()
+            require_dali()
+            from nvidia.dali import pipeline_def
+
+            pipe = pipeline_def(video_graph)(
+                device=self.device,
+                sequence_length=self.batch_size,
+                batch_size=1,  # one sequence per iteration; the sequence is the FrameBatch
+                num_threads=_NUM_THREADS,
+                device_id=self.device_id if self.device == "gpu" else None,
+                prefetch_queue_depth=_PREFETCH_DEPTH,
+                # The dynamic executor allocates every output afresh and never reuses a buffer the
+                # caller still holds, which is what makes the zero-copy DLPack hand-off safe.
+                exec_dynamic=True,
+            )
+            pipe.build()
+            self._pipe = pipe
+        return self._pipe
+
+    def reset(self) -> None:
+        """Drop the pipeline (after a failure its input queue may hold part of a file)."""
+        self._pipe = None
+
+    def decode(self, path: str | Path, sampling: Sampling, *, report: DecodeReport | None = None,
+               info: StreamInfo | None = None) -> Iterator[FrameBatch]:
+        """Yield the sampled frames of one file in batches of ``batch_size`` (the last: fewer).
+
+        A generator, like PyAV's decode: every error surfaces on the first ``next()``, in the
+        caller's per-video try block.
+
+        Raises:
+            RuntimeError: DALI is missing or too old, or (GPU) no CUDA device is visible.
+            DecodeError: the file cannot be opened, its codec is not this backend's, or
+                decoding fails (one line naming the file and DALI's reason).
+        """
+        path = Path(path)
+        report = report if report is not None else DecodeReport()
+        info = info or probe(path)
+        if info.codec not in SUPPORTED_CODECS[self.device]:
+            supported = ", ".join(sorted(SUPPORTED_CODECS[self.device]))
+            raise DecodeError(f"{path}: codec {info.codec} is not decoded by DALI's {self.device} reader "
+                              f"(supported: {supported})")
+        turns = info.rotation_turns
+        report.rotation_cw_deg = (4 - turns) % 4 * 90
+        report.width, report.height = (info.height, info.width) if turns % 2 else (info.width, info.height)
+        times = packet_times(path)
+        if not len(times):
+            raise DecodeError(f"{path}: no frames decoded")
+        pipe = self._pipeline()
+        log.debug("%s: DALI %s pipeline, file %d, %d frames", path, self.device, self.files_fed + 1, len(times))
+        try:
+            for batch in _rebatch(self._sequences(pipe, path, sampling, times), self.batch_size):
+                report.frames_decoded = int(batch.frame_index[-1]) + 1
+                yield _upright(batch, turns)
+        except BaseException:
+            self.reset()  # the operator may still hold the rest of this file
+            raise
+        self.files_fed += 1
+
+    def _sequences(self, pipe: Any, path: Path, sampling: Sampling, times: np.ndarray) -> Iterator[FrameBatch]:
+        """One batch per DALI iteration: the kept frames of one sequence (possibly none)."""
+        data = np.memmap(path, np.uint8, mode="r")
+        pipe.feed_input(_INPUT, [data])
+        selector = sampling.selector()
+        total = len(times)
+        start = 0
+        for _ in range(math.ceil(total / self.batch_size)):
+            try:
+                (frames,) = pipe.run()
+            except RuntimeError as exc:
+                raise DecodeError(f"{path}: DALI decode failed ({_dali_reason(exc)})") from None
+            count = int(frames.as_tensor().shape()[1])
+            expected = min(self.batch_size, total - start)
+            if count != expected:
+                # More or fewer frames than packets: the timestamps would be wrong, and extra
+                # frames would be read as the next file's.
+                raise DecodeError(f"{path}: DALI decoded {count} frames where the container has {expected} "
+                                  f"at frame {start}")
+            index = np.arange(start, start + count, dtype=np.int64)
+            pts_s = times[start:start + count]
+            keep = np.fromiter((selector.keep(int(i), float(t)) for i, t in zip(index, pts_s)),
+                               dtype=bool, count=count)
+            start += count
+            yield FrameBatch(_select_frames(frames, keep), index[keep], pts_s[keep])
+        del data  # DALI has consumed the file: the map may go
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, device_id: int = 0, *,
            report: DecodeReport | None = None) -> Iterator[FrameBatch]:
-    """Yield sampled frames of the first video stream as CUDA tensors, ``batch_size`` at a time.
-
-    Args:
-        path: the video file.
-        sampling: which frames to keep (shared semantics with the PyAV decoder).
-        batch_size: frames per yielded batch (the last one may be shorter).
-        device_id: the CUDA device whose NVDEC decodes and whose memory holds the frames.
-        report: receives the display rotation applied and the size (DALI reports no damage:
-            a file it cannot decode fails as a whole).
-
-    Raises:
-        RuntimeError: DALI is not installed or no CUDA device is visible.
-        DecodeError: the file cannot be opened, its codec is not supported, or decoding fails.
-    """
-    return _decode(Path(path), sampling, batch_size, "gpu", device_id, report or DecodeReport())
+    """One file on NVDEC with a pipeline of its own (a worker keeps a :class:`DaliVideoDecoder`)."""
+    return DaliVideoDecoder("gpu", batch_size, device_id).decode(path, sampling, report=report)
 
 
 def decode_cpu(path: str | Path, sampling: Sampling, batch_size: int, *,
                report: DecodeReport | None = None) -> Iterator[FrameBatch]:
-    """The same graph on DALI's CPU backend, yielding numpy frames; for tests without a GPU.
-
-    DALI's CPU reader decodes only VP8, VP9 and MJPEG, so production CPU decoding is PyAV's.
-    """
-    return _decode(Path(path), sampling, batch_size, "cpu", None, report or DecodeReport())
-
-
-def _decode(
-    path: Path, sampling: Sampling, batch_size: int, device: DaliDevice, device_id: int | None,
-    report: DecodeReport,
-) -> Iterator[FrameBatch]:
-    # A generator, like PyAV's decode: every error surfaces on the first next(), in the
-    # caller's per-video try block, whichever backend it runs.
-    if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("the DALI decoder needs a CUDA device; use the PyAV decoder on a CPU")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    turns = _check_codec(path, device, report)
-    stride = sampling.every_n if sampling.fps is None else 1
-    pipe = build_pipeline(path.resolve(), device, batch_size, stride, device_id)
-    log.debug("%s: DALI %s reader, %d sequences of %d frames, stride %d",
-              path, device, pipe.epoch_size(_READER), batch_size, stride)
-    for batch in _rebatch(_sequences(pipe, path, sampling), batch_size):
-        report.frames_decoded += len(batch)
-        yield _upright(batch, turns)
+    """The same graph on DALI's CPU backend (VP8, VP9, MJPEG), yielding host frames."""
+    return DaliVideoDecoder("cpu", batch_size).decode(path, sampling, report=report)
 
 
 def _upright(batch: FrameBatch, turns: int) -> FrameBatch:
-    """Turn frames as the display matrix says (DALI's reader returns them as stored)."""
+    """Turn frames as the display matrix says (DALI returns them as stored)."""
     if not turns:
         return batch
     return FrameBatch(torch.rot90(batch.frames, turns, dims=(1, 2)).contiguous(), batch.frame_index, batch.pts_s, batch.scale)
 
 
-def _sequences(pipe: Any, path: Path, sampling: Sampling) -> Iterator[FrameBatch]:
-    """One batch per DALI iteration: the kept frames of one sequence (possibly none)."""
-    selector = sampling.selector()
-    for _ in range(pipe.epoch_size(_READER)):
-        try:
-            frames, frame_num, timestamps = pipe.run()
-        except RuntimeError as exc:
-            raise DecodeError(f"{path}: DALI decode failed ({_dali_reason(exc)})") from None
-        index = _host_array(frame_num).astype(np.int64)
-        pts_s = _host_array(timestamps).astype(np.float64)
-        if sampling.fps is None:
-            # The stride already dropped the other frames; only the tail's padding (-1) goes.
-            keep = index >= 0
-        else:
-            # The selector's state carries across sequences, so this loop is sequential, but it
-            # runs over F scalars per sequence; the frames themselves are gathered in one op.
-            keep = np.fromiter(
-                (i >= 0 and selector.keep(int(i), float(t)) for i, t in zip(index, pts_s)),
-                dtype=bool, count=len(index),
-            )
-        yield FrameBatch(_select_frames(frames, keep), index[keep], pts_s[keep])
-
-
-def _host_array(tensor_list: Any) -> np.ndarray:
-    """A small per-frame output (frame numbers or timestamps) of the one sample, on the host."""
-    return np.array(tensor_list.as_cpu().as_tensor()).reshape(-1)
-
-
 def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor:
-    """The kept frames of the one sequence: a CUDA tensor for the GPU reader, a host one for the CPU.
+    """The kept frames of the one sequence: a CUDA tensor for the GPU backend, a host one for the CPU.
 
     DLPack hands DALI's buffer to torch without a copy and orders torch's current stream after
     DALI's; only the gather of a partial selection copies, and only the kept frames.
@@ -226,8 +263,8 @@ def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor:
 def _rebatch(chunks: Iterable[FrameBatch], batch_size: int) -> Iterator[FrameBatch]:
     """Regroup per-sequence selections into batches of exactly ``batch_size`` (last: fewer).
 
-    With ``every_n`` each sequence already is one full batch and passes through untouched;
-    with ``fps`` a sequence keeps only some frames, and small batches would starve the detector.
+    Without sampling each sequence already is one full batch and passes through untouched; with
+    sampling a sequence keeps only some frames, and small batches would starve the detector.
     """
     pending: list[FrameBatch] = []
     count = 0
@@ -259,35 +296,6 @@ def _slice(batch: FrameBatch, start: int, stop: int) -> FrameBatch:
     if start == 0 and stop == len(batch):
         return batch
     return FrameBatch(batch.frames[start:stop], batch.frame_index[start:stop], batch.pts_s[start:stop])
-
-
-def _check_codec(path: Path, device: DaliDevice, report: DecodeReport) -> int:
-    """Fail with the real reason before DALI would fail with "number of input samples: 0".
-
-    Reads the container header and decodes the first frame on the CPU (milliseconds), whose
-    display matrix says how to turn the frames upright.
-
-    Returns:
-        Counterclockwise quarter turns to apply to the frames.
-    """
-    if not path.is_file():
-        raise DecodeError(f"{path}: no such file")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name
-            first = next(container.decode(stream), None)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise DecodeError(f"{path}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
-    turns = round(((first.rotation or 0) if first is not None else 0) / 90) % 4
-    report.rotation_cw_deg = (4 - turns) % 4 * 90
-    report.width, report.height = (stream.height, stream.width) if turns % 2 else (stream.width, stream.height)
-    if codec not in SUPPORTED_CODECS[device]:
-        supported = ", ".join(sorted(SUPPORTED_CODECS[device]))
-        raise DecodeError(f"{path}: codec {codec} is not decoded by DALI's {device} reader (supported: {supported})")
-    return turns
 
 
 def _dali_reason(exc: Exception) -> str:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 from engines.cache import Artifacts
+from engines.runtimes.engine_plan import EngineShapes
 
 Backend = Literal["torch", "onnxrt", "tensorrt"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxrt", "tensorrt")
@@ -42,7 +43,8 @@ def default_backend(device: str) -> Backend:
     return "onnxrt"
 
 
-def load_runtime(artifacts: Artifacts, backend: Backend, device: str = "cpu", threads: int = 0) -> Runtime:
+def load_runtime(artifacts: Artifacts, backend: Backend, device: str = "cpu", threads: int = 0,
+                 shapes: EngineShapes | None = None) -> Runtime:
     """Load one model on one backend.
 
     Args:
@@ -50,6 +52,8 @@ def load_runtime(artifacts: Artifacts, backend: Backend, device: str = "cpu", th
         backend: ``torch``, ``onnxrt`` or ``tensorrt``.
         device: ``cpu`` or ``cuda[:N]``.
         threads: intra-op threads for CPU backends (0: the library's default).
+        shapes: TensorRT's optimisation profile (see :mod:`engines.runtimes.engine_plan`); None:
+            sized for annotate's GPU defaults. The other backends take any shape.
     """
     if backend == "torch":
         from engines.runtimes.torch import TorchRuntime
@@ -62,5 +66,5 @@ def load_runtime(artifacts: Artifacts, backend: Backend, device: str = "cpu", th
     if backend == "tensorrt":
         from engines.runtimes.tensorrt import TensorRTRuntime
 
-        return TensorRTRuntime(artifacts, device)
+        return TensorRTRuntime(artifacts, device, shapes)
     raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

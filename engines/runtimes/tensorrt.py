@@ -4,7 +4,9 @@ TensorRT 10+ prefers strongly typed networks (11.x accepts nothing else), where 
 from the ONNX itself rather than a builder flag, so the engine is built from an FP16 ONNX
 exported from the verified torch artifact on the GPU. Engines are cached next to the model,
 keyed by the FP16 ONNX digest, the GPU name, the TensorRT version and the shape profile, since
-an engine is only valid for exactly those.
+an engine is only valid for exactly those; both files are sha256-verified on every load
+(:mod:`engines.runtimes.derived`). The profile follows the run's batch and detector size, and
+calls beyond it are chunked (:mod:`engines.runtimes.engine_plan`).
 
 Nothing here runs without a CUDA GPU and the TensorRT Python package; the import is lazy and the
 tests skip with that reason. Written against the TensorRT 10 Python API (``execute_async_v3``,
@@ -14,7 +16,6 @@ named I/O tensors).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
@@ -26,14 +27,14 @@ import torch
 from engines.cache import Artifacts
 from engines.export import OPSET, example_shapes
 from engines.models import build_model
+from engines.runtimes.derived import ensure_verified
+from engines.runtimes.engine_plan import EngineShapes, detector_shapes, run_in_chunks, scorer_shapes
 
 log = logging.getLogger(__name__)
 
-#: Largest batch an engine accepts; the annotator's batches are frames (detector) or faces
-#: (scorer) and rarely exceed this on one GPU.
-MAX_BATCH = 256
-#: Largest padded frame side for detector engines: 1280 covers --det-size up to 1280.
-MAX_SIDE = 1280
+#: The run's batch and detector size when a caller gives no shapes (annotate's GPU defaults).
+DEFAULT_BATCH = 32
+DEFAULT_DET_SIZE = 640
 _WORKSPACE_BYTES = 2 << 30  # 2 GiB of builder scratch: enough for these small networks
 
 
@@ -61,10 +62,15 @@ def _export_fp16_onnx(artifacts: Artifacts, path: Path, device: torch.device) ->
     os.replace(tmp, path)
 
 
+def default_shapes(kind: str, batch_size: int = DEFAULT_BATCH, det_size: int = DEFAULT_DET_SIZE) -> EngineShapes:
+    """The profile of a detector or scorer engine for a run's batch size and detector size."""
+    return detector_shapes(batch_size, det_size) if kind == "detector" else scorer_shapes(batch_size)
+
+
 class TensorRTRuntime:
     """A deserialised engine plus one execution context, fed and read as CUDA tensors."""
 
-    def __init__(self, artifacts: Artifacts, device: str = "cuda") -> None:
+    def __init__(self, artifacts: Artifacts, device: str = "cuda", shapes: EngineShapes | None = None) -> None:
         import tensorrt as trt
 
         if not torch.cuda.is_available():
@@ -73,6 +79,7 @@ class TensorRTRuntime:
         self.device = torch.device(device)
         self.output_names = artifacts.entry.outputs
         self.entry = artifacts.entry
+        self.shapes = shapes or default_shapes(artifacts.entry.kind)
         self.logger = trt.Logger(trt.Logger.WARNING)
         # One Ray worker per GPU starts at once on a multi-GPU node: without the lock each one
         # exports and builds into the same ".tmp" names, and a later os.replace finds its file
@@ -81,28 +88,27 @@ class TensorRTRuntime:
         with open(artifacts.onnx.with_name(".tensorrt.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             engine_path = self._engine_path(artifacts)
-            if not engine_path.is_file():
-                self._build(artifacts, engine_path)
+            ensure_verified(engine_path, lambda path: self._build(artifacts, path))
         runtime = trt.Runtime(self.logger)
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{engine_path}: TensorRT could not deserialise the engine")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
+        reserved = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        log.info("%s: TensorRT engine for inputs up to %s reserves %.2f GiB of activations",
+                 self.entry.name, "x".join(map(str, self.shapes.max)), reserved / 2**30)
 
     def _engine_path(self, artifacts: Artifacts) -> Path:
+        """The engine's cache file: FP16 ONNX sha256, GPU name, TensorRT version and profile."""
         fp16_onnx = artifacts.onnx.with_name("model.fp16.onnx")
-        if not fp16_onnx.is_file():
-            _export_fp16_onnx(artifacts, fp16_onnx, self.device)
-        digest = hashlib.sha256(fp16_onnx.read_bytes()).hexdigest()[:16]
+        digest = ensure_verified(fp16_onnx, lambda path: _export_fp16_onnx(artifacts, path, self.device))
         gpu = torch.cuda.get_device_name(self.device).replace(" ", "_")
-        key = f"{digest}-{gpu}-trt{self.trt.__version__}-b{MAX_BATCH}-s{MAX_SIDE}"
+        key = f"{digest[:16]}-{gpu}-trt{self.trt.__version__}-{self.shapes.key}"
         return artifacts.onnx.with_name(f"model.{key}.engine")
 
     def _profile_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        if self.entry.kind == "detector":
-            return (1, 3, 32, 32), (16, 3, 640, 640), (MAX_BATCH, 3, MAX_SIDE, MAX_SIDE)
-        return (1, 3, 112, 112), (64, 3, 112, 112), (MAX_BATCH, 3, 112, 112)
+        return self.shapes.min, self.shapes.opt, self.shapes.max
 
     def _build(self, artifacts: Artifacts, engine_path: Path) -> None:
         trt = self.trt
@@ -123,11 +129,18 @@ class TensorRTRuntime:
         if serialized is None:
             raise RuntimeError(f"{artifacts.onnx}: TensorRT engine build failed")
         tmp = engine_path.with_name(engine_path.name + ".tmp")
-        tmp.write_bytes(bytes(serialized))
+        tmp.write_bytes(bytes(serialized))  # its digest is recorded by ensure_verified
         os.replace(tmp, engine_path)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run on a tensor (moved to the GPU if it is elsewhere); outputs stay on the GPU (float32)."""
+        """Run on a tensor (moved to the GPU if it is elsewhere); outputs stay on the GPU (float32).
+
+        A batch larger than the profile's is run in chunks of its largest batch.
+        """
+        self.shapes.check(tuple(batch.shape))
+        return run_in_chunks(self._execute, batch, self.shapes.max_batch)
+
+    def _execute(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         x = batch.to(self.device, torch.float16).contiguous()
         self.context.set_input_shape("input", tuple(x.shape))
         self.context.set_tensor_address("input", x.data_ptr())

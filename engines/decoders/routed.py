@@ -1,0 +1,104 @@
+"""The decoder a worker calls: probe each file once, decode it with DALI where DALI can, else PyAV.
+
+``--decoder auto`` on a GPU and ``--decoder dali`` anywhere go through here. A file DALI cannot
+read (a codec the GPU's NVDEC lacks, 10-bit or 4:2:2 video, an unusual container) goes to PyAV,
+and so does one DALI fails on before it yields a frame; each such choice is logged with its
+reason, so no file becomes a failed row only because of the decoder picked for the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
+from engines.decoders.choice import DecoderChoice, choose_decoder
+from engines.decoders.probe import probe
+from engines.decoders.segments import Segment
+
+log = logging.getLogger(__name__)
+
+
+def dali_installed() -> bool:
+    """Whether ``nvidia.dali`` can be imported (without importing it)."""
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def _reset(report: DecodeReport) -> None:
+    for field in dataclasses.fields(report):
+        setattr(report, field.name, field.default)
+
+
+class RoutedDecoder:
+    """``decoder(path, sampling, batch_size, report=..., segment=...)`` with a per-file choice.
+
+    Holds at most one DALI pipeline per backend and batch size, fed file after file.
+
+    Args:
+        requested: ``--decoder``: ``auto``, ``pyav`` or ``dali``.
+        device: this worker's device, ``cpu`` or ``cuda[:N]``.
+        threads: FFmpeg threads for PyAV (0: one per core).
+        gpu_name: the CUDA device's name, for its NVDEC's codecs (None: asked from torch).
+    """
+
+    def __init__(self, requested: str, device: str, threads: int = 0, gpu_name: str | None = None) -> None:
+        from engines.decoders import pyav
+
+        self.requested = requested
+        self.device = device
+        self.device_id = int(device.split(":")[1]) if ":" in device else None
+        if device.startswith("cuda") and gpu_name is None:
+            import torch
+
+            gpu_name = torch.cuda.get_device_name(self.device_id) if torch.cuda.is_available() else None
+        self.gpu_name = gpu_name
+        self._pyav = functools.partial(pyav.decode, threads=threads)
+        self._dali: dict[tuple[str, int], object] = {}
+        self.last_choice: DecoderChoice | None = None  # of the latest file: for logs, benchmarks, tests
+
+    def __call__(self, path: str | Path, sampling: Sampling, batch_size: int, *,
+                 report: DecodeReport | None = None, segment: Segment | None = None) -> Iterator[FrameBatch]:
+        report = report if report is not None else DecodeReport()
+        if segment is not None:  # only PyAV seeks
+            self.last_choice = DecoderChoice("pyav", "a segment of a long video")
+            return self._pyav(path, sampling, batch_size, report=report, segment=segment)
+        if self.requested == "pyav" or (self.requested == "auto" and not self.device.startswith("cuda")):
+            self.last_choice = DecoderChoice("pyav", "--decoder pyav" if self.requested == "pyav" else "no GPU")
+            return self._pyav(path, sampling, batch_size, report=report)
+        return self._routed(Path(path), sampling, batch_size, report)
+
+    def _routed(self, path: Path, sampling: Sampling, batch_size: int, report: DecodeReport) -> Iterator[FrameBatch]:
+        info = probe(path)
+        choice = choose_decoder(info, self.requested, self.device, self.gpu_name, dali_installed())
+        self.last_choice = choice
+        if choice.kind == "pyav":
+            log.info("%s: decoded by PyAV: %s", path, choice.reason)
+            yield from self._pyav(path, sampling, batch_size, report=report)
+            return
+        log.debug("%s: decoded by DALI: %s", path, choice.reason)
+        batches = self._dali_decoder(choice.kind, batch_size).decode(path, sampling, report=report, info=info)
+        try:
+            first = next(batches, None)
+        except (DecodeError, RuntimeError) as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            self.last_choice = DecoderChoice("pyav", f"DALI failed before the first frame ({reason})")
+            log.warning("%s: decoded by PyAV: %s", path, self.last_choice.reason)
+            _reset(report)
+            yield from self._pyav(path, sampling, batch_size, report=report)
+            return
+        if first is not None:
+            yield first
+            yield from batches
+
+    def _dali_decoder(self, kind: str, batch_size: int):
+        from engines.decoders.dali import DaliVideoDecoder
+
+        key = (kind, batch_size)
+        if key not in self._dali:
+            device = "gpu" if kind == "dali-gpu" else "cpu"
+            self._dali[key] = DaliVideoDecoder(device, batch_size, self.device_id if device == "gpu" else None)
+        return self._dali[key]
