@@ -8,7 +8,8 @@ Matching rules:
   two-person videos come as ``<video>_left``/``_right`` annotation files, which do not match a
   video stem and are skipped);
 - an annotated frame with no scored face in the table (not sampled, or no face found) counts as
-  an error, never as a skipped frame: EXPR gets the impossible class -1 (always wrong) and VA
+  an error, never as a skipped frame: EXPR gets the impossible class -1 (always wrong, and never
+  a class of its own in the macro-F1, which averages over the classes present) and VA
   gets 0.0 (the uninformative prediction), so coverage gaps lower the score as in the ABAW2
   challenge, which scores every annotated frame.
 """

@@ -2,7 +2,8 @@
 
 Outputs in ``out_dir``: ``student.onnx`` (``DeployedStudent``, opset 17, dynamic batch, inputs
 "images", outputs "expr_logits" (B, 7) and "va" (B, 2)), ``student.pt`` (the DeployedStudent
-state dict) and ``model_card.json`` with the input contract and sha256 of both artifacts. Every
+state dict) and ``model_card.json`` with the input contract (including ``input.preprocessing``, the crop the
+student was trained on, which ``engines.factory`` checks on load) and sha256 of both artifacts. Every
 file is written to a temporary name and moved into place, so a crash never leaves a partial one.
 """
 
@@ -16,11 +17,11 @@ from typing import Any
 
 import torch
 
-from engines.models.student import EXPR_CLASSES, DeployedStudent
+from engines.models.student import EXPR_CLASSES, PREPROCESSING, DeployedStudent
 from training import checkpoint
 
 OPSET = 17
-INPUT_SIDE = 112  # the deployed aligner's 112x112 arcface crop
+INPUT_SIDE = int(PREPROCESSING["crop_size"])  # the deployed aligner's 112x112 arcface crop
 
 
 def _sha256(path: Path) -> str:
@@ -72,7 +73,8 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
         "architecture": "student",
         "arch_kwargs": {**saved["arch"], "with_va": with_va},
         "input": {"shape": [3, INPUT_SIDE, INPUT_SIDE], "dtype": "float32", "range": [0, 255], "channels": "RGB",
-                  "alignment": "5-point similarity, 112x112 arcface template"},
+                  "alignment": "5-point similarity, 112x112 arcface template",
+                  "preprocessing": PREPROCESSING},
         "outputs": outputs,
         "classes": list(EXPR_CLASSES),
         "va": "expectation over 20 bin centres on [-1,1]" if with_va else None,

@@ -25,13 +25,19 @@ EXPW_TO_AFFWILD2: dict[int, int] = {0: 1, 1: 2, 2: 3, 3: 4, 4: 5, 5: 6, 6: 0}
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled face image; ``box`` is (left, top, right, bottom) pixels, None = whole image."""
+    """One labelled face image; ``box`` is (left, top, right, bottom) pixels, None = whole image.
+
+    ``landmarks`` are the five points the face is aligned on (``engines.align`` order: eyes,
+    nose tip, mouth corners, as seen in the image), in image pixels: shipped by the dataset, or
+    filled in by ``training.datasets.alignment.with_landmarks`` before training.
+    """
 
     image: Path
     expr: int = MISSING
     valence: float = MISSING
     arousal: float = MISSING
     box: tuple[int, int, int, int] | None = None
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     @property
     def has_expr(self) -> bool:

@@ -3,6 +3,9 @@
 Each epoch draws ``steps_per_epoch`` batches from every non-empty stream, each batch holding an
 equal share (``batch_size // streams``) of the step. The sampler generator is seeded from
 ``(seed, epoch, stream)`` so a resumed run draws exactly the same samples as an uninterrupted one.
+
+Both loaders first give every sample its five landmarks (``training.datasets.alignment``, cached)
+so that training and evaluation cut the crop ``annotate run`` cuts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import TrainConfig
+from training.datasets.alignment import with_landmarks
 from training.datasets.images import FaceDataset
 from training.datasets.streams import STREAMS, Streams
 from training.labels import Sample
@@ -59,7 +63,7 @@ def make_train_streams(streams: Streams, config: TrainConfig) -> TrainStreams:
     per_stream = config.batch_size // len(present)
     steps = config.steps_per_epoch or max(1, max(len(s) for s in present.values()) // per_stream)
     return TrainStreams(
-        datasets={name: FaceDataset(samples, config.resize_size, config.image_size, train=True)
+        datasets={name: FaceDataset(with_landmarks(samples, config.device), train=True)
                   for name, samples in present.items()},
         weights={name: stream_weights(samples, *_WEIGHT_PARTS[name], bins=config.va_bins)
                  for name, samples in present.items()},
@@ -71,6 +75,6 @@ def make_train_streams(streams: Streams, config: TrainConfig) -> TrainStreams:
 
 
 def make_eval_loader(samples: list[Sample], config: TrainConfig) -> DataLoader:
-    """Centre-crop loader in file order."""
-    dataset = FaceDataset(samples, config.resize_size, config.image_size, train=False)
+    """Loader in file order of exactly the deployment crops (no augmentation)."""
+    dataset = FaceDataset(with_landmarks(samples, config.device), train=False)
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)

@@ -1,9 +1,10 @@
 """Teacher and student training loops with early stopping and resumable checkpoints.
 
-Both roles share one loop: the teacher is trained on ground truth only (``teacher=None``); the
-student is a fresh network trained on ``alpha`` * ground truth + (1 - alpha) * distillation from
-a teacher (PAPER.md "Losses"). Every step draws one batch per stream and runs a separate forward
-pass per stream, so batch-norm statistics are per stream.
+Both roles share one loop: the teacher is trained on ground truth only (``teacher=None``), by
+default each stream's own task only (Eq. 7); the student is a fresh network trained on
+``alpha`` * ground truth + (1 - alpha) * distillation from a teacher (PAPER.md "Losses"). Every
+step draws one batch per stream and runs a separate forward pass per stream, so batch-norm
+statistics are per stream.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from training.teachers import Teacher, soft_labels
 
 logger = logging.getLogger(__name__)
 
+# The task(s) whose ground truth defines each stream (PAPER.md "Data"); any other label a frame of
+# the stream carries is a cross-task label of a shared frame.
+OWN_TASKS: dict[str, tuple[str, ...]] = {"expr": ("expr",), "va": ("va",), "combined": ("expr", "va")}
+
 
 def make_optimizer(model: MultitaskNet, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam with the configured lr and betas (paper: 1e-4, (0.5, 0.999))."""
@@ -42,12 +47,37 @@ def _term(gt: torch.Tensor | None, logits: torch.Tensor, teacher_logits: torch.T
     return [student_mix(gt, distillation(logits, teacher_logits, config.temperature), labelled, config.alpha)]
 
 
+def own_labels(stream: str, expr: torch.Tensor, va: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels of a stream's own task(s); the other task's labels (shared frames) become ``MISSING``.
+
+    The expression stream owns EXPR, the valence-arousal stream VA, the combined stream both.
+
+    Raises:
+        ValueError: a stream name outside ``OWN_TASKS``.
+    """
+    if stream not in OWN_TASKS:
+        raise ValueError(f"unknown stream {stream!r}; expected one of {sorted(OWN_TASKS)}")
+    tasks = OWN_TASKS[stream]
+    return (expr if "expr" in tasks else torch.full_like(expr, MISSING),
+            va if "va" in tasks else torch.full_like(va, MISSING))
+
+
 def step_loss(model: MultitaskNet, batches: dict[str, Batch], teacher: Teacher | None,
               config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of one step: mean EXPR term over streams + mean VA term over streams."""
+    """Total loss of one step: mean EXPR term over streams + mean VA term over streams.
+
+    ``batches`` maps stream names (``expr``, ``va``, ``combined``) to batches. Cross-task labels of
+    shared frames count only where the role's switch allows it (``config.teacher_cross_task``,
+    default off as in the paper's Eq. 7; ``config.student_cross_task``, default on): without
+    them the teacher has no term for the other task on that stream and the student distils it
+    alone at weight 1.
+    """
+    cross_task = config.student_cross_task if teacher is not None else config.teacher_cross_task
     expr_terms: list[torch.Tensor] = []
     va_terms: list[torch.Tensor] = []
-    for images, expr, va in batches.values():
+    for stream, (images, expr, va) in batches.items():
+        if not cross_task:
+            expr, va = own_labels(stream, expr, va)
         expr_logits, va_logits = model(images)
         soft_expr, soft_va = soft_labels(teacher, images) if teacher is not None else (None, None)
         expr_mask, va_mask = expr_labelled(expr), va_labelled(va)

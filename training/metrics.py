@@ -1,7 +1,8 @@
 """ABAW2 evaluation metrics on numpy arrays (PAPER.md "Metrics").
 
-EXPR score = 0.67 * macro-F1 over the 7 classes + 0.33 * accuracy; VA = CCC per dimension with
-population statistics; model selection = EXPR score + CCC_valence + CCC_arousal.
+EXPR score = 0.67 * macro-F1 (over the classes present, as scikit-learn computes it) + 0.33 *
+accuracy; VA = CCC per dimension with population statistics; model selection = EXPR score +
+CCC_valence + CCC_arousal.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ ACCURACY_WEIGHT = 0.33
 
 
 def macro_f1(pred: np.ndarray, target: np.ndarray, n_classes: int = 7) -> float:
-    """Unweighted mean of per-class F1 over all ``n_classes``.
+    """Unweighted mean of per-class F1 over the classes present in ``target`` or ``pred``.
 
-    A class with no true and no predicted sample scores 0, as scikit-learn's ``f1_score(...,
-    labels=range(7), average="macro")`` (the ABAW2 evaluation script) does by default.
+    This is scikit-learn's ``f1_score(y_true, y_pred, average="macro")`` without ``labels=``, as
+    the authors' evaluation calls it (``multitask_cnn/utils/model_utils.py::EXPR_metric`` in
+    glmanhtu/multitask-abaw-2021): a class that neither occurs nor is predicted is left out
+    rather than scored 0. On the
+    full Aff-Wild2 validation set every class occurs, so both conventions agree; on a clip or a
+    subset that lacks some classes, averaging over all 7 would deflate the score (e.g. 0.036 instead
+    of 0.042 on one real clip). Values outside ``0..n_classes-1`` in ``pred`` (``evaluate.NO_EXPR``
+    = -1 for a frame without a prediction) are errors for their true class but never a class of
+    their own, so a coverage gap lowers recall without adding a phantom class.
+
+    Returns:
+        0.0 when no class is present (empty input).
     """
+    pred, target = np.asarray(pred), np.asarray(target)
+    present = np.union1d(np.unique(target), np.unique(pred))
+    classes = present[(present >= 0) & (present < n_classes)]
     scores = []
-    for cls in range(n_classes):
+    for cls in classes:
         tp = np.sum((pred == cls) & (target == cls))
         denominator = np.sum(pred == cls) + np.sum(target == cls)
-        scores.append(2.0 * tp / denominator if denominator else 0.0)
-    return float(np.mean(scores))
+        scores.append(2.0 * tp / denominator)
+    return float(np.mean(scores)) if scores else 0.0
 
 
 def expr_score(pred: np.ndarray, target: np.ndarray, n_classes: int = 7) -> float:

@@ -1,4 +1,4 @@
-"""``annotate train teacher|student``, ``annotate eval`` and ``annotate export``.
+"""``annotate train teacher|student|temporal``, ``annotate eval`` and ``annotate export``.
 
 Thin click wrappers over ``training/``: they validate options, build a ``TrainConfig`` and call
 the library.
@@ -110,6 +110,43 @@ def student(teacher_ckpt: Path | None, external_teacher: str | None, config_path
     _run(config, out, teacher=teacher_model, init=init)
 
 
+@train.command(epilog="""Examples:
+
+  annotate train temporal --student runs/student/best.pt --config training/configs/paper.toml --out runs/temporal-teacher
+
+  annotate train temporal --student runs/student/best.pt --teacher runs/temporal-teacher/best.pt --config paper.toml
+""")
+@click.option("--student", "student_ckpt", type=_FILE, required=True,
+              help="The trained CNN student (best.pt); frozen, it gives the GRU one feature per frame.")
+@click.option("--teacher", "teacher_ckpt", type=_FILE, default=None,
+              help="A temporal teacher (best.pt of this command without --teacher): train the temporal student.")
+@_config_option
+@click.option("--out", type=_DIR, default=Path("runs/temporal"), show_default=True, help="Run directory.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: the config's epochs]")
+@click.option("--variants", type=click.IntRange(min=0), default=None,
+              help="Sequence-level augmentations precomputed per video.  [default: 4]")
+def temporal(student_ckpt: Path, teacher_ckpt: Path | None, config_path: Path, out: Path, epochs: int | None,
+             variants: int | None) -> None:
+    """Train the temporal stage (bidirectional GRU over 32-frame windows of frozen CNN features).
+
+    PAPER.md, temporal stage: without --teacher, a teacher on ground truth; with it, a student
+    on 0.6 x ground truth + 0.4 x the teacher's soft labels. Aff-Wild2 videos only (the other
+    databases are still images). Features are cached in OUT/features; re-running resumes.
+    """
+    from training.labels import AnnotationError
+    from training.temporal import TemporalConfig, with_overrides
+    from training.temporal_data import train_temporal
+
+    config = _config(config_path)
+    settings = with_overrides(TemporalConfig.from_train_config(config), epochs=epochs, variants=variants)
+    try:
+        metrics = train_temporal(config, student_ckpt, out, settings, teacher_ckpt)
+    except (AnnotationError, ValueError, OSError, KeyError, pickle.UnpicklingError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"best checkpoint: {out / 'best.pt'}")
+    click.echo(json.dumps(metrics, indent=2))
+
+
 @click.command("eval", epilog="""Examples:
 
   annotate eval results.parquet --affwild2 data/Aff-Wild2
@@ -132,10 +169,15 @@ def eval_cmd(results: Path, affwild2: Path) -> None:
 @click.command(epilog="""Examples:
 
   annotate export runs/student/best.pt --out models/student
+
+  annotate export runs/student/best.pt --temporal runs/temporal/best.pt --out models/student-gru
 """)
 @click.argument("ckpt", type=_FILE)
 @click.option("--out", type=_DIR, required=True, help="Directory for student.onnx, student.pt, model_card.json.")
-def export(ckpt: Path, out: Path) -> None:
+@click.option("--temporal", "temporal_ckpt", type=_FILE, default=None,
+              help="Also export this temporal stage (best.pt of 'annotate train temporal' on CKPT), for "
+                   "'annotate run --temporal'.")
+def export(ckpt: Path, out: Path, temporal_ckpt: Path | None) -> None:
     """Export a trained checkpoint as ONNX + torch artifacts with a model card."""
     from training.export import export_student
 
@@ -143,4 +185,13 @@ def export(ckpt: Path, out: Path) -> None:
         card = export_student(ckpt, out)
     except (KeyError, RuntimeError, pickle.UnpicklingError) as error:
         raise click.ClickException(f"{ckpt}: not a training checkpoint ({error})") from None
+    if temporal_ckpt is not None:
+        from training.temporal_export import TemporalExportError, export_temporal
+
+        try:
+            card = export_temporal(ckpt, temporal_ckpt, out)
+        except TemporalExportError as error:
+            raise click.ClickException(str(error)) from None
+        except (KeyError, RuntimeError, pickle.UnpicklingError) as error:
+            raise click.ClickException(f"{temporal_ckpt}: not a temporal checkpoint ({error})") from None
     click.echo(f"wrote {card}")

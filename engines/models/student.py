@@ -4,7 +4,9 @@ Method: Vu, Beurton-Aimar and Marchand, "Multitask Multi-database Emotion Recogn
 Workshops 2021 (public code: github.com/glmanhtu/multitask-abaw-2021), see shared/PAPER.md.
 
 Contract of the network:
-- input: float32 (B, 3, H, W) RGB in 0..255, H = W = 112 for deployment (aligned face crops);
+- input: float32 (B, 3, H, W) RGB in 0..255, H = W = 112: exactly ``engines.align.align_faces``'
+  crops (5-point similarity onto the arcface template, no resize), at training, evaluation and in
+  ``annotate run`` alike (``PREPROCESSING`` is what an exported model card records);
   the module normalises internally with the ImageNet statistics (mean 123.675/116.28/103.53,
   std 58.395/57.12/57.375 on the 0..255 scale) because user-provided ``--init`` backbones are
   almost always ImageNet-pretrained;
@@ -28,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engines.align import CROP_SIZE, TEMPLATE_112
+
 logger = logging.getLogger(__name__)
 
 EXPR_CLASSES: tuple[str, ...] = (
@@ -41,6 +45,16 @@ VA_BIN_CENTRES = torch.linspace(-1 + 1 / VA_BINS, 1 - 1 / VA_BINS, VA_BINS)
 # 0.229/0.224/0.225 times 255), matching the pretrained backbones users bring.
 INPUT_MEAN = (123.675, 116.28, 103.53)
 INPUT_STD = (58.395, 57.12, 57.375)
+#: The student's input preprocessing, recorded in every exported model card and checked when a
+#: card is loaded (engines.factory): training (training.datasets.images) and ``annotate run`` both
+#: feed the aligner's crop as it is. Exports made before this record trained on 1.2x zoomed crops.
+PREPROCESSING: dict[str, object] = {
+    "aligner": "engines.align.align_faces",
+    "landmarks": "5 points: eyes, nose tip, mouth corners (RetinaFace order)",
+    "template": [[round(float(v), 4) for v in point] for point in TEMPLATE_112],
+    "crop_size": CROP_SIZE,
+    "resize": None,
+}
 # Paper head: BN -> Linear(->128) -> ReLU -> BN -> Dropout(0.5) -> Linear(->n).
 HEAD_HIDDEN = 128
 HEAD_DROPOUT = 0.5
@@ -113,6 +127,20 @@ class MobileNetV2Features(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+class HalfResolutionMobileNetV2Features(MobileNetV2Features):
+    """MobileNetV2 1.0 on the aligned crop averaged down 2x (112 -> 56): 4x fewer FLOPs.
+
+    Expressions are legible at 48-64 px (FER2013's faces are 48x48; the FER teacher eats 64x64
+    grey), so the full 112 px is spent mostly on skin texture; halving the resolution inside the
+    network keeps the one deployment crop (training and ``annotate run`` still feed 112x112) and
+    makes the student faster per crop than its teacher on a CPU. Same parameters and state-dict
+    keys as ``mobilenetv2``, so ImageNet ``--init`` weights still load.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.avg_pool2d(x, 2))
+
+
 class TinyFeatures(nn.Module):
     """Four stride-2 conv blocks (16-32-64-128 channels, ~0.1 M parameters) for CPU tests."""
 
@@ -134,6 +162,7 @@ class TinyFeatures(nn.Module):
 
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv2": MobileNetV2Features,
+    "mobilenetv2-half": HalfResolutionMobileNetV2Features,
     "tiny": TinyFeatures,
 }
 DEFAULT_BACKBONE = "mobilenetv2"

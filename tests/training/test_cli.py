@@ -21,8 +21,6 @@ epochs = {epochs}
 patience = 2
 batch_size = 12
 steps_per_epoch = 3
-image_size = 48
-resize_size = 56
 num_workers = 0
 
 [data]
@@ -125,11 +123,13 @@ def test_eval_scores_a_results_table(workspace):
 def test_student_of_the_external_fer_teacher(workspace):
     """``--external-teacher``: the project's FER2013 scorer supplies expression soft labels."""
     config = workspace / "external.toml"
-    config.write_text(SMOKE.format(epochs=1).replace("image_size = 48", "image_size = 112")
-                      .replace("resize_size = 56", "resize_size = 134").replace("steps_per_epoch = 3", "steps_per_epoch = 2"))
+    config.write_text(SMOKE.format(epochs=1).replace("steps_per_epoch = 3", "steps_per_epoch = 2"))
     out = workspace / "fer-student"
     _invoke(train, ["student", "--external-teacher", "fer-minixception", "--config", config, "--out", out])
     assert checkpoint.load(out / "last.pt")["epoch"] == 1
-    small = CliRunner().invoke(train, ["student", "--external-teacher", "fer-minixception",
-                                       "--config", _config(workspace, 1), "--out", workspace / "x"])
-    assert small.exit_code == 2 and "image_size 112" in small.output
+    # Every model sees the deployment's 112x112 crop: a smaller training crop is a config error.
+    small = workspace / "small.toml"
+    small.write_text("image_size = 48\n" + SMOKE.format(epochs=1))  # top level, before [data]
+    result = CliRunner().invoke(train, ["student", "--external-teacher", "fer-minixception",
+                                        "--config", small, "--out", workspace / "x"])
+    assert result.exit_code == 2 and "'image_size' must be 112" in result.output

@@ -11,15 +11,28 @@ from training import losses, metrics
 from training.labels import MISSING
 
 
-def test_macro_f1_counts_an_absent_class_as_zero():
-    # Per class F1: 0 -> 2*1/(2+1) = 2/3, 1 -> 2*1/(1+2) = 2/3, 2 -> 1, classes 3..6 absent -> 0.
+def test_macro_f1_averages_over_the_classes_present():
+    # scikit-learn's f1_score(average="macro"), the ABAW2/authors' evaluation: classes 3..6 neither
+    # occur nor are predicted, so they are left out. Per class F1: 0 -> 2*1/(2+1) = 2/3,
+    # 1 -> 2*1/(1+2) = 2/3, 2 -> 1. (Averaging over all 7 would give 7/3/7 = 1/3.)
     pred, target = np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2])
-    assert metrics.macro_f1(pred, target) == pytest.approx((2 / 3 + 2 / 3 + 1) / 7)
+    assert metrics.macro_f1(pred, target) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_macro_f1_counts_a_class_only_predicted_and_ignores_no_prediction():
+    # A subset like one clip: true classes {4, 5}; 6 is only predicted (F1 0, still a class);
+    # -1 (evaluate.NO_EXPR, a frame without a face) is an error for class 5 but not a class.
+    # Class 4: tp 2, |pred 4| 2, |true 4| 3 -> 4/5. Class 5: tp 1, |pred 5| 1, |true 5| 3 -> 2/4.
+    # Class 6: tp 0 -> 0. Mean over {4, 5, 6} = (0.8 + 0.5 + 0) / 3.
+    pred = np.array([4, 4, 6, 5, 6, -1])
+    target = np.array([4, 4, 4, 5, 5, 5])
+    assert metrics.macro_f1(pred, target) == pytest.approx(1.3 / 3)
+    assert metrics.macro_f1(np.array([], int), np.array([], int)) == 0.0
 
 
 def test_expr_score_is_067_f1_plus_033_accuracy():
     pred, target = np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2])
-    assert metrics.expr_score(pred, target) == pytest.approx(0.67 * (1 / 3) + 0.33 * 0.75)
+    assert metrics.expr_score(pred, target) == pytest.approx(0.67 * (7 / 9) + 0.33 * 0.75)
 
 
 @pytest.mark.parametrize(("y", "expected"), [

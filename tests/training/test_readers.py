@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from training.datasets.affectnet import read_affectnet
 from training.datasets.affwild2 import read_affwild2
 from training.datasets.afewva import read_afewva
 from training.datasets.expw import read_expw
+from training.datasets.alignment import box_landmarks
 from training.datasets.images import FaceDataset
 from training.labels import MISSING, AnnotationError
 from training.samplers import balanced_sampler, expr_weights, stream_weights, va_weights
@@ -70,6 +72,47 @@ def test_affectnet_remaps_and_drops_unusable_rows(tmp_path):
     assert samples[0].box == (2, 3, 22, 13)
 
 
+def _affectnet_release_rows(tmp_path) -> list[str]:
+    """Rows as the release writes them: hashed file names, 68 unquoted ';'-joined landmarks."""
+    landmarks = ";".join(f"{30 + i * 0.37:.2f}" for i in range(136))
+    rows = [("689/737db2483489148d783ef278f43f486c0a97e140fc4b6b61b84363ca.jpg", "134,134,899,899", 1,
+             "0.785714", "-0.055556"),  # happy -> 4
+            ("392/c4db2f9b7e4b422d14b6e038f0cdc3ecee239b55326e9181ee4520f9.JPG", "20,20,173,173", 3,
+             "-0.0307", "0.380952"),  # surprise -> 6, upper-case suffix as some release files have
+            ("468/21772b68dc8c2a11678c8739eaa9599e2ac1e83c6d4d8aa79fc67f1e.png", "0,0,40,30", 8, "-2", "-2")]
+    for name, *_ in rows:
+        _image(tmp_path / "img" / name)
+    return [f"{name},{box},{landmarks},{code},{valence},{arousal}" for name, box, code, valence, arousal in rows]
+
+
+@pytest.mark.parametrize("header", [True, False], ids=["training.csv-with-header", "validation.csv-no-header"])
+def test_affectnet_reads_the_release_with_or_without_header(tmp_path, header):
+    rows = _affectnet_release_rows(tmp_path)
+    first = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,"
+             "arousal\n" if header else "")
+    csv_path = tmp_path / ("training.csv" if header else "validation.csv")
+    csv_path.write_text(first + "\n".join(rows) + "\n")
+    samples = read_affectnet(csv_path, tmp_path / "img")
+    # The "none" row (code 8, no VA) has no usable label: two of three rows are kept either way.
+    assert [(s.image.name[:6], s.expr, s.valence, s.arousal, s.box) for s in samples] == [
+        ("737db2", 4, 0.785714, -0.055556, (134, 134, 1033, 1033)),
+        ("c4db2f", 6, -0.0307, 0.380952, (20, 20, 193, 193))]
+    # A malformed row is reported at its physical line in both forms.
+    csv_path.write_text(first + rows[0] + "\n" + rows[1].replace(",3,", ",x,") + "\n")
+    with pytest.raises(AnnotationError, match=rf"^{csv_path}:{3 if header else 2}: non-numeric"):
+        read_affectnet(csv_path, tmp_path / "img")
+
+
+def test_affectnet_rejects_a_first_row_that_is_neither_header_nor_data(tmp_path):
+    csv_path = tmp_path / "validation.csv"
+    csv_path.write_text("path,x,y,w,h,landmarks,expression,valence,arousal\n")  # a foreign header
+    with pytest.raises(AnnotationError, match=rf"^{csv_path}:1: missing columns \['subDirectory_filePath'"):
+        read_affectnet(csv_path, tmp_path)
+    csv_path.write_text("1/a.txt,0,0,4,4,x,1,0,0\n")  # not an image path: not taken for a data row
+    with pytest.raises(AnnotationError, match=rf"^{csv_path}:1: missing columns"):
+        read_affectnet(csv_path, tmp_path)
+
+
 def test_affectnet_malformed_row(tmp_path):
     csv_path = tmp_path / "training.csv"
     csv_path.write_text("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,"
@@ -100,6 +143,10 @@ def test_afewva_scales_to_unit_range_and_boxes_landmarks(tmp_path):
     [sample] = read_afewva(tmp_path)
     assert (sample.expr, sample.valence, sample.arousal) == (MISSING, 0.5, -1.0)
     assert sample.box == (15, 26, 75, 74)  # grown by 10 % of 50 x 40 per side
+    # Aligned on the five points of its 68: eye contours' means (36-41, 42-47), nose tip 30, mouth 48, 54.
+    points = np.array(landmarks, float)
+    expected = [points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]]
+    assert np.allclose(sample.landmarks, expected)
     (clip / "001.json").write_text('{"frames": {\n "00000": {"valence": 11,}}}')
     with pytest.raises(AnnotationError, match=rf"^{clip / '001.json'}:2: invalid JSON"):
         read_afewva(tmp_path)
@@ -107,9 +154,13 @@ def test_afewva_scales_to_unit_range_and_boxes_landmarks(tmp_path):
 
 def test_face_dataset_contract(affwild2):
     expr, _ = read_affwild2(affwild2, "Train_Set")
-    image, label, va = FaceDataset(expr, resize=134, crop=112, train=True)[1]
+    with pytest.raises(ValueError, match="no landmarks"):
+        FaceDataset(expr, train=True)  # the detector never runs inside a DataLoader worker
+    # A face filling the 40x30 image: the template placed in its box, as for an undetected face.
+    aligned = [replace(s, landmarks=tuple(map(tuple, box_landmarks((0, 0, 40, 30)).tolist()))) for s in expr]
+    image, label, va = FaceDataset(aligned, train=True)[1]
     assert image.shape == (3, 112, 112) and image.dtype == torch.float32
-    assert image[:, 0, 0].tolist() == pytest.approx([200, 100, 50], abs=2)  # RGB order, 0..255 scale
+    assert image[:, 56, 56].tolist() == pytest.approx([200, 100, 50], abs=2)  # RGB order, 0..255 scale
     assert int(label) == 4 and va.tolist() == pytest.approx([0.1, 0.2])
 
 

@@ -13,7 +13,8 @@ from training.synthetic import run_benchmark
 # differences in CPU arithmetic, still far above chance.
 TEACHER_MIN = {"expr_score": 0.8, "ccc_valence": 0.8, "ccc_arousal": 0.7}
 # The student sees the same data plus soft labels and measured +0.033 over the teacher; 0.05 of the
-# 3-point selection score (under 2 %) allows numeric drift without hiding a broken distillation.
+# 3-point selection score (under 2 %) allows numeric drift. This task saturates, so it checks the
+# pipeline end to end, not distillation: test_distillation.py fails a broken KD term.
 STUDENT_TOLERANCE = 0.05
 
 

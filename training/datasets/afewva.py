@@ -2,7 +2,10 @@
 
 The JSON holds ``{"frames": {"00000": {"valence": v, "arousal": a, "landmarks": [[x, y] x 68]}}}``
 with integer valence/arousal on [-10, 10]; they are divided by 10 onto [-1, 1]. Frames are full
-video frames, so the face box is the landmarks' bounding box grown by ``BOX_MARGIN`` per side.
+video frames; each sample is aligned on the five points its 68 landmarks give (eye centres, nose
+tip, mouth corners: ``training.datasets.alignment.five_from_68``), like a RetinaFace face at
+deployment. The box (the landmarks' bounding box grown by ``BOX_MARGIN`` per side) is kept for
+frames whose landmarks are degenerate, which are re-detected in it instead.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from training.datasets.alignment import five_from_68
 from training.datasets.images import drop_missing_images
 from training.labels import AnnotationError, Sample, check_va
 
 VA_SCALE = 10.0  # AFEW-VA annotates on [-10, 10]
-# 68-point landmarks run from the brows to the chin; 10 % per side keeps the forehead and jaw
-# roughly as the 112x112 arcface crop used at deployment does.
+# 68-point landmarks run from the brows to the chin; 10 % per side keeps the forehead and jaw.
 BOX_MARGIN = 0.1
 
 
@@ -45,11 +48,13 @@ def read_clip(path: Path) -> list[Sample]:
         try:
             valence, arousal = float(frame["valence"]), float(frame["arousal"])
             box = _box(frame["landmarks"])
+            five = five_from_68(frame["landmarks"])
         except (KeyError, TypeError, ValueError, IndexError):
-            raise AnnotationError(path, where, "needs numeric valence, arousal and landmarks") from None
+            raise AnnotationError(path, where, "needs numeric valence, arousal and 68 landmarks") from None
         samples.append(Sample(path.parent / f"{name}.png",
                               valence=check_va(valence / VA_SCALE, path, where),
-                              arousal=check_va(arousal / VA_SCALE, path, where), box=box))
+                              arousal=check_va(arousal / VA_SCALE, path, where), box=box,
+                              landmarks=tuple((float(x), float(y)) for x, y in five)))
     return samples
 
 

@@ -10,6 +10,10 @@ Line k after the header describes frame k (1-based), i.e. image ``<k:05d>.jpg``.
 annotated in both sets shares frames: such a frame carries both labels in both lists (PAPER.md,
 "shared videos"). Frames whose crop is absent (no face was found by the release's detector) are
 skipped and counted.
+
+The crops were cut by the release's own aligner, not the deployment's, so a sample carries no box
+and no landmarks: ``training.datasets.alignment`` re-detects the face in the crop with RetinaFace
+and re-aligns it onto the deployment template, like every other database.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Each row: ``image face_id top left right bottom confidence label`` with labels 0 angry,
 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise, 6 neutral; an image may hold several faces.
+The box only says which face: ``training.datasets.alignment`` finds that face's five landmarks
+with RetinaFace (the face overlapping the box best) and aligns it as ``annotate run`` would.
 """
 
 from __future__ import annotations
