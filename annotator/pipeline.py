@@ -23,7 +23,7 @@ from annotator.tracking import FaceTracker
 from engines.decoders import DecodeReport, FrameBatch
 from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
-from engines.factory import Scorer, create_detector, create_scorer
+from engines.factory import AnyScorer, create_detector, create_scorer
 from engines.retinaface import detector_side
 
 STAGES = ("decode", "detect", "align", "score", "rows")
@@ -63,10 +63,11 @@ class VideoPipeline:
             batch_size=config.resolved_batch_size(),
         )
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every)
-        self.scorer: Scorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir,
-                                            batch_size=config.resolved_batch_size())
+        self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, threads, config.cache_dir,
+                                               batch_size=config.resolved_batch_size())
         self.model_id = self.scorer.model_id
-        self.find, self.align, self.score = FindFaces(self.tracker), AlignFaces(), ScoreFaces(self.scorer)
+        self.find, self.score = FindFaces(self.tracker), ScoreFaces(self.scorer)
+        self.align = AlignFaces(self.scorer.crop)  # the crop this scorer eats (a spec's may differ)
         # --temporal: the CNN + GRU head replaces the per-frame scores; rows then wait (a bounded
         # lookahead per track) for their window, see annotator.temporal.
         self.temporal: TemporalScores | None = None

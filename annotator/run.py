@@ -39,6 +39,7 @@ from annotator.writer import (
 from engines.cache import Artifacts, resolve
 from engines.factory import lookup, model_id
 from engines.registry import ModelEntry
+from engines.spec import ModelSpec, check_onnx, is_spec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,31 @@ def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:
     }
 
 
-def lookup_models(config: RunConfig) -> tuple[ModelEntry, ModelEntry]:
-    """The detector and scorer entries; an unknown name is a configuration error."""
+def _spec_record(spec: ModelSpec) -> dict[str, object]:
+    """A spec model's record: what the spec says, and the digests of both files that made a row."""
+    return {
+        "role": "scorer", "name": spec.name, "id": spec.model_id, "source": spec.source,
+        "spec": str(spec.path), "spec_sha256": spec.spec_sha256, "onnx": spec.onnx.name, "onnx_sha256": spec.sha256,
+        "artifact_sha256": {spec.onnx.name: spec.sha256}, "licence": spec.licence,
+        "labels": list(spec.expression.labels), "dropped_labels": list(spec.expression.dropped),
+        "description": f"ONNX model described by {spec.path.name}",
+        "valence_arousal": "predicted" if spec.has_va else "not predicted by this model: columns are null",
+    }
+
+
+def _lookup_scorer(name: str) -> ModelEntry | ModelSpec:
+    if is_spec(name):
+        spec = load_spec(name)
+        check_onnx(spec)  # a graph that contradicts the spec fails now, not in every worker
+        return spec
+    return lookup(name, "scorer")
+
+
+def lookup_models(config: RunConfig) -> tuple[ModelEntry, ModelEntry | ModelSpec]:
+    """The detector entry and the scorer's entry (or spec); an unknown name or a bad spec is a
+    configuration error."""
     try:
-        entries = lookup(config.detector, "detector"), lookup(config.scorer, "scorer")
+        entries = lookup(config.detector, "detector"), _lookup_scorer(config.scorer)
         if config.temporal:
             temporal_card(config.scorer)
         return entries
@@ -104,8 +126,10 @@ def lookup_models(config: RunConfig) -> tuple[ModelEntry, ModelEntry]:
 
 def run_metadata(config: RunConfig) -> dict[str, object]:
     """Models (with digests), package version and options; pulls the models if needed."""
-    detector, scorer = (resolve(entry, config.cache_dir) for entry in lookup_models(config))
-    models = [_model_record("detector", detector), _model_record("scorer", scorer)]
+    detector, scorer = lookup_models(config)
+    models = [_model_record("detector", resolve(detector, config.cache_dir)),
+              _spec_record(scorer) if isinstance(scorer, ModelSpec)
+              else _model_record("scorer", resolve(scorer, config.cache_dir))]
     if config.temporal:  # its id joins the fingerprint: temporal and per-frame rows never mix
         models.append(temporal_record(config.scorer))
     options = config.options_for_metadata()

@@ -15,9 +15,9 @@ import torch
 
 from annotator.schema import frame_rows
 from annotator.tracking import FaceTracker
-from engines.align import align_faces
+from engines.align import CropGeometry
 from engines.decoders import FrameBatch
-from engines.factory import Scorer
+from engines.factory import AnyScorer
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FaceBatch:
     landmarks: np.ndarray  # float32 (N, 5, 2)
     scores: np.ndarray  # float32 (N,)
     track_ids: np.ndarray  # int64 (N,)
-    crops: torch.Tensor | None = None  # float32 (N, 3, 112, 112), the frames' device
+    crops: torch.Tensor | None = None  # float32 (N, 3, S, S) RGB 0..255, the frames' device (S: the scorer's crop)
     probs: np.ndarray | None = None  # float32 (N, 7)
     va: np.ndarray | None = None  # float32 (N, 2), or None for an expression-only scorer
 
@@ -60,16 +60,23 @@ class FindFaces:
 
 
 class AlignFaces:
-    """Faces → their 112x112 crops on the 5-point template."""
+    """Faces → their crops on the 5-point template, cut as the scorer asks (``scorer.crop``).
+
+    Our models take the 112x112 crop; a spec model may want another size or more context, and
+    gets it cut from the frame directly rather than resampled from the 112 crop.
+    """
+
+    def __init__(self, geometry: CropGeometry = CropGeometry()) -> None:
+        self.geometry = geometry
 
     def __call__(self, faces: FaceBatch) -> FaceBatch:
-        return replace(faces, crops=align_faces(faces.frames.frames, faces.frame_of_face, faces.landmarks))
+        return replace(faces, crops=self.geometry.crops(faces.frames.frames, faces.frame_of_face, faces.landmarks))
 
 
 class ScoreFaces:
     """Crops → expression probabilities (and valence/arousal), one scorer call per batch."""
 
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, scorer: AnyScorer) -> None:
         self.scorer = scorer
 
     def __call__(self, faces: FaceBatch) -> FaceBatch:

@@ -9,6 +9,8 @@ knowledge of videos or runs, so training and annotation share it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,38 @@ def warp(frames: torch.Tensor, frame_of_crop: np.ndarray, matrices: np.ndarray, 
     return out
 
 
+def scaled_template(size: int = CROP_SIZE, margin: float = 1.0) -> np.ndarray:
+    """TEMPLATE_112 for a ``size`` x ``size`` crop showing ``margin`` times the 112 crop's extent.
+
+    The 112 crop's extent, pixel edges [0, 112), is scaled about its centre by ``size / (112 *
+    margin)``, so pixel centres stay pixel centres at any size, and margin 1.25 keeps the face
+    centred with 25 % more context on each axis. (112, 1.0) returns the template itself, so our
+    own crops stay bit-identical.
+    """
+    if size == CROP_SIZE and margin == 1.0:
+        return TEMPLATE_112
+    scale = size / (CROP_SIZE * margin)
+    return ((TEMPLATE_112.astype(np.float64) + 0.5 - CROP_SIZE / 2) * scale + size / 2 - 0.5).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """The aligned crop a scorer eats: its side and how much context around the template face.
+
+    A scorer declares one and ``AlignFaces`` cuts it, so a model with another input size gets
+    its crop straight from the frame through the same :func:`warp` (one interpolation).
+    """
+
+    size: int = CROP_SIZE
+    margin: float = 1.0
+
+    def crops(self, frames: torch.Tensor, frame_of_face: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+        """float32 (N, 3, size, size) RGB 0..255 crops of every face, on the frames' device."""
+        points = np.asarray(landmarks, np.float32).reshape(-1, 5, 2)
+        matrices = similarity_matrices(points, scaled_template(self.size, self.margin))
+        return warp(frames, frame_of_face, matrices, self.size)
+
+
 def align_faces(frames: torch.Tensor, frame_of_face: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
     """Aligned 112x112 crops of every face (float32 (N, 3, 112, 112) RGB 0..255, frames' device)."""
-    return warp(frames, frame_of_face, similarity_matrices(np.asarray(landmarks, np.float32).reshape(-1, 5, 2)), CROP_SIZE)
+    return CropGeometry().crops(frames, frame_of_face, landmarks)

@@ -2,7 +2,8 @@
 
 ``create_detector`` and ``create_scorer`` are the only places that combine the registry, the
 cache and a runtime, so the CLI, the Ray workers, the benchmarks and training all load models
-the same way.
+the same way. ``create_scorer`` also takes a model spec (``SPEC.toml``, :mod:`engines.spec`): any
+ONNX affect model, run by :mod:`engines.spec_scorer` behind the same scorer interface.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,13 @@ from engines.registry import FileSource, ModelEntry, get_entry
 from engines.sources import plain_name
 from engines.runtimes import Runtime, default_backend, load_runtime
 from engines.runtimes.engine_plan import EngineShapes, detector_shapes, scorer_shapes
+from engines.spec import is_spec
 
 if TYPE_CHECKING:
     import torch
+
+    from engines.align import CropGeometry
+    from engines.spec_scorer import SpecScorer
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +232,13 @@ class Scorer:
     runtime: Runtime
 
     @property
+    def crop(self) -> CropGeometry:
+        """Our models all eat the 112x112 crop on the ArcFace template."""
+        from engines.align import CropGeometry
+
+        return CropGeometry()
+
+    @property
     def has_va(self) -> bool:
         return "va" in self.runtime.output_names
 
@@ -250,13 +262,24 @@ class Scorer:
         return probs, (outputs["va"].float().cpu().numpy() if self.has_va else None)
 
 
+#: What ``create_scorer`` returns: both have ``crop``, ``predict``, ``has_va`` and ``model_id``.
+AnyScorer = Union[Scorer, "SpecScorer"]
+
+
 def create_scorer(name_or_path: str, backend: str | None = None, device: str = "cpu",
                   threads: int = 0, cache_dir: str | os.PathLike[str] | None = None, *,
-                  batch_size: int = 32) -> Scorer:
-    """Load a scorer by registry name or exported directory, pulling it on first use.
+                  batch_size: int = 32) -> AnyScorer:
+    """Load a scorer by registry name, exported directory or spec file, pulling it on first use.
 
     ``batch_size``: the run's frames per batch, which sizes a TensorRT engine's profile.
+
+    Raises:
+        ValueError: unknown name, bad model card, or (``engines.spec.SpecError``) a bad spec.
     """
+    if is_spec(name_or_path):
+        from engines.spec_scorer import create_spec_scorer
+
+        return create_spec_scorer(name_or_path, backend, device, threads, cache_dir, batch_size=batch_size)
     entry = lookup(name_or_path, "scorer")
     return Scorer(*_runtime(entry, backend, device, threads, cache_dir, scorer_shapes(batch_size)))
 

@@ -1,4 +1,5 @@
-"""``annotate models list|pull``: what models exist, and fetching them ahead of a run."""
+"""``annotate models list|pull|check``: what models exist, fetching them ahead of a run, and
+trying a model spec on a real face before a long run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from annotator.commands.options import cache_dir
+from annotator.commands.options import cache_dir, spec_error
 from engines.cache import cached, resolve
 from engines.registry import get_entry, list_models
 from engines.sources import FetchError
@@ -59,3 +60,31 @@ def pull_command(names: tuple[str, ...], cache_dir: Path | None) -> None:
         except FetchError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"{entry.name}: {artifacts.onnx.parent} (onnx sha256 {artifacts.sha256['model.onnx'][:12]})")
+
+
+@models.command("check")
+@click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False, path_type=Path))
+@cache_dir
+def check_command(spec_path: Path, cache_dir: Path | None) -> None:
+    """Run the model a spec describes on a shipped face and print what it predicts.
+
+    The face is scikit-image's astronaut (a smiling Eileen Collins), found by RetinaFace and
+    cut as the spec says. Look at the input statistics (do they match what the model was
+    trained on?) and the prediction (a smile should come out as happiness). A bad spec is one
+    line naming the key, exit code 2.
+
+    \b
+    Examples:
+      annotate models check affectnet8/model.toml
+    """
+    from engines.spec import SpecError
+    from engines.spec_check import check_on_astronaut
+
+    try:
+        report = check_on_astronaut(spec_path, cache_dir)
+    except SpecError as exc:
+        raise spec_error(str(exc)) from None
+    except FetchError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in report.lines():
+        click.echo(line)

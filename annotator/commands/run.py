@@ -63,7 +63,8 @@ _PROBLEMS_SHOWN = 10
               show_default=True, help="auto: TensorRT (else torch) on a GPU, ONNX Runtime on a CPU.")
 @click.option("--detector", default=DEFAULT_DETECTOR, show_default=True, help="Detector name (annotate models list).")
 @click.option("--model", "scorer", default=DEFAULT_SCORER, show_default=True,
-              help="Scorer name, or a directory written by 'annotate export'.")
+              help="Scorer name, a directory written by 'annotate export', or an ONNX model's SPEC.toml "
+                   "(see the README: 'Use a better model').")
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True, help="Face score threshold.")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
@@ -98,6 +99,9 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
 
     if sample_fps is not None and every_n is not None:
         raise click.UsageError("--sample-fps and --every-n are exclusive; give one")
+    scorer = Path(options["scorer"]).expanduser()
+    if scorer.exists():  # a model directory or spec: absolute, so every Ray worker finds it
+        options["scorer"] = str(scorer.resolve())
     try:
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
         summary = run(config, progress=not no_progress)
