@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from annotator.config import DEFAULT_DETECT_EVERY
+
 STAGES = ("decode", "detect", "detect_full", "align", "score", "write", "pipeline")
 #: Environment variables that cap the threads of the numeric libraries a child loads.
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -64,7 +66,7 @@ class StageOptions:
     det_size: int = 640
     det_threshold: float = 0.9
     min_face: float = 32.0
-    detect_every: int = 15
+    detect_every: int = DEFAULT_DETECT_EVERY
     frames: int = 0  # the first N frames of the clip (0: all)
     full_frames: int = 0  # detect_full: the first N of those (0: all of them)
     threads: int = 1

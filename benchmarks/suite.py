@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from annotator.config import DEFAULT_DETECT_EVERY
 from benchmarks.stage import StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
@@ -65,7 +66,7 @@ class BenchOptions:
     det_size: int = 640
     det_threshold: float = 0.9
     min_face: float = 32.0
-    detect_every: int = 15
+    detect_every: int = DEFAULT_DETECT_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
     full_frames: int | None = None  # None: 64, or 16 with quick
     threads: int = 1

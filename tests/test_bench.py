@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from annotator.config import DEFAULT_DETECT_EVERY
 from benchmarks.ray_scaling import efficiency
 from benchmarks.suite import ISOLATED, PIPELINE_NAME, _table
 
@@ -68,7 +69,7 @@ def test_quick_bench_records_machine_versions_and_options(quick_bench):
         assert report["versions"].get(package), package
     options = report["options"]
     assert options["batch_sizes"] == [8] and options["backends_run"] == ["onnxrt"]
-    assert options["quick"] is True and options["threads"] == 1 and options["detect_every"] == 15
+    assert options["quick"] is True and options["threads"] == 1 and options["detect_every"] == DEFAULT_DETECT_EVERY
     assert report["clips"][0]["width"] == 1280 and report["clips"][0]["frames_used"] == 30
 
 
