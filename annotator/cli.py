@@ -9,6 +9,7 @@ import click
 
 import annotator
 from annotator.commands.bench import bench
+from annotator.commands.distil import distil_command
 from annotator.commands.example import example
 from annotator.commands.models import models
 from annotator.commands.overlay import overlay
@@ -43,6 +44,7 @@ cli.add_command(export)
 cli.add_command(bench)
 cli.add_command(report)
 cli.add_command(overlay)
+cli.add_command(distil_command)
 
 
 def main() -> None:

@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 
 
 
-def stream_in_process(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Table]:
-    """The single-process path (``--workers 0``): same stages, a plain loop, no Ray."""
+def stream_in_process(config: RunConfig, items: list[WorkItem], pipeline_class: type | None = None) -> Iterator[pa.Table]:
+    """The single-process path (``--workers 0``): same stages, a plain loop, no Ray.
+
+    ``pipeline_class``: a :class:`VideoPipeline` subclass (``annotate distil``'s harvest), else the run's.
+    """
     from annotator.pipeline import VideoPipeline
 
-    pipeline = VideoPipeline(config)
+    pipeline = (pipeline_class or VideoPipeline)(config)
     for item in items:
         yield from annotate_tagged(pipeline, item)
 
@@ -169,8 +172,11 @@ def cluster_workers(config: RunConfig) -> int:
     return pool_size(config, videos=1 << 30)
 
 
-def stream_with_ray(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Table]:
-    """Tagged tables from a Ray actor pool (see :func:`pool_size`), as they are produced."""
+def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:
+    """Tagged tables from a Ray actor pool (see :func:`pool_size`), as they are produced.
+
+    ``worker``: the pool's callable class (``annotate distil`` passes its harvest worker).
+    """
     init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
     import ray
     import ray.data
@@ -200,7 +206,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem]) -> Iterator[pa.Tab
         override_num_blocks=len(items),  # one block per item, so every actor gets work
     )
     annotated = videos.map_batches(
-        RayVideoWorker,
+        worker,
         fn_constructor_kwargs={"config": config, "threads": threads},
         batch_size=1,  # the unit of work is one video, or one segment of a long one
         batch_format="pyarrow",

@@ -1,0 +1,296 @@
+"""``annotate distil``, phase 1: run a teacher over the user's videos and keep what a student needs.
+
+The same machinery as ``annotate run`` (discovery, the Ray actor pool of
+:mod:`annotator.orchestrate`, the per-video :class:`~annotator.pipeline.VideoPipeline`: decode →
+sample → find and track faces → align), with the teacher as the scorer; instead of output rows,
+each face becomes a training row: the deployment's 112x112 crop and the teacher's outputs.
+
+Crops are stored as PNG: lossless, so the student trains on exactly the pixels the teacher scored
+(its stored outputs are exact targets for the un-augmented crop), and ~4x smaller than raw uint8.
+JPEG at quality 95 would halve the size again but change pixels the targets were computed on.
+
+One shard per video, ``OUT/shards/<key>.parquet`` (``key``: :func:`annotator.writer.part_key`),
+written to a hidden temporary name and renamed when the video is done: a rerun skips every video
+with a shard, and an interrupted one never leaves a partial shard. A sampled frame without a face
+keeps one row with a null crop, so the corpus's frame count is known.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from annotator.config import ConfigError, RunConfig
+from annotator.discover import find_videos
+from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
+from annotator.pipeline import VideoPipeline
+from annotator.collect import split_runs
+from annotator.worker import RayVideoWorker, WorkItem
+from annotator.writer import part_key
+from engines.align import CropGeometry
+from engines.decoders import FrameBatch
+
+log = logging.getLogger(__name__)
+
+SHARDS = "shards"
+#: Shard file metadata key: what made the rows (teacher, sampling, detector), checked on resume.
+FINGERPRINT_KEY = b"distil_fingerprint"
+VIDEO_KEY = b"distil_video"
+
+HARVEST_SCHEMA = pa.schema([
+    ("video_path", pa.string()),
+    ("video_id", pa.string()),
+    ("frame_index", pa.int64()),
+    ("pts_s", pa.float64()),
+    ("track", pa.int64()),  # null on a frame without a face
+    ("det_score", pa.float32()),
+    ("crop_png", pa.binary()),  # the 112x112 RGB deployment crop, PNG; null on a frame without a face
+    ("teacher_probs", pa.list_(pa.float32(), 7)),  # Aff-Wild2 order
+    ("teacher_va", pa.list_(pa.float32(), 2)),  # null when the teacher predicts no valence/arousal
+])
+
+
+def encode_png(crop: np.ndarray) -> bytes:
+    """uint8 (112, 112, 3) RGB → PNG bytes."""
+    import cv2
+
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(crop[..., ::-1]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes → uint8 (H, W, 3) RGB."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not a PNG image")
+    return image[..., ::-1]
+
+
+class HarvestPipeline(VideoPipeline):
+    """The run's pipeline with the teacher as scorer; a batch becomes training rows, not output rows."""
+
+    def __init__(self, config: RunConfig, threads: int = 0) -> None:
+        super().__init__(config, threads)
+        self.student_crop = CropGeometry()  # what `annotate run --model OUT/model` will cut
+
+    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> Iterator[pa.RecordBatch]:
+        with self._timed("detect"):
+            faces = self.find(batch, path, vid)
+        with self._timed("align"):
+            frame_of_face = faces.frame_of_face
+            crops = self.student_crop.crops(faces.frames.frames, frame_of_face, faces.landmarks).round().clamp(0, 255)
+            # A teacher on our crop scores exactly the stored pixels; another geometry gets its own cut.
+            teacher_crops = crops if self.scorer.crop == self.student_crop else self.align(faces).crops
+        self.frames += len(batch)
+        self.faces += len(crops)
+        with self._timed("score"):
+            probs, va = self.scorer.predict(teacher_crops)
+        with self._timed("rows"):
+            images = crops.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            yield _rows(batch, path, vid, faces.counts, faces.track_ids, faces.scores, images, probs, va)
+
+
+def _rows(batch: FrameBatch, path: str, vid: str, counts: np.ndarray, tracks: np.ndarray, scores: np.ndarray,
+          images: np.ndarray, probs: np.ndarray, va: np.ndarray | None) -> pa.RecordBatch:
+    """One row per face, plus one row (null crop) per frame without a face."""
+    frame_rows = np.repeat(np.arange(len(counts)), np.maximum(counts, 1))
+    has_face = np.repeat(counts > 0, np.maximum(counts, 1))
+    face_of_row = np.cumsum(has_face) - 1
+    n = len(frame_rows)
+
+    def per_face(values: list, empty: object = None) -> list:
+        return [values[face_of_row[i]] if has_face[i] else empty for i in range(n)]
+
+    pngs = [encode_png(image) for image in images]
+    return pa.RecordBatch.from_pydict({
+        "video_path": [path] * n,
+        "video_id": [vid] * n,
+        "frame_index": batch.frame_index[frame_rows].astype(np.int64),
+        "pts_s": batch.pts_s[frame_rows].astype(np.float64),
+        "track": per_face(tracks.tolist()),
+        "det_score": per_face(scores.astype(np.float32).tolist()),
+        "crop_png": per_face(pngs),
+        "teacher_probs": per_face(probs.astype(np.float32).tolist()),
+        "teacher_va": per_face(va.astype(np.float32).tolist()) if va is not None else [None] * n,
+    }, schema=HARVEST_SCHEMA)
+
+
+class RayHarvestWorker(RayVideoWorker):
+    """The Ray pool's callable class for the harvest: the teacher loads once per actor."""
+
+    def __init__(self, config: RunConfig, threads: int = 0) -> None:
+        from annotator.worker import resolve_in_worker
+
+        logging.basicConfig(level=logging.WARNING)
+        self.pipeline = HarvestPipeline(resolve_in_worker(config), threads=threads)
+
+
+@dataclass
+class HarvestSummary:
+    """What phase 1 did; ``failed`` lists one line per video that could not be harvested."""
+
+    videos: int = 0
+    skipped: int = 0  # shards from an earlier run, reused
+    frames: int = 0
+    faces: int = 0
+    seconds: float = 0.0
+    failed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"harvest: {self.videos} videos ({self.skipped} already done, {len(self.failed)} failed), "
+                f"{self.frames} frames, {self.faces} faces in {self.seconds:.1f} s")
+
+
+def fingerprint(config: RunConfig, teacher_id: str) -> str:
+    """What makes shards interchangeable: same teacher weights, detector and sampling."""
+    return json.dumps({"teacher": teacher_id, "detector": config.detector, "det_threshold": config.det_threshold,
+                       "det_size": config.det_size, "min_face": config.min_face,
+                       "detect_every": config.detect_every,
+                       "sampling": {"every_n": config.sampling.every_n, "fps": config.sampling.fps}}, sort_keys=True)
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint a shard was written with (None: not a shard of ours)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    value = metadata.get(FINGERPRINT_KEY)
+    return value.decode() if value is not None else None
+
+
+class _ShardWriter:
+    """Rows of the videos in flight, each to its hidden temporary shard, renamed when done."""
+
+    def __init__(self, directory: Path, print_: str) -> None:
+        self.directory = directory
+        self.fingerprint = print_
+        self.open: dict[str, tuple[pq.ParquetWriter, Path]] = {}
+
+    def _writer(self, key: str, video: str) -> pq.ParquetWriter:
+        if key not in self.open:
+            tmp = self.directory / f".{key}.parquet.tmp"
+            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(), VIDEO_KEY: video.encode()})
+            self.open[key] = (pq.ParquetWriter(tmp, schema), tmp)
+        return self.open[key][0]
+
+    def add(self, key: str, video: str, table: pa.Table) -> None:
+        self._writer(key, video).write_table(table.cast(HARVEST_SCHEMA))
+
+    def commit(self, key: str, video: str) -> Path:
+        self._writer(key, video)  # a video whose rows were all error rows still gets its (empty) shard
+        writer, tmp = self.open.pop(key)
+        writer.close()
+        final = self.directory / f"{key}.parquet"
+        os.replace(tmp, final)
+        return final
+
+    def abandon(self, key: str) -> None:
+        if key in self.open:
+            writer, tmp = self.open.pop(key)
+            writer.close()
+            tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for key in list(self.open):
+            self.abandon(key)
+
+
+def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True) -> HarvestSummary:
+    """Teacher outputs and crops of every video of ``config.inputs`` into ``out/shards/``.
+
+    ``config.scorer`` is the teacher. Videos with a shard of the same fingerprint are skipped;
+    a shard of another teacher or sampling is a configuration error (``--overwrite`` starts over).
+
+    Raises:
+        ConfigError: no video in the inputs, or shards from another teacher or sampling.
+    """
+    start = time.perf_counter()
+    found = find_videos(config.inputs)
+    if not found.videos:
+        reasons = "; ".join(f"{p}: {why}" for p, why in found.problems[:3])
+        raise ConfigError(f"no video found in {', '.join(map(str, config.inputs))}" + (f" ({reasons})" if reasons else ""))
+    directory = out / SHARDS
+    directory.mkdir(parents=True, exist_ok=True)
+    print_ = fingerprint(config, teacher_id)
+    summary = HarvestSummary(videos=len(found.videos), failed=[f"{p}: {why}" for p, why in found.problems])
+    pending: list[WorkItem] = []
+    for video in found.videos:
+        key = part_key(video)
+        shard = directory / f"{key}.parquet"
+        if shard.is_file():
+            if shard_fingerprint(shard) != print_:
+                raise ConfigError(f"{shard}: was harvested with another teacher or sampling "
+                                  "(pass --overwrite, or choose another --out)")
+            summary.skipped += 1
+        else:
+            pending.append(WorkItem(video, key))
+    videos = {item.key: str(item.path) for item in pending}
+    writer = _ShardWriter(directory, print_)
+    bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        if pending:
+            if config.workers == 0:
+                stream = stream_in_process(config, pending, HarvestPipeline)
+            else:
+                stream = stream_with_ray(on_cluster(config), pending, RayHarvestWorker)
+            for table in stream:
+                _take(table, writer, videos, summary, bar)
+    finally:
+        writer.close()
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary: HarvestSummary, bar: tqdm) -> None:
+    """One streamed table (Ray may join several a worker yielded): rows to their shards, finished
+    videos committed, failures noted."""
+    for key, status, rows, _ in split_runs(table):
+        errors = rows.column("error").drop_null() if "error" in rows.column_names else pa.array([], pa.string())
+        if len(errors):  # annotate's error row: a failed or damaged video
+            if status == "failed":
+                writer.abandon(key)
+                summary.failed.append(errors[0].as_py())
+                bar.update(1)
+                continue
+            log.warning("%s", errors[0].as_py())  # damaged: the frames that decoded are kept
+        else:
+            rows = rows.select(HARVEST_SCHEMA.names)
+            writer.add(key, videos[key], rows)
+            summary.frames += len(set(rows.column("frame_index").to_pylist()))
+            summary.faces += rows.column("crop_png").length() - rows.column("crop_png").null_count
+        if status == "done":
+            writer.commit(key, videos[key])
+            bar.update(1)
+            bar.set_postfix(faces=summary.faces, refresh=False)
+
+
+def read_shards(out: Path) -> pa.Table:
+    """Every row of every shard under ``out/shards`` (faceless frames included: null crop), with
+    a ``video_key`` column (the shard's name)."""
+    tables = []
+    for shard in sorted((out / SHARDS).glob("*.parquet")):
+        table = pq.read_table(shard)
+        table = table.append_column("video_key", pa.array([shard.stem] * table.num_rows, pa.string()))
+        tables.append(table)
+    if not tables:
+        return HARVEST_SCHEMA.append(pa.field("video_key", pa.string())).empty_table()
+    return pa.concat_tables(tables)
+

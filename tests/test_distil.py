@@ -1,0 +1,237 @@
+"""`annotate distil`: harvest a teacher over videos (resumable shards), train a student, export it.
+
+Real data and real models: the carphone clip, re-encoded with per-frame brightness and vertical
+contrast changes so a teacher's valence/arousal vary; an ONNX teacher built here whose valence
+and arousal are known functions of the crop (described by a SPEC.toml, as a user would bring
+one); and the registered FER2013 teacher for the expression-only case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from annotator.cli import cli
+from annotator.harvest import SHARDS
+from training.distil import Corpus, DistilOptions, distil_loss
+from training.labels import MISSING
+from training.losses import distillation, expr_ce, student_mix
+from engines.models.student import build_student
+
+from tests.test_model_spec import FER_LABELS, write_spec
+
+FRAMES = 60  # per synthetic video
+
+
+def _frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _encode(frames: np.ndarray, dst: Path) -> Path:
+    with av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def varied_videos(carphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three clips of the carphone face whose brightness and top/bottom contrast change frame by
+    frame (each clip covers the whole range, at its own phase), so held-out clips hold values seen."""
+    folder = tmp_path_factory.mktemp("varied")
+    frames = _frames(carphone).astype(np.float32)
+    height = frames.shape[1]
+    ramp = (np.arange(height, dtype=np.float32) - height / 2) / height  # -0.5 .. 0.5, top to bottom
+    for clip in range(3):
+        t = np.arange(FRAMES)
+        gain = 0.95 + 0.45 * np.sin(2 * np.pi * t / 23 + clip * 2.1)
+        tilt = 0.9 * np.sin(2 * np.pi * t / 17 + clip * 1.3)
+        out = frames[clip * 20: clip * 20 + FRAMES] * gain[:, None, None, None]
+        out = out * (1 + tilt[:, None, None, None] * ramp[None, :, None, None])
+        _encode(out.clip(0, 255).astype(np.uint8), folder / f"clip{clip}.mp4")
+    return folder
+
+
+class KnownVA(nn.Module):
+    """Valence from the crop's brightness, arousal from its top-minus-bottom contrast (both
+    invariant to a horizontal flip), expression logits from its colour balance and both."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 112, 112) RGB 0..255
+        grey = x.mean(dim=1)
+        brightness = grey.mean(dim=(1, 2)) / 255
+        contrast = (grey[:, :56].mean(dim=(1, 2)) - grey[:, 56:].mean(dim=(1, 2))) / 255
+        valence = 0.9 * torch.tanh(6 * (brightness - 0.45))
+        arousal = 0.9 * torch.tanh(8 * (contrast + 0.12))  # the clip's top is darker
+        red_green = (x[:, 0].mean(dim=(1, 2)) - x[:, 1].mean(dim=(1, 2))) / 255
+        features = torch.stack([valence, arousal, 10 * red_green], dim=1)
+        weights = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [-3.0, 0, 0], [0, -3.0, 0], [0, 0, 1.0],
+                                [1.5, 1.5, 0], [0, 0, 0]])
+        logits = features @ weights.T
+        return torch.cat([logits, valence[:, None], arousal[:, None]], dim=1)
+
+
+def known_va(x: torch.Tensor) -> np.ndarray:
+    return KnownVA()(x)[:, 7:].numpy()
+
+
+@pytest.fixture(scope="module")
+def va_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("va-teacher")
+    onnx_path = directory / "known_va.onnx"
+    torch.onnx.export(KnownVA().eval(), (torch.zeros(1, 3, 112, 112),), str(onnx_path), input_names=["image"],
+                      output_names=["out"], dynamic_axes={"image": {0: "batch"}, "out": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    return write_spec(directory / "SPEC.toml", {
+        "model": {"name": "known-va", "onnx": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                  "licence": "test", "source": "tests/test_distil.py"},
+        "input": {"size": 112, "layout": "NCHW", "colour": "RGB", "scale": 1.0, "mean": [0.0, 0.0, 0.0],
+                  "std": [1.0, 1.0, 1.0], "template": "arcface", "margin": 1.0, "crop_from": "aligned112"},
+        "output.expression": {"name": "out", "slice": [0, 7], "kind": "logits", "labels": FER_LABELS},
+        "output.valence": {"name": "out", "index": 7, "range": [-1, 1]},
+        "output.arousal": {"name": "out", "index": 8, "range": [-1, 1]},
+    })
+
+
+def _distil(videos: list[Path], teacher: str, out: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["distil", *map(str, videos), "--teacher", teacher, "--out", str(out),
+                                      "--student-backbone", "tiny", "--batch-size", "32", "--no-progress", *extra])
+    return result.exit_code, result.output
+
+
+def _card(out: Path) -> dict:
+    return json.loads((out / "model" / "model_card.json").read_text())
+
+
+def test_synthetic_va_teacher_is_distilled_to_ccc_above_0_9(varied_videos: Path, va_teacher: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "distilled"
+    code, output = _distil([varied_videos], str(va_teacher), out, "--workers", "0", "--sample-fps", "30",
+                           "--epochs", "16", "--steps-per-epoch", "15")
+    assert code == 0, output
+    card = _card(out)
+    print(json.dumps(card["metrics"], indent=1))
+    held = card["metrics"]["held_out"]
+    assert card["corpus"]["videos"] == 3 and len(card["corpus"]["held_out_videos"]) == 1
+    assert card["corpus"]["faces"] >= 150 and held["faces"] >= 40
+    assert card["outputs"] == ["expr_logits", "va"] and card["valence_arousal"].startswith("predicted")
+    assert card["teacher"]["name"] == "known-va" and len(card["teacher"]["onnx_sha256"]) == 64
+    # The teacher's values really vary on the held-out clip, so a CCC of 0.9 is earned.
+    shard = next(p for p in (out / SHARDS).glob("*.parquet")
+                 if pq.read_schema(p).metadata[b"distil_video"].decode() in card["corpus"]["held_out_videos"])
+    teacher_va = np.array(pq.read_table(shard).column("teacher_va").drop_null().to_pylist())
+    assert teacher_va.std(axis=0).min() > 0.15
+    assert held["ccc_valence"] >= 0.9 and held["ccc_arousal"] >= 0.9, held
+    # The stored targets are the teacher's outputs on the stored crops (exact, not approximated).
+    from annotator.harvest import decode_png
+
+    table = pq.read_table(shard).filter(pq.read_table(shard).column("crop_png").is_valid())
+    crops = torch.from_numpy(np.stack([decode_png(b) for b in table.column("crop_png").to_pylist()[:8]]))
+    stored = np.array(table.column("teacher_va").to_pylist()[:8])
+    np.testing.assert_allclose(known_va(crops.permute(0, 3, 1, 2).float()), stored, atol=1e-4)
+    # And `annotate run --model OUT/model` loads it and writes valence.
+    results = tmp_path / "run.parquet"
+    result = CliRunner().invoke(cli, ["run", str(varied_videos / "clip0.mp4"), "--out", str(results),
+                                      "--model", str(out / "model"), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(results).column("valence").drop_null().length() > 0
+
+
+def test_expression_only_teacher_gives_null_va_and_rerun_resumes(carphone: Path, tmp_path: Path) -> None:
+    """fer-minixception over two carphone versions (the real Ray pool); a rerun recomputes nothing."""
+    out = tmp_path / "fer"
+    distorted = carphone.with_name("carphone_distorted.mp4")
+    code, output = _distil([carphone, distorted], "fer-minixception", out, "--workers", "1", "--sample-fps", "5",
+                           "--epochs", "1", "--steps-per-epoch", "3")
+    assert code == 0, output
+    card = _card(out)
+    assert card["outputs"] == ["expr_logits"] and card["va"] is None
+    assert "null" in card["valence_arousal"] and "fer-minixception" in card["valence_arousal"]
+    assert "ccc_valence" not in card["metrics"]["held_out"]
+    assert card["corpus"]["faces"] > 20 and 0 <= card["metrics"]["held_out"]["top1_agreement"] <= 1
+    results = tmp_path / "run.parquet"
+    result = CliRunner().invoke(cli, ["run", str(carphone), "--out", str(results), "--model", str(out / "model"),
+                                      "--workers", "0", "--no-progress", "--sample-fps", "5"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(results)
+    assert table.column("face_index").drop_null().length() > 0 and table.column("valence").null_count == table.num_rows
+
+    shards = sorted((out / SHARDS).glob("*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    trained = (out / "train" / "last.pt").stat().st_mtime_ns
+    code, output = _distil([carphone, distorted], "fer-minixception", out, "--workers", "0", "--sample-fps", "5",
+                           "--epochs", "1", "--steps-per-epoch", "3")
+    assert code == 0, output
+    assert "2 videos (2 already done" in output
+    assert {p: p.stat().st_mtime_ns for p in shards} == before  # the shards were not recomputed
+    assert (out / "train" / "last.pt").stat().st_mtime_ns == trained  # training had finished: not redone
+    # Another teacher on the same shards is refused in one line, nothing is overwritten.
+    code, output = _distil([carphone], "student-fer-distilled", out, "--workers", "0", "--sample-fps", "5")
+    assert code == 2 and "another teacher" in output
+    assert {p: p.stat().st_mtime_ns for p in shards} == before
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, carphone: Path) -> None:
+    code, output = _distil([carphone], "no-such-model", tmp_path / "a", "--workers", "0")
+    assert code == 2 and "no-such-model" in output
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    code, output = _distil([carphone], "fer-minixception", tmp_path / "theirs", "--workers", "0")
+    assert code == 2 and "not written by annotate distil" in output
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+
+
+def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, tmp_path: Path) -> None:
+    """An Aff-Wild2 EXPR file for the clip: labelled faces get 0.6 CE + 0.4 KD, the others KD alone."""
+    from annotator.harvest import HarvestPipeline  # noqa: F401 (the real path harvested these rows)
+    from training.distil import attach_labels
+
+    labels = tmp_path / "labels" / "EXPR_Set" / "Train_Set"
+    labels.mkdir(parents=True)
+    # Frames 1..120; the first 60 labelled happiness (4), the rest -1 (no label).
+    (labels / f"{carphone.stem}.txt").write_text("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise\n"
+                                                 + "4\n" * 60 + "-1\n" * 60)
+    n = 8
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(7), n).astype(np.float32)
+    corpus = Corpus(images=rng.integers(0, 256, (n, 112, 112, 3), dtype=np.uint8), teacher_probs=probs,
+                    teacher_va=None, video_key=np.array(["k"] * n), video_path=np.array([str(carphone)] * n),
+                    frame_index=np.array([0, 10, 30, 59, 60, 80, 100, 119]), frames=n)
+    counts = attach_labels(corpus, tmp_path / "labels")
+    assert counts == {"expr": 4, "va": 0}
+    assert corpus.expr.tolist() == [4, 4, 4, 4, MISSING, MISSING, MISSING, MISSING]
+
+    torch.manual_seed(0)
+    model = build_student("tiny").eval()
+    images = torch.from_numpy(corpus.images).permute(0, 3, 1, 2).float()
+    expr = torch.from_numpy(corpus.expr)
+    logp = torch.from_numpy(np.log(probs))
+    options = DistilOptions()
+    loss, _ = distil_loss(model, images, expr, torch.full((n, 2), float(MISSING)), logp, None, options)
+    logits, _ = model(images)
+    kd = distillation(logits, logp, 1.5)
+    labelled = expr != MISSING
+    expected = 0.5 * 0.6 * expr_ce(logits, expr) + torch.where(labelled, 0.4, 1.0).mul(kd).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, student_mix(expr_ce(logits, expr), kd, labelled, 0.6))
+    unlabelled, _ = distil_loss(model, images, torch.full((n,), MISSING), torch.full((n, 2), float(MISSING)),
+                                logp, None, options)
+    torch.testing.assert_close(unlabelled, kd.mean())  # no label at all: distillation alone at weight 1
+    assert not torch.isclose(loss, unlabelled)
+    # A file outside EXPR*/VA* folders is a one-line error naming it.
+    (tmp_path / "labels" / "stray.txt").write_text("x\n")
+    with pytest.raises(ValueError, match="stray.txt: not under an EXPR"):
+        attach_labels(corpus, tmp_path / "labels")
