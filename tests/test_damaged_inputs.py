@@ -165,7 +165,13 @@ def test_a_rotated_phone_video_is_annotated_as_displayed(frames, tmp_path):
     # Boxes in the displayed (upright, 176x144) frame, as for the upright copy.
     for c in ("x1", "y1", "x2", "y2"):
         assert np.median(np.abs(column(turned, c) - column(ref, c))) < 3.0
-    assert np.mean(column(turned, "expression") == column(ref, "expression")) >= 0.8
+    # The same expressions as the upright copy: the probabilities, not only the top label (the
+    # default student sits near ties on this compressed clip, where a re-encode flips labels).
+    from annotator.schema import PROB_COLUMNS
+
+    probs = {name: np.stack([column(t, c) for c in PROB_COLUMNS], axis=1) for name, t in (("ref", ref), ("turned", turned))}
+    assert np.abs(probs["turned"] - probs["ref"]).mean() < 0.05
+    assert np.mean(column(turned, "expression") == column(ref, "expression")) >= 0.6
     # Before, the matrix was ignored: the face lay sideways and was missed in some frames.
     assert raw.num_rows < ref.num_rows
     (facts,) = read_metadata(tmp_path / "phone.parquet")["videos"]
