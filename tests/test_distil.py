@@ -27,7 +27,7 @@ from training.labels import MISSING
 from training.losses import distillation, expr_ce, student_mix
 from engines.models.student import build_student
 
-from tests.test_model_spec import FER_LABELS, write_spec
+from test_model_spec import FER_LABELS, write_spec  # a sibling module, as faults.py is
 
 FRAMES = 60  # per synthetic video
 
