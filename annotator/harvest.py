@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -181,6 +182,13 @@ class _ShardWriter:
         self.directory = directory
         self.fingerprint = print_
         self.open: dict[str, tuple[pq.ParquetWriter, Path]] = {}
+        self.last_frame: dict[str, int] = {}  # of each shard in flight
+        self.counted: dict[str, tuple[int, int]] = {}  # frames, faces of each shard in flight
+
+    def restarts(self, key: str, first_frame: int | None) -> bool:
+        """Whether rows starting at ``first_frame`` begin the video again: Ray re-ran it after its
+        actor died, so the rows written so far would be duplicated (as ``PartCollector`` checks)."""
+        return key in self.open and first_frame is not None and first_frame <= self.last_frame.get(key, -1)
 
     def _writer(self, key: str, video: str) -> pq.ParquetWriter:
         if key not in self.open:
@@ -189,22 +197,30 @@ class _ShardWriter:
             self.open[key] = (pq.ParquetWriter(tmp, schema), tmp)
         return self.open[key][0]
 
-    def add(self, key: str, video: str, table: pa.Table) -> None:
+    def add(self, key: str, video: str, table: pa.Table, frames: int, faces: int) -> None:
         self._writer(key, video).write_table(table.cast(HARVEST_SCHEMA))
+        last = pc.max(table.column("frame_index")).as_py()
+        self.last_frame[key] = max(self.last_frame.get(key, -1), -1 if last is None else last)
+        done = self.counted.get(key, (0, 0))
+        self.counted[key] = (done[0] + frames, done[1] + faces)
 
     def commit(self, key: str, video: str) -> Path:
         self._writer(key, video)  # a video whose rows were all error rows still gets its (empty) shard
         writer, tmp = self.open.pop(key)
         writer.close()
+        self.last_frame.pop(key, None), self.counted.pop(key, None)
         final = self.directory / f"{key}.parquet"
         os.replace(tmp, final)
         return final
 
-    def abandon(self, key: str) -> None:
+    def abandon(self, key: str) -> tuple[int, int]:
+        """Drop the shard in flight; returns the (frames, faces) it had counted."""
+        self.last_frame.pop(key, None)
         if key in self.open:
             writer, tmp = self.open.pop(key)
             writer.close()
             tmp.unlink(missing_ok=True)
+        return self.counted.pop(key, (0, 0))
 
     def close(self) -> None:
         for key in list(self.open):
@@ -266,16 +282,22 @@ def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary
         errors = rows.column("error").drop_null() if "error" in rows.column_names else pa.array([], pa.string())
         if len(errors):  # annotate's error row: a failed or damaged video
             if status == "failed":
-                writer.abandon(key)
+                frames, faces = writer.abandon(key)  # its rows so far are not kept, nor counted
+                summary.frames, summary.faces = summary.frames - frames, summary.faces - faces
                 summary.failed.append(errors[0].as_py())
                 bar.update(1)
                 continue
             log.warning("%s", errors[0].as_py())  # damaged: the frames that decoded are kept
         else:
             rows = rows.select(HARVEST_SCHEMA.names)
-            writer.add(key, videos[key], rows)
-            summary.frames += len(set(rows.column("frame_index").to_pylist()))
-            summary.faces += rows.column("crop_png").length() - rows.column("crop_png").null_count
+            if rows.num_rows and writer.restarts(key, rows.column("frame_index")[0].as_py()):
+                log.warning("%s: video restarted by Ray, harvesting it again", videos[key])
+                frames, faces = writer.abandon(key)
+                summary.frames, summary.faces = summary.frames - frames, summary.faces - faces
+            frames = len(pc.unique(rows.column("frame_index").drop_null()))
+            faces = rows.column("crop_png").length() - rows.column("crop_png").null_count
+            writer.add(key, videos[key], rows, frames, faces)
+            summary.frames, summary.faces = summary.frames + frames, summary.faces + faces
         if status == "done":
             writer.commit(key, videos[key])
             bar.update(1)

@@ -235,3 +235,34 @@ def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, t
     (tmp_path / "labels" / "stray.txt").write_text("x\n")
     with pytest.raises(ValueError, match="stray.txt: not under an EXPR"):
         attach_labels(corpus, tmp_path / "labels")
+
+
+def test_a_video_ray_restarts_is_harvested_once(carphone: Path, tmp_path: Path):
+    """Ray re-runs a video from its first frame when its actor dies: the shard then holds each
+    frame once and the counts are those of one pass (as annotate run's PartCollector does)."""
+    from tqdm import tqdm
+
+    from annotator.config import RunConfig
+    from annotator.harvest import HarvestPipeline, HarvestSummary, _ShardWriter, _take
+    from annotator.orchestrate import stream_in_process
+    from annotator.worker import WorkItem
+    from engines.decoders import Sampling
+
+    config = RunConfig(inputs=(carphone,), out=tmp_path / "unused", workers=0, scorer="fer-minixception",
+                       sampling=Sampling(every_n=4), batch_size=8)
+    tables = list(stream_in_process(config, [WorkItem(carphone, "k")], HarvestPipeline))
+    assert len(tables) >= 3  # several batches of rows, then the closing one
+
+    def harvest(stream: list) -> tuple[HarvestSummary, pq.ParquetFile]:
+        out = tmp_path / f"shards{len(stream)}"
+        out.mkdir()
+        writer, summary = _ShardWriter(out, "print"), HarvestSummary(videos=1)
+        for table in stream:
+            _take(table, writer, {"k": str(carphone)}, summary, tqdm(disable=True))
+        return summary, pq.read_table(out / "k.parquet")
+
+    clean, clean_rows = harvest(tables)
+    restarted, rows = harvest(tables[:2] + tables)  # two batches in, the actor died, Ray starts over
+    assert clean.frames == 30 and clean.faces == 30
+    assert (restarted.frames, restarted.faces) == (clean.frames, clean.faces)
+    assert rows.column("frame_index").to_pylist() == clean_rows.column("frame_index").to_pylist()
