@@ -59,6 +59,27 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fresh_state() -> dict[str, Any]:
+    """The loop state a run starts from: epoch, best selection score, epochs without progress."""
+    return {"epoch": 0, "best_score": float("-inf"), "bad_epochs": 0, "best_metrics": {}}
+
+
+def resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Restore model, optimizer and RNG from a ``last.pt`` and return its loop state.
+
+    None when ``path`` does not exist (the caller starts from :func:`fresh_state`). Every
+    training loop (CNN, temporal, distil) resumes through here, so an interrupted run of any of
+    them continues bit for bit.
+    """
+    if not path.exists():
+        return None
+    saved = load(path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    restore_rng(saved["rng"])
+    return {key: saved[key] for key in fresh_state()}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices) for a reproducible run."""
     random.seed(seed)

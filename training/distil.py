@@ -272,15 +272,12 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions) -> dict[st
     checkpoint.seed_everything(options.seed)
     model = build_student(**arch)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, betas=options.betas)
-    state = {"epoch": 0, "best_score": float("-inf"), "bad_epochs": 0, "best_metrics": {}}
+    state = checkpoint.fresh_state()
     last = work / checkpoint.LAST
     if last.exists():
         saved = checkpoint.load(last)
         if saved.get("corpus") == corpus_id and saved.get("arch") == arch:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            checkpoint.restore_rng(saved["rng"])
-            state = {key: saved[key] for key in state}
+            state = checkpoint.resume(last, model, optimizer)
             log.info("resuming %s at epoch %d", last, state["epoch"])
         else:
             log.info("%s: made on other faces or another backbone; training afresh", last)

@@ -148,14 +148,11 @@ def fit(model: MultitaskNet, optimizer: torch.optim.Optimizer, streams: TrainStr
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path = out_dir / checkpoint.LAST
-    state = {"epoch": 0, "best_score": float("-inf"), "bad_epochs": 0, "best_metrics": {}}
     checkpoint.seed_everything(config.seed)
-    if last_path.exists():
-        saved = checkpoint.load(last_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        checkpoint.restore_rng(saved["rng"])
-        state = {key: saved[key] for key in state}
+    state = checkpoint.resume(last_path, model, optimizer)
+    if state is None:
+        state = checkpoint.fresh_state()
+    else:
         logger.info("resuming %s at epoch %d (best %.4f)", last_path, state["epoch"], state["best_score"])
     # Recomputed from the current config, so a resumed run with more epochs continues.
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:

@@ -229,14 +229,11 @@ def fit_temporal(model: TemporalNet, train: list[FeatureSequence], validation: l
         teacher.to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     last_path = out_dir / checkpoint.LAST
-    state = {"epoch": 0, "best_score": float("-inf"), "bad_epochs": 0, "best_metrics": {}}
     checkpoint.seed_everything(config.seed)
-    if last_path.exists():
-        saved = checkpoint.load(last_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        checkpoint.restore_rng(saved["rng"])
-        state = {key: saved[key] for key in state}
+    state = checkpoint.resume(last_path, model, optimizer)
+    if state is None:
+        state = checkpoint.fresh_state()
+    else:
         logger.info("resuming %s at epoch %d (best %.4f)", last_path, state["epoch"], state["best_score"])
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
         epoch = state["epoch"]
