@@ -7,10 +7,11 @@ resumed by a rerun) and ``model/`` (what ``annotate run --model OUT/model`` load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,6 @@ from annotator.harvest import SHARDS, HarvestSummary, harvest
 from training.distil import DistilOptions
 
 MARKER = "distil.json"
-OURS = (SHARDS, "train", "model", MARKER)
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,24 @@ class DistilSummary:
                 f"{speed['student']:.0f} vs {speed['teacher']:.0f} crops/s (student vs teacher, 1 thread)")
 
 
+#: The files distil writes in its folders, by name (a user's file beside them is never removed).
+_SHARD_NAME = re.compile(r"^\.?[0-9a-f]{16}\.parquet(\.tmp)?$")
+_TRAIN_NAMES = {"last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp"}
+_MODEL_NAMES = {"model_card.json", "student.pt", "student.onnx"}
+
+
+def _written_by_us(out: Path) -> list[Path]:
+    """The files ``annotate distil`` wrote under ``out``: shards, checkpoints, the exported model."""
+    found = [p for p in (out / SHARDS).glob("*") if p.is_file() and _SHARD_NAME.match(p.name)]
+    found += [out / "train" / name for name in _TRAIN_NAMES if (out / "train" / name).is_file()]
+    model = out / "model"
+    names = set(_MODEL_NAMES)
+    with contextlib.suppress(OSError, ValueError):  # the card names any further artifacts it wrote
+        names |= set(json.loads((model / "model_card.json").read_text()).get("sha256", {}))
+    found += [model / name for name in names if "/" not in name and (model / name).is_file()]
+    return found
+
+
 def claim_out(out: Path, overwrite: bool) -> None:
     """``OUT`` must be new, empty or ours (it holds the marker); --overwrite removes our parts only.
 
@@ -52,12 +70,11 @@ def claim_out(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError(f"{out}: not empty and not written by annotate distil (choose another --out)")
     if overwrite:
-        for name in OURS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        for path in _written_by_us(out):
+            path.unlink(missing_ok=True)
+        for name in (SHARDS, "train", "model"):
+            with contextlib.suppress(OSError):  # kept when it holds anything else (the user's)
+                (out / name).rmdir()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"written_by": "annotate distil"}) + "\n")
 

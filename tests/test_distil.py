@@ -266,3 +266,32 @@ def test_a_video_ray_restarts_is_harvested_once(carphone: Path, tmp_path: Path):
     assert clean.frames == 30 and clean.faces == 30
     assert (restarted.frames, restarted.faces) == (clean.frames, clean.faces)
     assert rows.column("frame_index").to_pylist() == clean_rows.column("frame_index").to_pylist()
+
+
+def test_overwrite_removes_only_what_distil_wrote(tmp_path: Path):
+    """--overwrite deletes distil's shards, checkpoints and model files by name; a user's file put
+    inside those folders (or beside them) stays, and so does its folder."""
+    from annotator.config import ConfigError
+    from annotator.distil import MARKER, claim_out
+
+    out = tmp_path / "out"
+    claim_out(out, overwrite=False)
+    ours = [out / SHARDS / "0123456789abcdef.parquet", out / SHARDS / ".0123456789abcdef.parquet.tmp",
+            out / "train" / "last.pt", out / "train" / "best.pt", out / "model" / "student.pt",
+            out / "model" / "student.onnx"]
+    users = [out / "model" / "my-notes.txt", out / SHARDS / "keep.parquet", out / "results.csv"]
+    for path in ours + users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (out / "model" / "model_card.json").write_text(json.dumps({"sha256": {"student.pt": "0" * 64}}))
+    claim_out(out, overwrite=True)
+    assert not any(p.exists() for p in ours) and not (out / "model" / "model_card.json").exists()
+    assert all(p.read_bytes() == b"x" for p in users)
+    assert not (out / "train").exists() and (out / MARKER).is_file()  # emptied folders of ours go
+    # A folder holding someone else's files (no marker) is refused, not adopted.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    with pytest.raises(ConfigError, match="not written by annotate distil"):
+        claim_out(foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "mine"
