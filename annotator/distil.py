@@ -98,20 +98,25 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
         ValueError: too few faces to train on, or malformed --labels.
     """
     from annotator.run import lookup_models
-    from training.distil import attach_labels, load_corpus, scorer_metrics, split_videos, train_student
+    from training.distil import (attach_labels, initial_weights, load_corpus, scorer_metrics, split_videos,
+                                 train_student)
     from training.export import export_student
 
     out = config.out
     lookup_models(config)  # an unknown teacher or a bad spec: one line, before anything is written
     if labels is not None and not labels.is_dir():
         raise ConfigError(f"{labels}: --labels is not a directory")
+    try:
+        init = initial_weights(options)  # --init shipped with another backbone: one line, before any work
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     claim_out(out, config.overwrite)
     teacher = teacher_record(config)
     summary = harvest(config, str(teacher["id"]), out, progress)
     corpus = load_corpus(out)
     label_counts = attach_labels(corpus, labels) if labels is not None else {"expr": 0, "va": 0}
     started = time.perf_counter()
-    train_student(corpus, out / "train", replace(options, progress=progress))
+    train_student(corpus, out / "train", replace(options, progress=progress), config.cache_dir)
     train_seconds = time.perf_counter() - started
     with_va = corpus.teacher_va is not None
     training_videos, held_videos = split_videos(corpus)
@@ -134,7 +139,7 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                       "training_videos": training_videos, "held_out_videos": held_videos,
                       "sampling": {"every_n": config.sampling.every_n, "fps": config.sampling.fps},
                       "labelled_faces": label_counts}
-    card["training"] = {"backbone": options.backbone, "temperature": options.temperature, "alpha": options.alpha,
+    card["training"] = {"backbone": options.backbone, "init": init, "temperature": options.temperature, "alpha": options.alpha,
                         "epochs_max": options.epochs, "patience": options.patience, "lr": options.lr,
                         "seconds": round(train_seconds, 1)}
     card["metrics"] = {**card["metrics"], **scorer_metrics(model_dir, corpus, config.scorer, config.cache_dir)}

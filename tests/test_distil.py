@@ -295,3 +295,34 @@ def test_overwrite_removes_only_what_distil_wrote(tmp_path: Path):
     with pytest.raises(ConfigError, match="not written by annotate distil"):
         claim_out(foreign, overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "mine"
+
+
+def test_shipped_init_starts_from_the_shipped_student(tmp_path: Path) -> None:
+    """``--init shipped`` (the default with the shipped backbone) loads exactly the shipped student:
+    on a real face its probabilities equal those of ``student-fer-distilled`` as annotate run loads it."""
+    from skimage import data
+
+    from engines.factory import create_scorer
+    from training.distil import initial_weights, load_shipped_weights
+
+    assert initial_weights(DistilOptions()) == "shipped"
+    assert initial_weights(DistilOptions(backbone="tiny")) == "scratch"
+    assert initial_weights(DistilOptions(init="scratch")) == "scratch"
+    with pytest.raises(ValueError, match="--init scratch"):
+        initial_weights(DistilOptions(backbone="tiny", init="shipped"))
+    model = build_student("mobilenetv2-half").eval()
+    load_shipped_weights(model)
+    face = torch.from_numpy(data.astronaut()[20:220, 150:350].copy()).permute(2, 0, 1)[None].float()
+    crop = torch.nn.functional.interpolate(face, size=(112, 112), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        mine = model(crop)[0].softmax(dim=1).numpy()
+    shipped, _ = create_scorer("student-fer-distilled", "torch", "cpu").predict(crop)
+    np.testing.assert_allclose(mine, np.asarray(shipped), atol=1e-5)
+    assert mine.max() > 0.2  # a real prediction, not a flat one
+
+
+def test_shipped_init_with_another_backbone_is_refused_before_any_work(tmp_path: Path, carphone: Path) -> None:
+    out = tmp_path / "d"
+    code, output = _distil([carphone], "fer-minixception", out, "--init", "shipped", "--workers", "0")
+    assert code == 2 and "--init scratch" in output and "mobilenetv2-half" in output
+    assert not out.exists()

@@ -19,6 +19,13 @@ Losses (PAPER.md "Losses", ``training.losses``):
   distillation alone at weight 1 where the label is missing. VA labels count only when the teacher
   also predicts VA (the student is then exported with VA); otherwise the VA head is not exported.
 
+The student starts from the shipped student's weights when it has the shipped backbone
+(``--init shipped``, the default then): that network has already learnt what faces and their
+expressions look like from 10,099 human-labelled photos, so a corpus of a few thousand faces from
+a handful of videos fine-tunes it instead of teaching faces from nothing, and what it learns carries
+to videos it has not seen (measured in the README, "Use a better model"). ``--init scratch`` is the
+paper's random start.
+
 Videos are split by a stable hash of their key; the held-out ones select the epoch (top-1
 agreement with the teacher, plus CCC_V + CCC_A with it when it predicts VA) and are what the card
 reports. A single video holds out its last fifth of faces instead.
@@ -55,6 +62,9 @@ class DistilOptions:
     """Phase 2's knobs; the defaults converge on a CPU for a corpus of a few hundred faces."""
 
     backbone: str = "mobilenetv2-half"
+    #: "shipped" (the default student's weights; needs its backbone), "scratch", or None: shipped
+    #: when the backbone is the shipped student's, else scratch.
+    init: str | None = None
     epochs: int = 20
     patience: int = 5
     min_steps_per_epoch: int = 40  # a small corpus still gets enough steps per epoch
@@ -252,7 +262,44 @@ def _selection(metrics: dict[str, float]) -> float:
     return metrics["top1_agreement"] + metrics.get("ccc_valence", 0.0) + metrics.get("ccc_arousal", 0.0)
 
 
-def train_student(corpus: Corpus, work: Path, options: DistilOptions) -> dict[str, float]:
+def initial_weights(options: DistilOptions) -> str:
+    """Resolve ``options.init`` to "shipped" or "scratch".
+
+    Raises:
+        ValueError: "shipped" asked for with another backbone, or an unknown value.
+    """
+    shipped = shipped_backbone()
+    if options.init is None:
+        return "shipped" if options.backbone == shipped else "scratch"
+    if options.init not in ("shipped", "scratch"):
+        raise ValueError(f"init must be 'shipped' or 'scratch', got {options.init!r}")
+    if options.init == "shipped" and options.backbone != shipped:
+        raise ValueError(f"--init shipped starts from the shipped student, a {shipped}; "
+                         f"--student-backbone {options.backbone} needs --init scratch")
+    return options.init
+
+
+def shipped_backbone() -> str:
+    from annotator.config import DEFAULT_SCORER
+    from engines.registry import get_entry
+
+    return str(dict(get_entry(DEFAULT_SCORER, "scorer").arch_kwargs)["backbone"])
+
+
+def load_shipped_weights(model: torch.nn.Module, cache_dir: Path | None = None) -> None:
+    """The shipped student's state dict into ``model`` (a ``build_student`` of its backbone), through
+    the model cache, so its sha256 is checked as ``annotate run`` checks it."""
+    from annotator.config import DEFAULT_SCORER
+    from engines.cache import resolve
+    from engines.registry import get_entry
+
+    artifacts = resolve(get_entry(DEFAULT_SCORER, "scorer"), cache_dir)
+    state = torch.load(artifacts.torch, map_location="cpu", weights_only=True)
+    # The cache holds the exported scorer (the network wrapped as ``net``); training holds the network.
+    model.load_state_dict({key.removeprefix("net."): value for key, value in state.items()})
+
+
+def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir: Path | None = None) -> dict[str, float]:
     """Train with early stopping on the held-out faces; ``work/best.pt`` is the best epoch.
 
     Resumes from ``work/last.pt`` when it was made on the same faces (a rerun after an
@@ -269,18 +316,21 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions) -> dict[st
     corpus_id = hashlib.sha256(np.ascontiguousarray(corpus.teacher_probs).tobytes()
                                + "".join(corpus.video_key.tolist()).encode()).hexdigest()[:16]
     arch = {"backbone": options.backbone}
+    init = initial_weights(options)
     checkpoint.seed_everything(options.seed)
     model = build_student(**arch)
+    if init == "shipped":
+        load_shipped_weights(model, cache_dir)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, betas=options.betas)
     state = checkpoint.fresh_state()
     last = work / checkpoint.LAST
     if last.exists():
         saved = checkpoint.load(last)
-        if saved.get("corpus") == corpus_id and saved.get("arch") == arch:
+        if saved.get("corpus") == corpus_id and saved.get("arch") == arch and saved.get("init", "scratch") == init:
             state = checkpoint.resume(last, model, optimizer)
             log.info("resuming %s at epoch %d", last, state["epoch"])
         else:
-            log.info("%s: made on other faces or another backbone; training afresh", last)
+            log.info("%s: made on other faces, another backbone or another start; training afresh", last)
     batch = min(options.batch_size, len(train_idx))
     steps = max(options.min_steps_per_epoch, len(train_idx) // batch)
     images = torch.from_numpy(corpus.images)
@@ -315,7 +365,7 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions) -> dict[st
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        checkpoint.save_atomic({**state, "arch": arch, "corpus": corpus_id, "model": model.state_dict(),
+        checkpoint.save_atomic({**state, "arch": arch, "init": init, "corpus": corpus_id, "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(), "rng": checkpoint.capture_rng()}, last)
     return state["best_metrics"]
 

@@ -54,6 +54,10 @@ Exit codes:
 @click.option("--student-backbone", type=click.Choice(["mobilenetv2-half", "mobilenetv2", "tiny"]),
               default="mobilenetv2-half", show_default=True,
               help="mobilenetv2-half: MobileNetV2 on the crop averaged to 56x56 (fast on a CPU); tiny: for tests.")
+@click.option("--init", "init", type=click.Choice(["shipped", "scratch"]), default=None,
+              help="Start from the shipped student's weights (it has learnt faces from 10,099 labelled photos, "
+                   "so a small corpus generalises further) or from random ones.  "
+                   "[default: shipped with its backbone (mobilenetv2-half), else scratch]")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Ray workers for the harvest (0: in this process).  [default: sized to the cluster]")
 @click.option("--address", default=None, help="Join this Ray cluster ('auto' or host:port).")
@@ -62,7 +66,7 @@ Exit codes:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @cache_dir
 def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps: float, labels: Path | None,
-                   epochs: int, batch_size: int, steps_per_epoch: int, student_backbone: str, no_progress: bool, **options) -> int:
+                   epochs: int, batch_size: int, steps_per_epoch: int, student_backbone: str, init: str | None, no_progress: bool, **options) -> int:
     """Distil TEACHER into a fast student on the videos in PATHS (unlabelled; files or folders).
 
     Phase 1 (Ray, like annotate run): the teacher scores every face of the sampled frames.
@@ -82,7 +86,7 @@ def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps:
         teacher = str(path.resolve())
     try:
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(fps=sample_fps), scorer=teacher, **options)
-        summary = distil(config, labels, DistilOptions(backbone=student_backbone, epochs=epochs, batch_size=batch_size,
+        summary = distil(config, labels, DistilOptions(backbone=student_backbone, init=init, epochs=epochs, batch_size=batch_size,
                                                         min_steps_per_epoch=steps_per_epoch,
                                                         progress=not no_progress), progress=not no_progress)
     except ConfigError as exc:
