@@ -8,6 +8,7 @@ time is accumulated in :attr:`VideoPipeline.timings` for the benchmarks.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from annotator.config import RunConfig
+from annotator.config import DEFAULT_MIN_FACE, RunConfig
 from annotator.stages import AlignFaces, BuildRows, FaceBatch, FindFaces, ScoreFaces
 from annotator.temporal import TemporalScores, load_temporal_head
 from annotator.tracking import FaceTracker
@@ -24,7 +25,9 @@ from engines.decoders import DecodeReport, FrameBatch
 from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
 from engines.factory import AnyScorer, create_detector, create_scorer
-from engines.retinaface import detector_side
+from engines.retinaface import capped_floor, detector_side
+
+log = logging.getLogger(__name__)
 
 STAGES = ("decode", "detect", "align", "score", "rows")
 _ID_SAMPLE_BYTES = 8 << 20  # hash 8 MiB from each end: stable, content-derived, O(1) in size
@@ -46,6 +49,25 @@ def video_id(path: Path) -> str:
         elif size > _ID_SAMPLE_BYTES:
             digest.update(fh.read())
     return digest.hexdigest()[:16]
+
+
+_warned: set[tuple[int, int, float, int]] = set()
+
+
+def _warn_capped(path: Path, width: float, height: float, config: RunConfig) -> None:
+    """Say, once per frame size in this process, when --det-size keeps the keyframe detector from
+    seeing faces as small as a --min-face the user set: such faces would be missed or found late,
+    silently. The default --min-face is a floor that the cap is documented to bound (about 64 px at
+    720p), so it warns on nothing: a warning on every HD video would teach users to ignore it."""
+    key = (round(width), round(height), config.min_face, config.det_size)
+    floor = capped_floor(*key)
+    if floor is None or key in _warned or config.min_face == DEFAULT_MIN_FACE:
+        return
+    _warned.add(key)
+    log.warning("%s: faces under %.0f px may be missed, not only those under --min-face %g: --det-size %d "
+                "shows this %dx%d video at %.2fx; --det-size %d would show faces down to %.0f px, at a higher "
+                "cost per keyframe", path, floor[0], config.min_face, config.det_size, key[0], key[1],
+                config.det_size / max(key[:2]), floor[1], floor[2])
 
 
 class VideoPipeline:
@@ -119,6 +141,7 @@ class VideoPipeline:
                 min_face = self.config.min_face / batch.scale
                 height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
                 self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face)
+                _warn_capped(path, width * batch.scale, height * batch.scale, self.config)
                 started = True
             yield from self._annotate_batch(batch, str(path), vid)
 

@@ -46,6 +46,18 @@ def detector_side(width: int, height: int, min_face: float, cap: int) -> int:
     return int(max(SIZE_MULTIPLE, min(cap, long_side, math.ceil(wanted))))
 
 
+def capped_floor(width: int, height: int, min_face: float, cap: int) -> tuple[float, int, float] | None:
+    """Where ``cap`` keeps :func:`detector_side` below what ``min_face`` asks for: (the smallest face,
+    in frame pixels, that the capped detector still shows at :data:`SMALLEST_FACE` pixels; the
+    side ``min_face`` needs, at most the frame's own; the smallest face at that side). None when
+    the cap does not bind."""
+    long_side = max(width, height)
+    side = detector_side(width, height, min_face, cap)
+    needed = detector_side(width, height, min_face, long_side)
+    if side >= needed:
+        return None
+    return SMALLEST_FACE * long_side / side, needed, SMALLEST_FACE * long_side / needed
+
 
 @functools.lru_cache(maxsize=32)
 def anchor_grid(height: int, width: int) -> np.ndarray:

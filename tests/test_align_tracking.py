@@ -111,3 +111,45 @@ def test_a_lost_face_brings_the_next_keyframe_forward(detector, carphone_frames)
     assert [f.keyframe for f in faces] == [True, False, False, False, False, True] + [False] * 6
     assert len(faces[4].scores) == 0 and len(faces[5].scores) == 1
     assert faces[5].track_ids[0] == 1  # it came back: a new id
+
+
+def test_capped_floor_says_what_the_det_size_cap_costs():
+    from engines.retinaface import capped_floor
+
+    # 720p at the default cap: shown at 0.5x, so a 32 px face would be 16 network pixels; the
+    # smallest the detector sees at its 32 px is a 64 px face, and 1280 would show 32 px faces.
+    assert capped_floor(1280, 720, 32, 640) == (64.0, 1280, 32.0)
+    assert capped_floor(1920, 1080, 32, 640) == (96.0, 1920, 32.0)
+    assert capped_floor(1920, 1080, 64, 640) == (96.0, 960, 64.0)
+    assert capped_floor(1280, 720, 20, 640) == (64.0, 1280, 32.0)  # never upscaled: 32 px at best
+    assert capped_floor(1280, 720, 64, 640) is None  # the cap does not bind
+    assert capped_floor(176, 144, 32, 640) is None  # a small video is seen at full size
+
+
+def test_a_min_face_the_cap_cannot_show_is_warned_once(carphone_720p, caplog):
+    """--min-face 20 at 720p with --det-size 640: one warning naming the size that would find them;
+    the default --min-face (a floor the README says the cap bounds) warns on nothing."""
+    import logging
+    from pathlib import Path
+
+    from annotator import pipeline
+    from annotator.config import RunConfig
+
+    pipeline._warned.clear()
+    config = RunConfig(inputs=(carphone_720p,), out=Path("unused.parquet"), workers=0, min_face=20)
+    runner = pipeline.VideoPipeline(config, threads=1)
+    with caplog.at_level(logging.WARNING, logger="annotator.pipeline"):
+        for _ in range(2):
+            for _ in runner.annotate(carphone_720p):
+                pass
+    warnings = [r.getMessage() for r in caplog.records if r.name == "annotator.pipeline"]
+    assert len(warnings) == 1, warnings
+    assert "faces under 64 px may be missed" in warnings[0] and "--det-size 1280 would show faces down to 32 px" in warnings[0]
+    assert str(carphone_720p) in warnings[0]
+    caplog.clear()
+    default = pipeline.VideoPipeline(RunConfig(inputs=(carphone_720p,), out=Path("unused.parquet"), workers=0),
+                                     threads=1)
+    with caplog.at_level(logging.WARNING, logger="annotator.pipeline"):
+        for _ in default.annotate(carphone_720p):
+            pass
+    assert not [r for r in caplog.records if r.name == "annotator.pipeline"]

@@ -72,7 +72,9 @@ _PROBLEMS_SHOWN = 10
                    "size follows --min-face.")
 @click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True,
               help="Smallest face to find: shorter box side in video pixels. Smaller is slower: the detector "
-                   "sees frames scaled so that such a face is 16 pixels.")
+                   "sees frames scaled so that such a face is 32 pixels, up to the --det-size cap (at the "
+                   "default 640: about 64 px at 720p, 96 at 1080p). A value you set that the cap cannot show "
+                   "gets a warning naming the --det-size that would.")
 @click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
               help="Full-frame detection on every K-th sampled frame; in between each tracked face is re-found "
                    "around its last position (new faces appear at the next full detection). 1: every frame.")
