@@ -27,7 +27,7 @@ from annotator import segmenting
 from annotator.orchestrate import cluster_workers, on_cluster, require_device, stream_in_process, stream_with_ray
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
-from annotator.temporal import temporal_card, temporal_record
+from annotator.temporal_card import temporal_card, temporal_record
 from annotator.writer import (
     ExistingParts,
     OutputLayout,

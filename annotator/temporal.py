@@ -20,7 +20,6 @@ boundary is two tracks with one-sided context at the cut.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,75 +28,8 @@ import numpy as np
 import torch
 
 from annotator.stages import FaceBatch
+from annotator.temporal_card import NoTemporalHead, head_model_id, verified_temporal_card
 from engines.runtimes.onnxrt import OrtRuntime
-from engines.sources import plain_name, sha256_file
-
-MODEL_CARD = "model_card.json"
-_ROLES = ("features_onnx", "onnx")
-
-
-class NoTemporalHead(ValueError):
-    """The model has no temporal head; the message is one line naming the model."""
-
-
-def temporal_card(model: str) -> dict:
-    """The ``temporal`` object of a model directory's card, its artifact names checked.
-
-    Raises:
-        NoTemporalHead: ``model`` is not a directory, has no card, or its card has no head.
-    """
-    card_path = Path(model) / MODEL_CARD
-    hint = "export one with 'annotate export CKPT --temporal TEMPORAL_CKPT --out DIR'"
-    if not card_path.is_file():
-        raise NoTemporalHead(f"--temporal needs a model directory with a temporal head; {model!r} is not one ({hint})")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NoTemporalHead(f"{card_path}: not a usable model card ({exc})") from None
-    head = card.get("temporal") if isinstance(card, dict) else None
-    if not isinstance(head, dict):
-        raise NoTemporalHead(f"{card_path}: the model has no temporal head ({hint})")
-    artifacts = head.get("artifacts")
-    digests = card.get("sha256")
-    if not isinstance(artifacts, dict) or not isinstance(digests, dict):
-        raise NoTemporalHead(f'{card_path}: "temporal.artifacts" and "sha256" must be JSON objects')
-    for role in _ROLES:
-        name = artifacts.get(role)
-        if not plain_name(name) or not isinstance(digests.get(name), str):
-            raise NoTemporalHead(f'{card_path}: "temporal.artifacts.{role}" must name a file listed in "sha256"')
-    window, stride = head.get("window"), head.get("stride")
-    if not (isinstance(window, int) and isinstance(stride, int) and 2 <= window <= 4096 and 1 <= stride <= window):
-        raise NoTemporalHead(f'{card_path}: "temporal.window" and "temporal.stride" must be integers, '
-                             f"1 <= stride <= window, got {window!r} and {stride!r}")
-    return head | {"sha256": {artifacts[r]: digests[artifacts[r]] for r in _ROLES}}
-
-
-def verified_temporal_card(model: str) -> dict:
-    """:func:`temporal_card` after checking each artifact's sha256 against the card.
-
-    Raises:
-        NoTemporalHead: no head, or an artifact missing or not matching its digest.
-    """
-    head = temporal_card(model)
-    for name, digest in head["sha256"].items():
-        path = Path(model) / name
-        if not path.is_file() or sha256_file(path) != digest:
-            raise NoTemporalHead(f"{path}: missing or does not match the sha256 in its model card")
-    return head
-
-
-def _model_id(head: dict) -> str:
-    return f"temporal:{head['sha256'][head['artifacts']['onnx']][:12]}"
-
-
-def temporal_record(model: str) -> dict[str, object]:
-    """What the run's Parquet metadata says about the head (verified, not loaded)."""
-    head = verified_temporal_card(model)
-    return {"role": "temporal", "id": _model_id(head), "artifact_sha256": head["sha256"],
-            "window": head.get("window"), "stride": head.get("stride"),
-            "valence_arousal": "predicted" if head.get("with_va", True) else "not predicted by this model",
-            "description": "frozen CNN features -> bidirectional GRU per task over windows of each face "
-                           "track (PAPER.md, temporal stage)"}
 
 
 @dataclass
@@ -126,7 +58,7 @@ def load_temporal_head(model: str, device: str = "cpu", threads: int = 0) -> Tem
     features = OrtRuntime(directory / names["features_onnx"], ("features",), device, threads)
     gru = OrtRuntime(directory / names["onnx"], ("expr_logits", "va"), device, threads)
     return TemporalHead(features, gru, bool(head.get("with_va", True)), head["window"], head["stride"],
-                        _model_id(head))
+                        head_model_id(head))
 
 
 @dataclass
