@@ -169,3 +169,15 @@ def test_pool_is_sized_to_the_cluster(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 20.0 * 2**30})
     assert pool_size(config, videos=100) == 2
     assert pool_size(_config([Path("v.mp4")], Path("o.parquet"), workers=7), videos=100) == 7
+
+
+def test_the_driver_never_imports_torch():
+    """`annotate run`'s driver only orchestrates: importing torch there cost 1.2 s of every run's
+    start-up (annotator.temporal did, for the head's card checks, now in annotator.temporal_card)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, annotator.cli, annotator.run, annotator.orchestrate, annotator.collect, "
+            "annotator.commands.run; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
