@@ -80,6 +80,23 @@ def resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return {key: saved[key] for key in fresh_state()}
 
 
+def end_epoch(state: dict[str, Any], score: float, metrics: dict[str, float], identity: dict[str, Any],
+              model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+    """Early stopping's bookkeeping after a validated epoch, the same for every loop: a better
+    ``score`` is kept as ``best.pt`` (else the epoch counts towards patience), then ``last.pt``
+    records where to resume (:func:`resume`). ``identity``: what the checkpoint was made of
+    (architecture, corpus, ...), stored in both so a mismatch can be refused."""
+    epoch = state["epoch"]
+    if score > state["best_score"]:
+        state.update(best_score=score, bad_epochs=0, best_metrics=metrics)
+        save_atomic({**identity, "model": model.state_dict(), "metrics": metrics, "epoch": epoch + 1}, out_dir / BEST)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    save_atomic({**state, **identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": capture_rng()}, out_dir / LAST)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices) for a reproducible run."""
     random.seed(seed)

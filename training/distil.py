@@ -280,6 +280,7 @@ def initial_weights(options: DistilOptions) -> str:
 
 
 def shipped_backbone() -> str:
+    """The default scorer's backbone, as its registry entry records it (the one a shipped start fits)."""
     from annotator.config import DEFAULT_SCORER
     from engines.registry import get_entry
 
@@ -358,15 +359,8 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
         probs, va_pred = student_outputs(model, corpus, val_idx)
         metrics = agreement_metrics(probs, va_pred, corpus, val_idx)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if _selection(metrics) > state["best_score"]:
-            state.update(best_score=_selection(metrics), bad_epochs=0, best_metrics=metrics)
-            checkpoint.save_atomic({"arch": arch, "model": model.state_dict(), "metrics": metrics,
-                                    "epoch": epoch + 1}, work / checkpoint.BEST)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        checkpoint.save_atomic({**state, "arch": arch, "init": init, "corpus": corpus_id, "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(), "rng": checkpoint.capture_rng()}, last)
+        checkpoint.end_epoch(state, _selection(metrics), metrics, {"arch": arch, "init": init, "corpus": corpus_id},
+                             model, optimizer, work)
     return state["best_metrics"]
 
 

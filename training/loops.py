@@ -161,14 +161,6 @@ def fit(model: MultitaskNet, optimizer: torch.optim.Optimizer, streams: TrainStr
         metrics = evaluate(model, val_loader, config.device)
         logger.info("epoch %d: loss %.4f, %s", epoch + 1, losses["loss"],
                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if metrics["selection"] > state["best_score"]:
-            state.update(best_score=metrics["selection"], bad_epochs=0, best_metrics=metrics)
-            checkpoint.save_atomic({"arch": arch, "model": model.state_dict(), "metrics": metrics,
-                                    "epoch": epoch + 1}, out_dir / checkpoint.BEST)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        checkpoint.save_atomic({**state, "arch": arch, "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(), "rng": checkpoint.capture_rng()}, last_path)
+        checkpoint.end_epoch(state, metrics["selection"], metrics, {"arch": arch}, model, optimizer, out_dir)
     logger.info("done after %d epochs; best selection score %.4f", state["epoch"], state["best_score"])
     return state["best_metrics"]
