@@ -120,7 +120,7 @@ def test_synthetic_va_teacher_is_distilled_to_ccc_above_0_9(varied_videos: Path,
                                                             tmp_path: Path) -> None:
     out = tmp_path / "distilled"
     code, output = _distil([varied_videos], str(va_teacher), out, "--workers", "0", "--sample-fps", "30",
-                           "--epochs", "16", "--steps-per-epoch", "15")
+                           "--epochs", "24", "--steps-per-epoch", "15")
     assert code == 0, output
     card = _card(out)
     print(json.dumps(card["metrics"], indent=1))
