@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table, str | None]]:
     """Split a streamed table into runs of one (part, status): (key, status, output rows, video facts).
 
-    Ray Data may concatenate several tables a worker yielded into one block, so one table can
-    hold a video's last ``rows`` and its ``done`` rows (or, in principle, several videos).
+    A worker tags each table it yields with one (part, status); the split keeps the collector
+    right for a stream that joins tables (a video's last ``rows`` and its ``done`` rows, or
+    several videos) into one, as Ray Data's blocks did.
     """
     keys = table.column(PART_COLUMN).to_numpy(zero_copy_only=False)
     statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)

@@ -1,9 +1,9 @@
-"""Where videos are processed: Ray Data over a pool of model-holding actors, or this process.
+"""Where videos are processed: a pool of model-holding Ray actors, or this process.
 
-Every Ray knob lives in :func:`stream_with_ray`, because Ray's API for actor pools has moved
-between releases. The chain is: videos → ``map_batches(RayVideoWorker, batch_size=1,
-ActorPoolStrategy)`` → tagged Arrow tables streamed back to the driver, which writes them.
-Ray's backpressure keeps the driver's memory flat whatever the size of the corpus.
+The pool is sized and its actors given their CPUs, GPU share and memory here; the chain is:
+work items (videos, or segments of long ones) → :func:`annotator.actor_pool.stream_from_pool`
+over ``RayVideoWorker`` actors → tagged Arrow tables streamed back to the driver, which writes
+them. Ray's generator backpressure keeps the driver's memory flat whatever the corpus's size.
 """
 
 from __future__ import annotations
@@ -96,7 +96,15 @@ def _worker_resources(config: RunConfig, workers: int) -> tuple[float, float, in
         return 1.0, 1.0 / gpu_pipelines(config, ray.cluster_resources()), 0
     cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     per_worker = max(1.0, cpus // workers) if workers <= cpus else cpus / workers
+    # Never more than one node has: two 1-CPU nodes and --workers 1 must not ask for 2 CPUs (no
+    # node could ever place it; the run would wait forever).
+    per_worker = min(per_worker, largest_node_cpus(ray.nodes()) or per_worker)
     return per_worker, 0.0, max(1, int(per_worker))
+
+
+def largest_node_cpus(nodes: list[dict]) -> float:
+    """The most CPUs one live node of the cluster offers (``ray.nodes()``); 0 when none says."""
+    return max((float(node.get("Resources", {}).get("CPU", 0)) for node in nodes if node.get("Alive")), default=0.0)
 
 
 def on_cluster(config: RunConfig) -> RunConfig:
@@ -173,27 +181,16 @@ def cluster_workers(config: RunConfig) -> int:
 
 
 def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:
-    """Tagged tables from a Ray actor pool (see :func:`pool_size`), as they are produced.
+    """Tagged tables from a pool of Ray actors (see :func:`pool_size`), as they are produced.
 
-    ``worker``: the pool's callable class (``annotate distil`` passes its harvest worker).
+    ``worker``: the actors' class (``annotate distil`` passes its harvest worker); its
+    ``annotate(item)`` yields the item's tables.
     """
     init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
     import ray
-    import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver shows one bar of its own
-    context.enable_operator_progress_bars = False
-    context.print_on_execution_start = False
-    # Ray Data's per-dataset INFO lines and its "progress bars disabled" warning are noise next
-    # to our own bar; its errors still show.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    # Ray's C++ ERROR line for every pool actor, "has constructor arguments in the object store"
-    # (Ray Data's own refs, not our RunConfig; see annotator/stderr_filter.py): dropped from
-    # stderr, nothing else is.
-    from annotator.stderr_filter import drop_ray_false_alarms
+    from annotator.actor_pool import stream_from_pool
 
-    drop_ray_false_alarms()
     workers = pool_size(config, len(items))
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
     if num_gpus:
@@ -201,24 +198,15 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
 
         log.info("%d GPU workers, %d per GPU; estimated %s at 1080p", workers, round(1 / num_gpus),
                  actor_memory(config.resolved_batch_size(), config.det_size).describe())
-    videos = ray.data.from_items(
-        [item.to_row() for item in items],
-        override_num_blocks=len(items),  # one block per item, so every actor gets work
-    )
-    annotated = videos.map_batches(
-        worker,
-        fn_constructor_kwargs={"config": config, "threads": threads},
-        batch_size=1,  # the unit of work is one video, or one segment of a long one
-        batch_format="pyarrow",
-        # One item in flight per actor: a long video never queues others behind it.
-        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+    actor_class = ray.remote(worker).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         # Ray reserves each CPU actor's memory, so no node gets more workers than it can hold.
         memory=None if num_gpus else worker_memory_bytes(config),
     )
+    actors = [actor_class.remote(config, threads) for _ in range(workers)]
     try:
-        yield from annotated.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        yield from stream_from_pool(actors, items)
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows); this is the cluster failing.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

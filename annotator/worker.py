@@ -60,14 +60,6 @@ class WorkItem:
         """The part the rows go to: the video's key, ``key#index`` for a segment."""
         return self.key if self.segment is None else f"{self.key}#{self.segment.index}"
 
-    def to_row(self) -> dict[str, str]:
-        segment = json.dumps(self.segment.to_json()) if self.segment else ""
-        return {"path": str(self.path), "key": self.key, "segment": segment}
-
-    @classmethod
-    def from_row(cls, path: str, key: str, segment: str) -> WorkItem:
-        return cls(Path(path), key, Segment.from_json(json.loads(segment)) if segment else None)
-
 
 def video_facts(path: Path, report: DecodeReport) -> dict[str, object]:
     """What the part's file metadata records about its video: size, rotation applied, damage
@@ -141,7 +133,7 @@ def resolve_in_worker(config: RunConfig) -> RunConfig:
 
 
 class RayVideoWorker:
-    """Ray Data callable class: models load once in ``__init__``, one video per call."""
+    """The Ray actor of a run's pool: models load once in ``__init__``, one work item per call."""
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
         from annotator.pipeline import VideoPipeline  # torch and the models: in the worker only
@@ -149,6 +141,6 @@ class RayVideoWorker:
         logging.basicConfig(level=logging.WARNING)
         self.pipeline = VideoPipeline(resolve_in_worker(config), threads=threads)
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for row in batch.to_pylist():
-            yield from annotate_tagged(self.pipeline, WorkItem.from_row(**row))
+    def annotate(self, item: WorkItem) -> Iterator[pa.Table]:
+        """The item's tagged tables, streamed to the driver as they are made."""
+        yield from annotate_tagged(self.pipeline, item)

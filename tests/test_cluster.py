@@ -299,28 +299,6 @@ def test_a_plain_local_run_keeps_rays_noise_out(warm_models: None, carphone: Pat
     assert not (Path(env["HOME"]) / ".ray").exists()  # a one-off token, none left in the user's home
 
 
-def test_stderr_filter_drops_only_the_false_alarm() -> None:
-    """The filter on the bytes the terminal gets: Ray's false alarm glued to a progress bar, a
-    real C++ error after it, and the stream cut into small reads as a pipe delivers it."""
-    from annotator.stderr_filter import split
-
-    bar = b"\rannotate:   0%|          | 0/1 [00:00<?, ?video/s]"
-    alarm = (b"[2026-11-25 09:47:12,771 E 8702 8702] core_worker.cc:2465: Actor with class name: "
-             b"'MapWorker(MapBatches(RayVideoWorker))' and ID: '92ad' has constructor arguments in the object "
-             b"store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
-             b"the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\n")
-    real = b"[2026-11-25 09:47:13,002 E 8702 8720] core_worker.cc:812: Raylet died: connection reset\n"
-    stream = bar + alarm + real + bar + b" done\n"
-    for size in (1, 7, 64, len(stream)):
-        written, held = b"", b""
-        for start in range(0, len(stream), size):
-            now, held = split(held + stream[start:start + size])
-            written += now
-        assert written + held == bar + real + bar + b" done\n", size
-    # A bar's "[00:00<...]" is written at once, not held back as a possible Ray line.
-    assert split(bar) == (bar, b"")
-
-
 def frames_of(table: pa.Table) -> dict[str, dict[tuple[int, int | None], dict]]:
     """Per video, its rows keyed by (frame, face), checking that no key comes twice."""
     videos: dict[str, dict[tuple[int, int | None], dict]] = {}

@@ -171,6 +171,24 @@ def test_pool_is_sized_to_the_cluster(monkeypatch):
     assert pool_size(_config([Path("v.mp4")], Path("o.parquet"), workers=7), videos=100) == 7
 
 
+def test_a_worker_never_asks_more_cpus_than_one_node_has(monkeypatch):
+    """Two 1-CPU nodes and --workers 1: the worker asks 1 CPU, not the cluster's 2, which no node
+    could place (the run would wait forever); a dead node's CPUs do not count."""
+    import ray
+
+    from annotator.orchestrate import _worker_resources
+
+    config = _config([Path("v.mp4")], Path("o.parquet"), workers=1, device="cpu")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    one_cpu = {"Alive": True, "Resources": {"CPU": 1.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [one_cpu, one_cpu])
+    assert _worker_resources(config, 1) == (1.0, 0.0, 1)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    assert _worker_resources(config, 1) == (2.0, 0.0, 2)  # one 2-core machine: both cores' threads
+    monkeypatch.setattr(ray, "nodes", lambda: [one_cpu, {"Alive": False, "Resources": {"CPU": 8.0}}])
+    assert _worker_resources(config, 1) == (1.0, 0.0, 1)
+
+
 def test_the_driver_never_imports_torch():
     """`annotate run`'s driver only orchestrates: importing torch there cost 1.2 s of every run's
     start-up (annotator.temporal did, for the head's card checks, now in annotator.temporal_card)."""

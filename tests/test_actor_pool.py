@@ -1,0 +1,93 @@
+"""The actor pool that spreads work items over Ray actors (annotator/actor_pool.py), on a real
+local Ray instance: every item's results arrive once and in order, items interleave across
+actors, an actor's death surfaces as a Ray error, and no actor outlives the stream."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from annotator.actor_pool import stream_from_pool  # noqa: E402
+from annotator.cluster import init_ray  # noqa: E402
+from annotator.config import RunConfig  # noqa: E402
+
+
+class Yielder:
+    """Yields (item, step, pid) ``steps`` times, a little apart, so two actors overlap."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def annotate(self, item: str) -> Iterator[tuple[str, int, int]]:
+        if item == "die":
+            yield (item, 0, os.getpid())
+            os._exit(1)  # the process goes, as when a node is lost or the OOM killer strikes
+        for step in range(self.steps):
+            time.sleep(0.1)
+            yield (item, step, os.getpid())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    init_ray(RunConfig(inputs=(), out=tmp_path_factory.mktemp("out") / "x.parquet", workers=2))
+    # Ray's workers cannot import this test module by name: ship Yielder by value instead.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def actors(count: int, steps: int = 5) -> list:
+    return [ray.remote(Yielder).options(num_cpus=0.5).remote(steps) for _ in range(count)]
+
+
+def test_every_item_once_in_order_across_actors(local_ray: None) -> None:
+    pool = actors(2)
+    items = [f"video{i}" for i in range(6)]
+    got = list(stream_from_pool(pool, items))
+    assert len(got) == len(set(got)) == 6 * 5
+    for item in items:
+        assert [step for name, step, _ in got if name == item] == list(range(5))
+    assert len({pid for _, _, pid in got}) == 2  # both actors worked
+    # Items interleave: some item's results arrive while another's are still coming.
+    spans = {item: [i for i, (name, _, _) in enumerate(got) if name == item] for item in items}
+    assert any(a != b and spans[a][0] < spans[b][0] < spans[a][-1] for a in items for b in items)
+
+
+def test_actors_are_gone_when_the_stream_ends_or_is_closed(local_ray: None) -> None:
+    pool = actors(2)
+    assert len(list(stream_from_pool(pool, ["a"]))) == 5
+    for actor in pool:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote(), timeout=30)
+    pool = actors(1, steps=50)
+    stream = stream_from_pool(pool, ["a", "b"])
+    next(stream)
+    stream.close()  # the driver stops early (Ctrl-C, a write error)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(pool[0].ping.remote(), timeout=30)
+
+
+def test_an_actor_dying_mid_item_is_a_ray_error(local_ray: None) -> None:
+    got = []
+    with pytest.raises(ray.exceptions.RayError):
+        for result in stream_from_pool(actors(1), ["die", "after"]):
+            got.append(result)
+    assert all(name == "die" for name, _, _ in got)  # "after" never ran: the pool's only actor is gone
+
+
+def test_an_actor_ray_cannot_place_holds_nothing_up(local_ray: None) -> None:
+    """Two actors asked for, one placeable (the other wants more CPUs than the instance has, as
+    ``--workers 2`` on a cluster that lost a node): every item is done by the one that started."""
+    placeable = ray.remote(Yielder).options(num_cpus=1).remote(2)
+    never = ray.remote(Yielder).options(num_cpus=64).remote(2)
+    got = list(stream_from_pool([never, placeable], ["a", "b", "c"]))
+    assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in "abc" for s in range(2)]
