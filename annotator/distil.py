@@ -126,7 +126,7 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                      f"outputs (T^2 KL at T={options.temperature})"
                      + (f", mixed {options.alpha}/{1 - options.alpha:.1f} with {label_counts} labelled faces"
                         if any(label_counts.values()) else ""))
-    card_path = export_student(out / "train" / "best.pt", model_dir, name=name, training_data=training_data,
+    card_path = export_student(out / "train" / "last.pt", model_dir, name=name, training_data=training_data,
                                with_va=with_va)
     card = json.loads(card_path.read_text())
     card["description"] = f"student ({options.backbone}) distilled from {teacher['name']} by annotate distil"
@@ -140,7 +140,8 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                       "sampling": {"every_n": config.sampling.every_n, "fps": config.sampling.fps},
                       "labelled_faces": label_counts}
     card["training"] = {"backbone": options.backbone, "init": init, "temperature": options.temperature, "alpha": options.alpha,
-                        "epochs_max": options.epochs, "patience": options.patience, "lr": options.lr,
+                        "epochs": options.epochs, "lr": options.lr,
+                        "lr_schedule": "cosine to 0 over the epochs; the last epoch is the student",
                         "seconds": round(train_seconds, 1)}
     card["metrics"] = {**card["metrics"], **scorer_metrics(model_dir, corpus, config.scorer, config.cache_dir)}
     tmp = model_dir / "model_card.json.tmp"

@@ -326,3 +326,16 @@ def test_shipped_init_with_another_backbone_is_refused_before_any_work(tmp_path:
     code, output = _distil([carphone], "fer-minixception", out, "--init", "shipped", "--workers", "0")
     assert code == 2 and "--init scratch" in output and "mobilenetv2-half" in output
     assert not out.exists()
+
+
+def test_cosine_lr_starts_at_the_base_and_falls_towards_zero():
+    """The distil loop's schedule: the base rate at the first epoch, strictly falling, and the last
+    epoch still training (a small rate, not 0), whatever the number of epochs."""
+    from training.distil import cosine_lr
+
+    for epochs in (1, 3, 20):
+        rates = [cosine_lr(1e-3, epoch, epochs) for epoch in range(epochs)]
+        assert rates[0] == pytest.approx(1e-3)
+        assert all(a > b for a, b in zip(rates, rates[1:]))
+        assert 0 < rates[-1] <= 1e-3
+    assert cosine_lr(1e-3, 19, 20) < 1e-5

@@ -81,13 +81,18 @@ def resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
 
 
 def end_epoch(state: dict[str, Any], score: float, metrics: dict[str, float], identity: dict[str, Any],
-              model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+              model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path, select: bool = True) -> None:
     """Early stopping's bookkeeping after a validated epoch, the same for every loop: a better
     ``score`` is kept as ``best.pt`` (else the epoch counts towards patience), then ``last.pt``
     records where to resume (:func:`resume`). ``identity``: what the checkpoint was made of
-    (architecture, corpus, ...), stored in both so a mismatch can be refused."""
+    (architecture, corpus, ...), stored in both so a mismatch can be refused.
+
+    ``select=False`` (a loop whose last epoch is its result, as ``annotate distil``'s): no
+    ``best.pt``, no patience; ``best_metrics`` are the latest epoch's."""
     epoch = state["epoch"]
-    if score > state["best_score"]:
+    if not select:
+        state["best_metrics"] = metrics
+    elif score > state["best_score"]:
         state.update(best_score=score, bad_epochs=0, best_metrics=metrics)
         save_atomic({**identity, "model": model.state_dict(), "metrics": metrics, "epoch": epoch + 1}, out_dir / BEST)
     else:

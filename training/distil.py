@@ -26,15 +26,24 @@ a handful of videos fine-tunes it instead of teaching faces from nothing, and wh
 to videos it has not seen (measured in the README, "Use a better model"). ``--init scratch`` is the
 paper's random start.
 
-Videos are split by a stable hash of their key; the held-out ones select the epoch (top-1
-agreement with the teacher, plus CCC_V + CCC_A with it when it predicts VA) and are what the card
-reports. A single video holds out its last fifth of faces instead.
+Videos are split by a stable hash of their key; the held-out ones are what the card reports (top-1
+agreement with the teacher, plus CCC_V + CCC_A with it when it predicts VA), and they choose
+nothing. The learning rate falls along a cosine to zero over ``--epochs`` and the last epoch is
+the student. Choosing the epoch on the held-out faces, as the paper's early stopping does on its
+validation set, was tried first. On a user's corpus the held-out set is a few videos, often a
+hundred faces, and the teacher's labels on it are noisy, so the choice followed the noise. On 22
+real videos (3,232 faces, 146 held out) it kept epoch 3 of 20, whose agreement was 0.72 on the
+training faces, and the held-out figure it reported was the maximum of a curve that moved between
+0.53 and 0.71 from epoch to epoch. The cosine's last epoch gave 0.81 on the training faces and
+0.66 held out, and that held-out figure is not inflated by any choice. A single video holds out
+its last fifth of faces instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +74,7 @@ class DistilOptions:
     #: "shipped" (the default student's weights; needs its backbone), "scratch", or None: shipped
     #: when the backbone is the shipped student's, else scratch.
     init: str | None = None
-    epochs: int = 20
-    patience: int = 5
+    epochs: int = 20  # the cosine's length; the last epoch is the student
     min_steps_per_epoch: int = 40  # a small corpus still gets enough steps per epoch
     batch_size: int = 64
     lr: float = 1e-3  # the paper's 1e-4 is too slow from scratch on a CPU (training/configs)
@@ -301,13 +309,14 @@ def load_shipped_weights(model: torch.nn.Module, cache_dir: Path | None = None) 
 
 
 def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir: Path | None = None) -> dict[str, float]:
-    """Train with early stopping on the held-out faces; ``work/best.pt`` is the best epoch.
+    """Train ``options.epochs`` epochs, the learning rate on a cosine from ``options.lr`` to 0;
+    ``work/last.pt`` holds the student (its last epoch).
 
     Resumes from ``work/last.pt`` when it was made on the same faces (a rerun after an
     interruption continues; a finished run returns at once).
 
     Returns:
-        The held-out metrics of the best epoch.
+        The held-out metrics of the last epoch.
     """
     work.mkdir(parents=True, exist_ok=True)
     held = held_out_mask(corpus)
@@ -338,8 +347,10 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
     expr_all, va_all = torch.from_numpy(corpus.expr), torch.from_numpy(corpus.va)
     logp = torch.from_numpy(np.log(np.clip(corpus.teacher_probs, 1e-8, 1.0)))
     teacher_va = torch.from_numpy(corpus.teacher_va) if corpus.teacher_va is not None else None
-    while state["epoch"] < options.epochs and state["bad_epochs"] < options.patience:
+    while state["epoch"] < options.epochs:
         epoch = state["epoch"]
+        for group in optimizer.param_groups:  # from the epoch alone, so a resumed run follows the same curve
+            group["lr"] = cosine_lr(options.lr, epoch, options.epochs)
         # Seeded by (seed, epoch): a resumed run draws exactly what an uninterrupted one would.
         generator = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
         model.train()
@@ -360,8 +371,14 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
         metrics = agreement_metrics(probs, va_pred, corpus, val_idx)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         checkpoint.end_epoch(state, _selection(metrics), metrics, {"arch": arch, "init": init, "corpus": corpus_id},
-                             model, optimizer, work)
+                             model, optimizer, work, select=False)
     return state["best_metrics"]
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """The learning rate of 0-based ``epoch`` of ``epochs``: ``base`` at the first, falling along a
+    half cosine towards 0 at the end (the last epoch trains at a small rate, not at 0)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def crops_per_second(scorers: dict[str, object], sides: dict[str, int], rounds: int = 5, repeats: int = 5,

@@ -47,7 +47,8 @@ Exit codes:
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Aff-Wild2-format EXPR/VA annotation files, mixed with the teacher as the paper does.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Most training epochs (early stopping on held-out agreement, patience 5).")
+              help="Training epochs: the learning rate falls along a cosine to 0 over them and the last "
+                   "epoch is the student (the held-out videos are reported, not used to choose).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="Crops per training step.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=40, show_default=True,
               help="Fewest training steps per epoch (a large corpus gets one pass over its faces).")
