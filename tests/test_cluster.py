@@ -165,7 +165,10 @@ class Cluster:
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A token made the README's way, ``ray get-auth-token --generate``, under a temporary HOME."""
     home = tmp_path_factory.mktemp("home")
-    made = subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+    # Without this process's own Ray auth settings: a local run earlier in the session (annotator.
+    # cluster) sets RAY_AUTH_TOKEN here, and with it set Ray prints that token and writes no file.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], env={**clean, "HOME": str(home)},
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     path = home / ".ray" / "auth_token"
