@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "ANNOTATOR_CACHE"
 _MANIFEST = "manifest.json"
 #: Bump when a converter or the export changes, so old caches are rebuilt, not trusted.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: Pad nodes folded into their Conv (engines.export.fold_pads_into_convs)
 
 
 @dataclass(frozen=True)

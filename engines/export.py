@@ -59,10 +59,108 @@ def export_onnx(module: nn.Module, entry: ModelEntry, path: Path, *, check: bool
             opset_version=OPSET,
             dynamo=False,
         )
+    fold_pads_into_convs(tmp)
     if check:
         _check_against_torch(module, entry, tmp, check_shape)
     tmp.replace(path)
     return path
+
+
+def fold_pads_into_convs(path: Path) -> int:
+    """Fold each constant zero ``Pad`` that feeds a ``Conv`` into that Conv's own ``pads``, in place.
+
+    Why: TF's "SAME" stride-2 layers pad right/bottom only, which torch's Conv2d cannot express,
+    so the model pads explicitly and the exporter writes a Pad node (with its pads computed by a
+    small constant subgraph it does not fold). ONNX Runtime's fast CPU convolutions keep tensors
+    in a blocked layout that a Pad breaks: each Pad cost a reorder out, the copy and a reorder
+    back, a quarter of RetinaFace's time (54 -> 41 ms on a 640x384 frame, one thread). An ONNX
+    Conv takes asymmetric pads, so the fold is exact (bit-identical outputs here).
+
+    Returns the number of Pad nodes folded.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for pad in (n for n in graph.node if n.op_type == "Pad"):
+        users = consumers.get(pad.output[0], [])
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        if len(users) != 1 or users[0].op_type != "Conv" or mode != b"constant" or (len(pad.input) > 2 and pad.input[2]):
+            continue
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
+            continue
+        pads = _constant_value(model, pad.input[1])
+        if pads is None:
+            continue
+        half = len(pads) // 2
+        begin, end = [int(v) for v in pads[:half]], [int(v) for v in pads[half:]]
+        if half < 3 or any(begin[:2]) or any(end[:2]) or min(begin + end) < 0:
+            continue  # padding the batch or channel axes, or cropping: not a Conv's job
+        current = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * (half - 2))
+        spatial = [b + c for b, c in zip(begin[2:] + end[2:], current)]
+        if "pads" in attrs:
+            del attrs["pads"].ints[:]
+            attrs["pads"].ints.extend(spatial)
+        else:
+            conv.attribute.append(onnx.helper.make_attribute("pads", spatial))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    if not folded:
+        return 0
+    for pad in folded:
+        graph.node.remove(pad)
+    _drop_unused_nodes(graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return len(folded)
+
+
+def _constant_value(model, name: str) -> np.ndarray | None:
+    """The value of tensor ``name`` when it depends on initializers and Constant nodes only, else None."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    nodes, used_inits, pending, seen = [], [], [name], set()
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or not tensor:
+            continue
+        seen.add(tensor)
+        if tensor in initializers:
+            used_inits.append(initializers[tensor])
+        elif tensor in producer:
+            nodes.append(producer[tensor])
+            pending.extend(producer[tensor].input)
+        else:
+            return None  # a graph input: not a constant
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    nodes = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
+    sub = onnx.helper.make_graph(nodes, "constant", [], [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+                                 initializer=used_inits)
+    sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import)
+    return np.asarray(ReferenceEvaluator(sub_model).run(None, {})[0])
+
+
+def _drop_unused_nodes(graph) -> None:
+    """Remove nodes none of whose outputs reach a graph output (the folded pads' subgraphs)."""
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
 
 
 def _check_against_torch(module: nn.Module, entry: ModelEntry, onnx_path: Path, shape: tuple[int, ...]) -> None:

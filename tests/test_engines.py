@@ -115,3 +115,46 @@ def test_entry_type_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_entry("fer-minixception").name = "x"  # type: ignore[misc]
     assert isinstance(get_entry("fer-minixception"), ModelEntry)
+
+
+def test_right_bottom_pads_are_folded_into_the_convolution_exactly(tmp_path):
+    """TF's stride-2 "SAME" pad (right/bottom only) becomes the Conv's own asymmetric pads: no Pad
+    node is left to break ONNX Runtime's blocked layout, and the outputs do not change; a pad the
+    Conv cannot take (the channel axis) stays."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from engines.export import fold_pads_into_convs
+
+    class Padded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+            self.depthwise = torch.nn.Conv2d(5, 5, 3, stride=2, padding=1, groups=5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(F.pad(x, (0, 1, 0, 1)))
+            return self.depthwise(F.pad(y, (0, 0, 0, 0, 0, 1)))  # pads the channels: not a Conv's job
+
+    module = Padded().eval()
+    path = tmp_path / "padded.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
+                      dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}}, opset_version=17, dynamo=False)
+    assert fold_pads_into_convs(path) == 1
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("Pad") == 1
+    conv = next(n for n in graph.node if n.op_type == "Conv" and n.input[0] == "input")
+    assert list(next(a.ints for a in conv.attribute if a.name == "pads")) == [0, 0, 1, 1]
+    x = torch.rand(2, 3, 64, 96) * 255
+    with torch.inference_mode():
+        expected = module(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_the_detector_graph_has_no_pad_nodes():
+    import onnx
+
+    artifacts = resolve(get_entry("retinaface-mnv2"))
+    assert "Pad" not in {n.op_type for n in onnx.load(str(artifacts.onnx)).graph.node}
