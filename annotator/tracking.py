@@ -1,12 +1,13 @@
-"""Faces frame by frame: full detection on keyframes, every tracked face re-found where it was.
+"""Faces frame by frame: full detection on keyframes, every known face re-found where it was.
 
-Full-frame detection is the expensive stage (46 ms for a 720p frame at 640 px on one core,
+Full-frame detection is the expensive stage (41 ms for a 720p frame at 640 px on one core,
 measured with ONNX Runtime), while a face moves little between consecutive sampled frames.
 So full detection runs on keyframes only (every ``detect_every`` sampled frames, and on the
-frame after a track was lost), and in between each track is re-detected by the same network in
-a small square crop around its last box (about 2.6 ms for a 128 px crop). That gives fresh
-boxes and landmarks, hence a properly aligned crop, on every frame; new faces are picked up at
-the next keyframe. ``detect_every=1`` is plain per-frame detection.
+frame after a track was lost), and on every frame each face is re-detected by the same network in
+a small square crop around its box (about 2.8 ms for a 128 px crop, ``engines.refind``): around the
+last frame's box between keyframes, around the full detection's box on a keyframe. That gives
+fresh landmarks at one scale, hence a properly and consistently aligned crop, on every frame; new
+faces are picked up at the next keyframe. ``detect_every=1`` is plain per-frame detection.
 
 Track ids follow faces by greedy IoU association between consecutive sampled frames; a face
 that vanishes gets a new id when it comes back.
@@ -19,39 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.align import apply, invert, square_matrices, warp
+from engines.refind import CROP_MARGIN, CROP_SIZE, IOU_THRESHOLD, iou_matrix, refind
 from engines.retinaface import Detections, RetinaFaceDetector
 
-#: Below this overlap two boxes in consecutive sampled frames are different faces; 0.3 keeps a
-#: face through a fast head turn at 5 fps sampling while two side-by-side faces never merge.
-IOU_THRESHOLD = 0.3
-#: Side of the square crop a tracked face is re-detected in, and how much larger than the face's
-#: box the crop is: the face fills half the crop (64 px here, where RetinaFace is at its best),
-#: and may move by half its size between frames and stay found.
-CROP_SIZE = 128
-CROP_MARGIN = 2.0
-#: Two tracks whose re-found boxes overlap this much have converged on one face: one is dropped.
+#: Two faces whose re-found boxes overlap this much have converged on one face: one is dropped.
 _SAME_FACE_IOU = 0.6
-#: Score a tracked face needs to be re-found in its crop (hysteresis): a new face must reach the
-#: detector's threshold (0.9) on a full frame, but one already followed keeps its track down to
-#: this, through a turned head or motion blur.
-TRACK_THRESHOLD = 0.5
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), x1y1x2y2 → (N, M)."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def associate(previous: np.ndarray, boxes: np.ndarray, threshold: float = IOU_THRESHOLD) -> np.ndarray:
-    """For each box, the index of the previous box it continues, or -1 (greedy by IoU)."""
+    """For each box, the index of the previous box it continues, or -1 (greedy by IoU).
+
+    0.3 keeps a face through a fast head turn at 5 fps sampling while two side-by-side faces
+    never merge.
+    """
     match = np.full(len(boxes), -1, dtype=np.int64)
     if not len(boxes) or not len(previous):
         return match
@@ -108,7 +89,8 @@ class FaceTracker:
     def _next(self, frames: torch.Tensor, index: int) -> TrackedFaces:
         keyframe = self._since_keyframe >= self.detect_every
         if keyframe:
-            found = self.detector.detect(frames[index:index + 1], min_face=self.min_face, det_size=self.det_size)[0]
+            full = self.detector.detect(frames[index:index + 1], min_face=self.min_face, det_size=self.det_size)[0]
+            found = self._refined(frames, index, full)
             continues = associate(self._boxes, found.boxes)
             # Tracks the full frame missed (a small face near the detector's limit) are looked
             # for in their crops, where they are larger: a keyframe adds faces, it never drops one.
@@ -130,42 +112,23 @@ class FaceTracker:
         self._boxes, self._ids = found.boxes, ids
         return TrackedFaces(found.boxes, found.landmarks, found.scores, ids, keyframe)
 
+    def _refined(self, frames: torch.Tensor, index: int, full: Detections) -> Detections:
+        """A keyframe's faces, each re-found in its crop window as a tracked face is (engines.refind),
+        so keyframes and the frames between them align on landmarks of one scale; a face its
+        crop does not confirm keeps the full frame's detection."""
+        refound, owner = refind(self.detector, frames, np.full(len(full), index), full.boxes, self.min_face,
+                                self.crop_size, self.margin)
+        boxes, landmarks, scores = full.boxes.copy(), full.landmarks.copy(), full.scores.copy()
+        boxes[owner], landmarks[owner], scores[owner] = refound.boxes, refound.landmarks, refound.scores
+        keep = _distinct(boxes, scores)
+        return Detections(boxes[keep], landmarks[keep], scores[keep])
+
     def _refind(self, frames: torch.Tensor, index: int, which: np.ndarray) -> tuple[Detections, np.ndarray]:
-        """Tracks ``which`` re-detected in square crops around their last boxes: (faces, track of each)."""
-        if not len(which):
-            return Detections.empty(), np.zeros(0, np.int64)
-        tracks = self._boxes[which]
-        centres = (tracks[:, :2] + tracks[:, 2:]) / 2
-        sides = np.maximum((tracks[:, 2:] - tracks[:, :2]).max(axis=1) * self.margin, 16.0)
-        matrices = square_matrices(centres, sides, self.crop_size)
-        crops = warp(frames, np.full(len(tracks), index), matrices, self.crop_size)
-        size = self.crop_size
-        per_crop = self.detector.detect_inputs(crops, 1.0, size, size, min_face=0.0, threshold=TRACK_THRESHOLD)
-        expected = apply(matrices, tracks.reshape(-1, 2, 2)).reshape(-1, 4)  # each track's box, crop pixels
-        back = invert(matrices)
-        height, width = int(frames.shape[1]), int(frames.shape[2])
-        boxes, landmarks, scores, owners = [], [], [], []
-        for t, found in enumerate(per_crop):
-            if not len(found):
-                continue
-            overlap = iou_matrix(expected[t:t + 1], found.boxes)[0]
-            best = int(overlap.argmax())
-            if overlap[best] < IOU_THRESHOLD:
-                continue
-            box = apply(back[t:t + 1], found.boxes[best].reshape(1, 2, 2)).reshape(4)
-            box = np.clip(box, 0, [width, height, width, height])
-            if min(box[2] - box[0], box[3] - box[1]) < self.min_face:
-                continue
-            boxes.append(box)
-            landmarks.append(apply(back[t:t + 1], found.landmarks[best][None])[0])
-            scores.append(found.scores[best])
-            owners.append(int(which[t]))
-        if not boxes:
-            return Detections.empty(), np.zeros(0, np.int64)
-        boxes_, landmarks_ = np.asarray(boxes, np.float32), np.asarray(landmarks, np.float32)
-        scores_, owners_ = np.asarray(scores, np.float32), np.asarray(owners, np.int64)
-        keep = _distinct(boxes_, scores_)
-        return Detections(boxes_[keep], landmarks_[keep], scores_[keep]), owners_[keep]
+        """Tracks ``which`` re-detected in their crop windows: (faces, track of each)."""
+        found, owner = refind(self.detector, frames, np.full(len(which), index), self._boxes[which], self.min_face,
+                              self.crop_size, self.margin)
+        keep = _distinct(found.boxes, found.scores)
+        return Detections(found.boxes[keep], found.landmarks[keep], found.scores[keep]), which[owner[keep]]
 
 
 def _merge(found: Detections, continues: np.ndarray, refound: Detections,

@@ -10,10 +10,10 @@ points here, in this order:
 2. the deployment detector (``retinaface-mnv2``) run once on the image the way ``annotate run``
    finds faces: the whole image at the deployment threshold first (a keyframe), taking the face
    that overlaps the sample's box best (the highest-scoring face for a sample without a box, such
-   as Aff-Wild2's ``cropped_aligned`` frames, which are re-detected rather than trusted); if that
-   finds nothing, the box region again in a 128 px square crop twice the box's size at the
-   tracker's lower threshold (how ``annotate run`` re-finds a tracked face,
-   ``annotator.tracking``);
+   as Aff-Wild2's ``cropped_aligned`` frames, which are re-detected rather than trusted), then
+   that face re-found in its 128 px crop window, whose landmarks are the ones kept (how
+   ``annotate run`` refines every face, ``engines.refind``); if the whole image shows no face, the
+   box region in its crop window at the tracker's lower threshold;
 3. no face found: the template placed in the box (the whole image without one) where RetinaFace
    boxes an aligned face on average (:data:`TEMPLATE_FACE_BOX`); these are counted and logged.
 
@@ -37,16 +37,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from annotator.tracking import CROP_MARGIN, CROP_SIZE, IOU_THRESHOLD, TRACK_THRESHOLD, iou_matrix
-from engines.align import TEMPLATE_112, apply, invert, square_matrices, warp
+from engines.align import TEMPLATE_112
+from engines.refind import IOU_THRESHOLD, iou_matrix, refind
 from engines.retinaface import RetinaFaceDetector
 from training.labels import Sample
 
 logger = logging.getLogger(__name__)
 
 DETECTOR = "retinaface-mnv2"  # the default detector of ``annotate run``
-#: Bump when the detection rule changes, so old caches are not trusted.
-CACHE_VERSION = 1
+#: Bump when the detection rule changes, so old caches are not trusted (2: every face refined in
+#: its snapped crop window, as annotate run does since engines.refind).
+CACHE_VERSION = 2
 #: Where RetinaFace boxes a face aligned to the 112 template, in crop pixels (x1, y1, x2, y2):
 #: centre (56.0, 69.0), size 84 x 107. Measured by mapping the detector's box through the
 #: alignment of 121 real faces (carphone, 120 frames: centre (54.6, 67.0), size 84.7 x 106.5;
@@ -93,21 +94,11 @@ def decode_image(path: Path) -> np.ndarray:
         return np.array(image.convert("RGB"))  # a writable copy: torch wraps it without a warning
 
 
-def _refind(detector: RetinaFaceDetector, image: torch.Tensor, box: np.ndarray) -> Landmarks | None:
-    """The face in a square crop around ``box`` (annotate run's re-detection of a tracked face)."""
-    centre = (box[:2] + box[2:]) / 2
-    side = max(float((box[2:] - box[:2]).max()) * CROP_MARGIN, 16.0)
-    matrices = square_matrices(centre[None], np.array([side]), CROP_SIZE)
-    crops = warp(image[None], np.zeros(1, np.int64), matrices, CROP_SIZE)
-    found = detector.detect_inputs(crops, 1.0, CROP_SIZE, CROP_SIZE, min_face=0.0, threshold=TRACK_THRESHOLD)[0]
-    if not len(found):
-        return None
-    expected = apply(matrices, box.reshape(1, 2, 2)).reshape(1, 4)
-    overlap = iou_matrix(expected, found.boxes)[0]
-    best = int(overlap.argmax())
-    if overlap[best] < IOU_THRESHOLD:
-        return None
-    return apply(invert(matrices), found.landmarks[best][None])[0].astype(np.float32)
+def _refind(detector: RetinaFaceDetector, image: np.ndarray, box: np.ndarray) -> Landmarks | None:
+    """The face in the crop window around ``box`` (annotate run's re-detection of a known face)."""
+    found, _ = refind(detector, torch.from_numpy(np.ascontiguousarray(image))[None], np.zeros(1, np.int64),
+                      np.asarray(box, np.float32)[None])
+    return found.landmarks[0] if len(found) else None
 
 
 def find_landmarks(detector: RetinaFaceDetector, images: Sequence[np.ndarray],
@@ -133,17 +124,19 @@ def find_landmarks(detector: RetinaFaceDetector, images: Sequence[np.ndarray],
             for i, found in zip(chunk, detector.detect(frames, min_face=0.0)):
                 if not len(found):
                     continue
-                if boxes[i] is None:
-                    result[i] = found.landmarks[0]  # highest score first
-                    continue
-                overlap = iou_matrix(np.asarray([boxes[i]], np.float32), found.boxes)[0]
-                if overlap.max() >= IOU_THRESHOLD:
-                    result[i] = found.landmarks[int(overlap.argmax())]
+                face = 0  # highest score first
+                if boxes[i] is not None:
+                    overlap = iou_matrix(np.asarray([boxes[i]], np.float32), found.boxes)[0]
+                    if overlap.max() < IOU_THRESHOLD:
+                        continue
+                    face = int(overlap.argmax())
+                refined = _refind(detector, images[i], found.boxes[face])
+                result[i] = refined if refined is not None else found.landmarks[face]
     for i, image in enumerate(images):
         if result[i] is None:
             height, width = image.shape[:2]
             box = np.asarray(boxes[i] if boxes[i] is not None else (0, 0, width, height), np.float32)
-            result[i] = _refind(detector, torch.from_numpy(np.ascontiguousarray(image)), box)
+            result[i] = _refind(detector, image, box)
     return result
 
 
