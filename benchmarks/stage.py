@@ -11,10 +11,15 @@ Stages, each timed after a warm-up call (model loading and first-call allocation
 * ``detect``: the face-finding stage as the pipeline does it: :class:`annotator.tracking.FaceTracker`
   over the frames (full-frame detection on keyframes, re-detection in crops around each track
   in between). Its faces are saved to ``WORK/detections-<backend>.npz`` for the later stages.
-* ``detect_full``: plain full-frame detection of every frame, batch by batch, for comparison.
+* ``detect_full``: full-frame detection on every frame (the tracker with ``detect_every=1``, each
+  face refined in its crop as on every keyframe), for comparison; its faces are saved to
+  ``WORK/detections_full-<backend>.npz``.
 * ``align``: :func:`engines.align.align_faces` on the saved landmarks.
 * ``score``: ``Scorer.predict`` on the aligned crops of each batch (made untimed, batch by batch,
   so only the crops are held); the probabilities are saved to ``WORK/scores-<backend>.npz``.
+  Then, untimed, the faces of ``detect_full`` are scored too and compared with the tracked path's
+  on the same faces (``agreement``: top-1 expression agreement and mean |probability difference|,
+  faces matched by IoU >= 0.5), which shows what the speed of tracking costs in outputs.
 * ``write``: :func:`annotator.schema.frame_rows` per batch and a Parquet part written with
   :class:`annotator.writer.PartWriter` (fsync and rename included) into a temporary folder.
 * ``pipeline``: :meth:`annotator.pipeline.VideoPipeline.annotate`, with its own per-stage timings.
@@ -283,13 +288,15 @@ def _tracked_arrays(found: list) -> dict[str, Any]:
     }
 
 
-def _stage_detect(opts: argparse.Namespace) -> dict[str, Any]:
+def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: str) -> dict[str, Any]:
+    """Find faces as the pipeline does (:class:`annotator.tracking.FaceTracker`) on the first
+    ``frames`` frames, timed; the faces are saved to ``WORK/<saved_as>-<backend>.npz``."""
     import numpy as np
 
     from annotator.tracking import FaceTracker
 
-    batches = _load_frames(opts)
-    tracker = FaceTracker(_detector(opts), detect_every=opts.detect_every)
+    batches = list(_take(iter(_load_frames(opts)), frames))
+    tracker = FaceTracker(_detector(opts), detect_every=detect_every)
     side, min_face = _detector_side(opts, batches[0]), _min_face(opts, batches[0])
     tracker.start(side, min_face)
     tracker(batches[0].frames[:2])  # warm-up: a keyframe and a crop re-detection
@@ -304,7 +311,7 @@ def _stage_detect(opts: argparse.Namespace) -> dict[str, Any]:
     arrays = _tracked_arrays(found)
     frame_index = np.concatenate([b.frame_index for b in batches])
     scale = batches[0].scale
-    np.savez(opts.work / f"detections-{opts.backend}.npz", frame_index=frame_index,
+    np.savez(opts.work / f"{saved_as}-{opts.backend}.npz", frame_index=frame_index,
              pts_s=np.concatenate([b.pts_s for b in batches]), scale=scale, **arrays)
     result = {"frames": len(found), "faces": int(arrays["counts"].sum()), "seconds": seconds,
               "inputs_rss_mb": before, "during_peak_mb": peak, "keyframes": tracker.keyframes,
@@ -315,27 +322,14 @@ def _stage_detect(opts: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _stage_detect(opts: argparse.Namespace) -> dict[str, Any]:
+    return _track(opts, opts.detect_every, opts.frames, "detections")
+
+
 def _stage_detect_full(opts: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    batches = list(_take(iter(_load_frames(opts)), opts.full_frames))
-    detector = _detector(opts)
-    side, min_face = _detector_side(opts, batches[0]), _min_face(opts, batches[0])
-    detector.detect(batches[0].frames, min_face=min_face, det_size=side)  # warm-up at the batch's shape
-
-    def run() -> list:
-        found = [d for batch in batches for d in detector.detect(batch.frames, min_face=min_face, det_size=side)]
-        _sync(opts.device)
-        return found
-
-    found, seconds, before, peak = _timed(run)
-    result = {"frames": len(found), "faces": sum(len(d) for d in found), "seconds": seconds,
-              "inputs_rss_mb": before, "during_peak_mb": peak, "keyframes": len(found), "detector_side": side}
-    frame_index = np.concatenate([b.frame_index for b in batches]).tolist()
-    found_recall = _recall(opts.video, frame_index, [d.boxes * batches[0].scale for d in found])
-    if found_recall is not None:
-        result["recall"] = found_recall
-    return result
+    """Full-frame detection on every frame (``--detect-every 1``): the reference the tracked path
+    is compared with, for speed here and for its expression outputs in the score stage."""
+    return _track(opts, 1, opts.full_frames or opts.frames, "detections_full")
 
 
 def _saved(opts: argparse.Namespace, what: str) -> dict[str, Any]:
@@ -419,8 +413,49 @@ def _stage_score(opts: argparse.Namespace) -> dict[str, Any]:
     va = None if not scorer.has_va else np.concatenate([v for _, v in predicted]).reshape(-1, 2)
     np.savez(opts.work / f"scores-{opts.backend}.npz", probs=probs, model_id=scorer.model_id,
              **({"va": va} if va is not None else {}))
-    return {"frames": frames, "faces": len(probs), "seconds": seconds, "inputs_rss_mb": before,
-            "during_peak_mb": peak, "crop_batches": len(crops)}
+    result = {"frames": frames, "faces": len(probs), "seconds": seconds, "inputs_rss_mb": before,
+              "during_peak_mb": peak, "crop_batches": len(crops)}
+    if (opts.work / f"detections_full-{opts.backend}.npz").is_file():
+        result["agreement"] = _agreement(opts, scorer, detections, probs)
+    return result
+
+
+def _agreement(opts: argparse.Namespace, scorer, tracked: dict[str, Any], tracked_probs) -> dict[str, Any]:
+    """Expression outputs of the tracked path against full detection on every frame, same faces.
+
+    Faces of a frame are matched by IoU >= 0.5 (each at most once); over the matched ones, the
+    share whose top-1 expression is the same and the mean absolute difference of the 7
+    probabilities. ``unmatched``: faces only one of the two paths found (a new face that the
+    tracked path finds at its next keyframe, or a small one found only in its crop).
+    """
+    import numpy as np
+
+    from annotator.tracking import associate
+    from engines.align import align_faces
+
+    full = _saved(opts, "detections_full")
+    probs, frames = [], 0
+    for batch in _take(_decode(opts), len(full["counts"])):
+        ((frame_of_face, landmarks, _),) = _faces_per_batch([batch], _skip(full, frames))
+        if len(frame_of_face):
+            probs.append(scorer.predict(align_faces(batch.frames, frame_of_face, landmarks))[0])
+        frames += len(batch)
+    full_probs = np.concatenate(probs).reshape(-1, 7) if probs else np.zeros((0, 7), np.float32)
+    starts = {name: np.concatenate([[0], np.cumsum(d["counts"])]) for name, d in (("tracked", tracked), ("full", full))}
+    same, diffs, unmatched = [], [], 0
+    for f in range(min(frames, len(tracked["counts"]))):
+        a0, a1 = starts["full"][f], starts["full"][f + 1]
+        b0, b1 = starts["tracked"][f], starts["tracked"][f + 1]
+        match = associate(tracked["boxes"][b0:b1], full["boxes"][a0:a1], threshold=0.5)
+        for i, j in enumerate(match):
+            if j < 0:
+                continue
+            p, q = full_probs[a0 + i], tracked_probs[b0 + j]
+            same.append(int(p.argmax()) == int(q.argmax()))
+            diffs.append(float(np.abs(p - q).mean()))
+        unmatched += (a1 - a0) + (b1 - b0) - 2 * int((match >= 0).sum())
+    return {"frames": frames, "faces": len(same), "top1": round(float(np.mean(same)), 4) if same else None,
+            "mean_abs_dp": round(float(np.mean(diffs)), 4) if diffs else None, "unmatched": int(unmatched)}
 
 
 def _stage_write(opts: argparse.Namespace) -> dict[str, Any]:

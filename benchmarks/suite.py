@@ -41,7 +41,7 @@ DEFAULT_BACKENDS = ("onnxrt", "torch")
 DEFAULT_FRAMES, QUICK_FRAMES = 300, 48
 #: Plain full-frame detection is only a comparison (and 10x slower than tracking), so it runs on
 #: the first frames only: a rate needs no more.
-DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 64, 16
+DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 150, 16
 #: The default clips: (name, kind, width, height).
 DEFAULT_CLIPS = (("carphone_720p", "carphone", 1280, 720), ("carphone_1080p", "carphone", 1920, 1080),
                  ("multiface_720p", "multiface", 1280, 720))
@@ -68,7 +68,7 @@ class BenchOptions:
     min_face: float = 32.0
     detect_every: int = DEFAULT_DETECT_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
-    full_frames: int | None = None  # None: 64, or 16 with quick
+    full_frames: int | None = None  # None: 150, or 16 with quick
     threads: int = 1
     quick: bool = False
     workdir: Path = field(default_factory=lambda: Path.home() / ".cache" / "annotator" / "bench-media")
@@ -435,6 +435,12 @@ def format_tables(report: dict[str, Any]) -> str:
     if any(x[3] is not None for x in recalls):
         out += ["", "recall against the clip's ground truth (IoU >= 0.5): tracked / full-frame every frame"]
         out += [f"  {c} {b} b={n}: {t:.3f} / {f:.3f}" for c, b, n, t, f in recalls if t is not None and f is not None]
+    agreements = [(r["clip"], r["backend"], r["batch_size"], r["stages"]["score"].get("agreement")) for r in results]
+    if any(a for *_, a in agreements):
+        out += ["", f"expression outputs, tracked (detect every {opts['detect_every']}) vs full detection on every "
+                    "frame, same faces (IoU >= 0.5): top-1 agreement, mean |probability difference|"]
+        out += [f"  {c} {b} b={n}: {a['top1']:.3f}, {a['mean_abs_dp']:.4f} over {a['faces']} faces of {a['frames']} "
+                f"frames ({a['unmatched']} found by one path only)" for c, b, n, a in agreements if a and a["faces"]]
     if len({d["decoder"] for d in report.get("decoders", [])}) > 1:
         out += ["", "decoders: " + ", ".join(f"{d['clip']} {d['decoder']} b={d['batch_size']}: {_fps(d['fps'])} frames/s"
                                              for d in report["decoders"])]
