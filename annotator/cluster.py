@@ -99,12 +99,24 @@ def init_ray(config: RunConfig) -> None:
             # Our modules travel to workers on a cluster; a local instance shares the filesystem.
             runtime_env={"py_modules": modules} if config.address and (modules := _project_modules()) else None,
             ignore_reinit_error=True,
+            # A local instance gets the CPUs this process may use (taskset, a scheduler's cpuset):
+            # Ray counts the machine's, and its workers would then crowd the allowed cores.
+            num_cpus=None if config.address else local_cpus(),
         )
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         # RayError: AuthenticationError (token mode without a token) is not a RuntimeError.
         where = f"join the Ray cluster at {config.address}" if config.address else "start a local Ray instance"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"cannot {where}: {reason}") from None
+
+
+def local_cpus() -> int | None:
+    """CPUs for a local Ray instance: this process's affinity when it is narrower than the
+    machine, else None (Ray's own count, which also reads a container's CPU quota)."""
+    from annotator.config import usable_cores
+
+    usable = usable_cores()
+    return usable if usable < (os.cpu_count() or usable) else None
 
 
 def _gcs_address(address: str) -> str | None:

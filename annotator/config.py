@@ -7,6 +7,7 @@ one-line errors as a command-line user, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,15 @@ DEFAULT_DETECT_EVERY = 20
 
 #: More pipelines than this on one GPU only queue on its NVDEC engines (7 on an H100, the most of any).
 MAX_PIPELINES_PER_GPU = 16
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (``taskset``, a
+    batch scheduler's cpuset), which ``os.cpu_count()`` ignores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class ConfigError(ValueError):
