@@ -56,10 +56,13 @@ def worker_memory_bytes(config: RunConfig) -> int:
     """
     from engines.decoders import CPU_BATCH_PIXELS
 
-    side = config.det_size
-    detector_pixels = side * math.ceil(side * 9 / 16 / 32) * 32  # a 16:9 frame, padded as RetinaFace pads it
+    def padded_pixels(side: int) -> int:  # a 16:9 frame, padded as RetinaFace pads it
+        return side * math.ceil(side * 9 / 16 / 32) * 32
+
     frames = 2 * 3 * CPU_BATCH_PIXELS  # one batch, plus the frame being converted
-    detector = _DETECTOR_BYTES_PER_PIXEL * detector_pixels * config.resolved_batch_size()
+    # A keyframe batch at --det-size, or one frame scanned at up to twice that (annotator.tracking).
+    detector = _DETECTOR_BYTES_PER_PIXEL * max(padded_pixels(config.det_size) * config.resolved_batch_size(),
+                                               padded_pixels(config.scan_size))
     return int(_WORKER_BASE_BYTES + detector + frames + _DECODER_BYTES)
 
 

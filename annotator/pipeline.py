@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,19 +57,23 @@ _warned: set[tuple[int, int, float, int]] = set()
 
 
 def _warn_capped(path: Path, width: float, height: float, config: RunConfig) -> None:
-    """Say, once per frame size in this process, when --det-size keeps the keyframe detector from
-    seeing faces as small as a --min-face the user set: such faces would be missed or found late,
-    silently. The default --min-face is a floor that the cap is documented to bound (about 64 px at
-    720p), so it warns on nothing: a warning on every HD video would teach users to ignore it."""
-    key = (round(width), round(height), config.min_face, config.det_size)
+    """Say, once per frame size in this process, when the detector's largest view (a scan, at
+    twice --det-size; --det-size itself with --scan-every 0) keeps it from seeing faces as small
+    as a --min-face the user set: such faces would be missed, silently. The default --min-face is a
+    floor that the cap is documented to bound, so it warns on nothing: a warning on every 4K video
+    would teach users to ignore it."""
+    key = (round(width), round(height), config.min_face, config.scan_size)
     floor = capped_floor(*key)
     if floor is None or key in _warned or config.min_face == DEFAULT_MIN_FACE:
         return
     _warned.add(key)
-    log.warning("%s: faces under %.0f px may be missed, not only those under --min-face %g: --det-size %d "
-                "shows this %dx%d video at %.2fx; --det-size %d would show faces down to %.0f px, at a higher "
-                "cost per keyframe", path, floor[0], config.min_face, config.det_size, key[0], key[1],
-                config.det_size / max(key[:2]), floor[1], floor[2])
+    seen = (f"--det-size {config.det_size} with scans at {config.scan_size}" if config.scan_every
+            else f"--det-size {config.det_size} with --scan-every 0")
+    wanted = math.ceil(floor[1] * config.det_size / config.scan_size)  # the --det-size whose scans show them
+    log.warning("%s: faces under %.0f px may be missed, not only those under --min-face %g: %s shows this "
+                "%dx%d video at %.2fx at most; --det-size %d would show faces down to %.0f px, at a higher "
+                "cost per keyframe", path, floor[0], config.min_face, seen, key[0], key[1],
+                config.scan_size / max(key[:2]), wanted, floor[2])
 
 
 class VideoPipeline:
@@ -95,7 +100,7 @@ class VideoPipeline:
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
             batch_size=config.resolved_batch_size(),
         )
-        self.tracker = FaceTracker(self.detector, detect_every=config.detect_every)
+        self.tracker = FaceTracker(self.detector, detect_every=config.detect_every, scan_every=config.scan_every)
         self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, compute, config.cache_dir,
                                                batch_size=config.resolved_batch_size())
         self.model_id = self.scorer.model_id
@@ -163,7 +168,8 @@ class VideoPipeline:
                 # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
                 min_face = self.config.min_face / batch.scale
                 height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
-                self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face)
+                self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face,
+                                   scan_size=detector_side(width, height, min_face, self.config.scan_size))
                 _warn_capped(path, width * batch.scale, height * batch.scale, self.config)
                 started = True
             yield from self._annotate_batch(batch, str(path), vid)

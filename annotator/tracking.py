@@ -9,6 +9,13 @@ last frame's box between keyframes, around the full detection's box on a keyfram
 fresh landmarks at one scale, hence a properly and consistently aligned crop, on every frame; new
 faces are picked up at the next keyframe. ``detect_every=1`` is plain per-frame detection.
 
+The keyframe detector sees the frame at most ``det_size`` long, which hides faces much smaller
+than a twentieth of the frame (at 640, a 720p frame is halved, and faces under about 64 px go
+unseen). So the first keyframe, and then one every ``scan_every`` frames, is a scan at the
+larger size those faces need: once found they are tracked in their crops like any other, where
+they are seen at 64 px. A small face that appears mid-video is found within ``scan_every``
+frames; one there from the start, at once.
+
 Track ids follow faces by greedy IoU association between consecutive sampled frames; a face
 that vanishes gets a new id when it comes back.
 """
@@ -62,25 +69,36 @@ class TrackedFaces:
 class FaceTracker:
     """Per video: call :meth:`start`, then the tracker on each batch of sampled frames in order."""
 
-    def __init__(self, detector: RetinaFaceDetector, detect_every: int = 1, crop_size: int = CROP_SIZE,
-                 margin: float = CROP_MARGIN) -> None:
+    def __init__(self, detector: RetinaFaceDetector, detect_every: int = 1, scan_every: int = 0,
+                 crop_size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> None:
         if detect_every < 1:
             raise ValueError(f"detect_every must be >= 1, got {detect_every}")
+        if scan_every < 0:
+            raise ValueError(f"scan_every must be >= 0, got {scan_every}")
         self.detector = detector
         self.detect_every = detect_every
+        self.scan_every = scan_every
         self.crop_size = crop_size
         self.margin = margin
         self.start(detector.det_size, detector.min_face)
 
-    def start(self, det_size: int, min_face: float, first_id: int = 0) -> None:
-        """Forget every track: a new video (or segment) begins with a keyframe."""
+    def start(self, det_size: int, min_face: float, first_id: int = 0, scan_size: int | None = None) -> None:
+        """Forget every track: a new video (or segment) begins with a keyframe.
+
+        ``det_size``: the keyframe detector's long side. ``scan_size``: a larger one for a scan,
+        the first keyframe and then the first one ``scan_every`` frames after the last scan, which
+        finds the faces ``det_size`` shows too small (they are then tracked in their crops).
+        """
         self.det_size = det_size
+        self.scan_size = scan_size if scan_size and scan_size > det_size and self.scan_every else None
         self.min_face = min_face
         self._boxes = np.zeros((0, 4), np.float32)
         self._ids = np.zeros(0, np.int64)
         self._next_id = first_id
         self._since_keyframe = self.detect_every  # the first frame is a keyframe
+        self._since_scan = self.scan_every  # and a scan
         self.keyframes = 0
+        self.scans = 0
 
     def __call__(self, frames: torch.Tensor) -> list[TrackedFaces]:
         """The faces of each frame of a batch (uint8 (B, H, W, 3), any device), in order."""
@@ -88,8 +106,13 @@ class FaceTracker:
 
     def _next(self, frames: torch.Tensor, index: int) -> TrackedFaces:
         keyframe = self._since_keyframe >= self.detect_every
+        self._since_scan += 1
         if keyframe:
-            full = self.detector.detect(frames[index:index + 1], min_face=self.min_face, det_size=self.det_size)[0]
+            side = self.det_size
+            if self.scan_size is not None and self._since_scan > self.scan_every:
+                side, self._since_scan = self.scan_size, 1
+                self.scans += 1
+            full = self.detector.detect(frames[index:index + 1], min_face=self.min_face, det_size=side)[0]
             found = self._refined(frames, index, full)
             continues = associate(self._boxes, found.boxes)
             # Tracks the full frame missed (a small face near the detector's limit) are looked

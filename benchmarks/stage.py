@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from annotator.config import DEFAULT_DETECT_EVERY
+from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_SCAN_EVERY, SCAN_SIZE_FACTOR
 
 STAGES = ("decode", "detect", "detect_full", "align", "score", "write", "pipeline")
 #: Environment variables that cap the threads of the numeric libraries a child loads.
@@ -72,6 +72,7 @@ class StageOptions:
     det_threshold: float = 0.9
     min_face: float = 32.0
     detect_every: int = DEFAULT_DETECT_EVERY
+    scan_every: int = DEFAULT_SCAN_EVERY
     frames: int = 0  # the first N frames of the clip (0: all)
     full_frames: int = 0  # detect_full: the first N of those (0: all of them)
     threads: int = 1
@@ -194,11 +195,12 @@ def _detector(opts: argparse.Namespace):
     return detector
 
 
-def _detector_side(opts: argparse.Namespace, batch) -> int:
+def _detector_side(opts: argparse.Namespace, batch, factor: int = 1) -> int:
+    """The keyframe detector's long side for this clip (``factor`` 2: a scan's, as the pipeline)."""
     from engines.retinaface import detector_side
 
     height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
-    return detector_side(width, height, _min_face(opts, batch), opts.det_size)
+    return detector_side(width, height, _min_face(opts, batch), opts.det_size * factor)
 
 
 def _truth(video: Path) -> list | None:
@@ -213,13 +215,16 @@ def _truth(video: Path) -> list | None:
         return None  # some other JSON file
 
 
-def _recall(video: Path, frame_index, boxes_per_frame) -> float | None:
+def _recall(video: Path, frame_index, boxes_per_frame, min_face: float) -> dict[str, float] | None:
+    """Recall against the clip's ground truth: over all faces, over those of at least
+    ``--min-face`` (the ones the run asks for), and per face."""
     truth = _truth(video)
     if truth is None or max(frame_index, default=-1) >= len(truth):
         return None
     from benchmarks.media import recall
 
-    return round(recall([truth[i] for i in frame_index], boxes_per_frame)["all"], 4)
+    found = recall([truth[i] for i in frame_index], boxes_per_frame, min_side=min_face)
+    return {k: round(v, 4) if v == v else None for k, v in found.items()}  # NaN: no face that large
 
 
 def _timed(fn) -> tuple[Any, float, float, float]:
@@ -296,11 +301,13 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
     from annotator.tracking import FaceTracker
 
     batches = list(_take(iter(_load_frames(opts)), frames))
-    tracker = FaceTracker(_detector(opts), detect_every=detect_every)
+    tracker = FaceTracker(_detector(opts), detect_every=detect_every, scan_every=opts.scan_every)
     side, min_face = _detector_side(opts, batches[0]), _min_face(opts, batches[0])
-    tracker.start(side, min_face)
-    tracker(batches[0].frames[:2])  # warm-up: a keyframe and a crop re-detection
-    tracker.start(side, min_face)
+    scan = _detector_side(opts, batches[0], SCAN_SIZE_FACTOR)
+    tracker.start(side, min_face, scan_size=scan)
+    tracker(batches[0].frames[:2])  # warm-up: a scan and a crop re-detection
+    tracker.detector.detect(batches[0].frames[:1], min_face=min_face, det_size=side)  # and a keyframe
+    tracker.start(side, min_face, scan_size=scan)
 
     def run() -> list:
         found = [faces for batch in batches for faces in tracker(batch.frames)]
@@ -315,10 +322,11 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
              pts_s=np.concatenate([b.pts_s for b in batches]), scale=scale, **arrays)
     result = {"frames": len(found), "faces": int(arrays["counts"].sum()), "seconds": seconds,
               "inputs_rss_mb": before, "during_peak_mb": peak, "keyframes": tracker.keyframes,
-              "detector_side": side}
-    found_recall = _recall(opts.video, frame_index.tolist(), [f.boxes * scale for f in found])
+              "scans": tracker.scans, "detector_side": side, "scan_side": tracker.scan_size}
+    found_recall = _recall(opts.video, frame_index.tolist(), [f.boxes * scale for f in found], opts.min_face)
     if found_recall is not None:
-        result["recall"] = found_recall
+        result["recall"], result["recall_asked"] = found_recall.pop("all"), found_recall.pop("asked")
+        result["recall_by_face"] = found_recall
     return result
 
 
@@ -516,7 +524,8 @@ def _stage_pipeline(opts: argparse.Namespace) -> dict[str, Any]:
     config = RunConfig(inputs=(opts.video,), out=opts.work / "unused.parquet", workers=0,
                        batch_size=opts.batch_size, device=opts.device, decoder=opts.decoder, backend=opts.backend,
                        detector=opts.detector, scorer=opts.scorer, det_size=opts.det_size,
-                       det_threshold=opts.det_threshold, min_face=opts.min_face, detect_every=opts.detect_every)
+                       det_threshold=opts.det_threshold, min_face=opts.min_face, detect_every=opts.detect_every,
+                       scan_every=opts.scan_every)
     pipeline = VideoPipeline(config, threads=opts.threads)
     load_rss = rss_mb()
     warm = pipeline.annotate(opts.video)

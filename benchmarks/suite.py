@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from annotator.config import DEFAULT_DETECT_EVERY
+from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_SCAN_EVERY
 from benchmarks.stage import StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
@@ -44,7 +44,7 @@ DEFAULT_FRAMES, QUICK_FRAMES = 300, 48
 DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 150, 16
 #: The default clips: (name, kind, width, height).
 DEFAULT_CLIPS = (("carphone_720p", "carphone", 1280, 720), ("carphone_1080p", "carphone", 1920, 1080),
-                 ("multiface_720p", "multiface", 1280, 720))
+                 ("multiface_720p_v2", "multiface", 1280, 720))  # v2: the smallest face 48 px, was 40
 _PACKAGES = ("torch", "onnxruntime", "av", "pyarrow", "ray", "numpy", "opencv-python-headless", "video-annotator",
              "tensorrt", "nvidia-dali-cuda120", "matplotlib")
 
@@ -67,6 +67,7 @@ class BenchOptions:
     det_threshold: float = 0.9
     min_face: float = 32.0
     detect_every: int = DEFAULT_DETECT_EVERY
+    scan_every: int = DEFAULT_SCAN_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
     full_frames: int | None = None  # None: 150, or 16 with quick
     threads: int = 1
@@ -283,7 +284,8 @@ def bench_clip(clip: Path, options: BenchOptions, device: str, backends: Sequenc
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         common = dict(video=clip, work=Path(work), device=device, decoder=decoders[0], detector=options.detector,
                       scorer=options.scorer, det_size=options.det_size, det_threshold=options.det_threshold,
-                      min_face=options.min_face, detect_every=options.detect_every, frames=options.frames,
+                      min_face=options.min_face, detect_every=options.detect_every, scan_every=options.scan_every,
+                      frames=options.frames,
                       full_frames=options.full_frames, threads=options.threads, inputs_backend=backends[0])
 
         def stage(name: str, **changes: Any) -> dict[str, Any]:
@@ -359,7 +361,7 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
         run_args = ["--backend", backends[0], "--device", device, "--detector", options.detector,
                     "--model", options.scorer, "--det-size", str(options.det_size),
                     "--det-threshold", str(options.det_threshold), "--min-face", str(options.min_face),
-                    "--detect-every", str(options.detect_every)]
+                    "--detect-every", str(options.detect_every), "--scan-every", str(options.scan_every)]
         report["ray"] = [{"clip": clip.stem, "copies": copies, "run_args": run_args,
                           "results": scaling(clip, copies, sorted(set(options.ray_workers)), run_args, echo=echo)}
                          for clip in clips]
@@ -371,7 +373,7 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
             "backend": backends[0], "device": device, "decoder": decoders[0], "threads": options.threads,
             "batch_size": 8 if 8 in options.batch_sizes else options.batch_sizes[0], "detector": options.detector,
             "scorer": options.scorer, "det_size": options.det_size, "min_face": options.min_face,
-            "detect_every": options.detect_every}, echo=echo)
+            "detect_every": options.detect_every, "scan_every": options.scan_every}, echo=echo)
     return report
 
 
@@ -400,7 +402,8 @@ def format_tables(report: dict[str, Any]) -> str:
     opts = report["options"]
     head = (f"annotate bench, {report['date']}: {report['machine']['cpu_model']} "
             f"({report['machine']['cpus_usable']} cores), {opts['threads']} thread(s) per stage as one worker, "
-            f"device {opts['device_resolved']}, detect every {opts['detect_every']}, det-size {opts['det_size']}")
+            f"device {opts['device_resolved']}, detect every {opts['detect_every']}, scan every {opts['scan_every']}, "
+            f"det-size {opts['det_size']}, min-face {opts['min_face']:g}")
     fps_rows = []
     for r in results:
         st = r["stages"]
@@ -430,11 +433,16 @@ def format_tables(report: dict[str, Any]) -> str:
            "1/sum(1/stage frames/s):", part2, "",
            "peak RSS MB of each stage's process (+ its growth during the timed pass; detect, full-det and align "
            "hold the clip's decoded frames):", part3]
-    recalls = [(r["clip"], r["backend"], r["batch_size"], r["stages"]["detect"].get("recall"),
-                r["stages"]["detect_full"].get("recall")) for r in results]
-    if any(x[3] is not None for x in recalls):
-        out += ["", "recall against the clip's ground truth (IoU >= 0.5): tracked / full-frame every frame"]
-        out += [f"  {c} {b} b={n}: {t:.3f} / {f:.3f}" for c, b, n, t, f in recalls if t is not None and f is not None]
+    recalls = [(r["clip"], r["backend"], r["batch_size"], r["stages"]["detect"], r["stages"]["detect_full"])
+               for r in results if r["stages"]["detect"].get("recall") is not None]
+    if recalls:
+        def faces(stage: dict[str, Any]) -> str:
+            asked = stage.get("recall_asked")
+            by_face = ", ".join(f"{k} {v:.2f}" for k, v in stage.get("recall_by_face", {}).items())
+            return (f"{stage['recall']:.3f} all, {'-' if asked is None else f'{asked:.3f}'} of faces >= --min-face "
+                    f"({by_face})")
+        out += ["", "recall against the clip's ground truth (IoU >= 0.5), tracked | full detection on every frame:"]
+        out += [f"  {c} {b} b={n}: {faces(t)} | {faces(f)}" for c, b, n, t, f in recalls]
     agreements = [(r["clip"], r["backend"], r["batch_size"], r["stages"]["score"].get("agreement")) for r in results]
     if any(a for *_, a in agreements):
         out += ["", f"expression outputs, tracked (detect every {opts['detect_every']}) vs full detection on every "

@@ -131,48 +131,62 @@ def test_capped_floor_says_what_the_det_size_cap_costs():
 
 
 def test_a_min_face_the_cap_cannot_show_is_warned_once(carphone_720p, caplog):
-    """--min-face 20 at 720p with --det-size 640: one warning naming the size that would find them;
-    the default --min-face (a floor the README says the cap bounds) warns on nothing."""
+    """--min-face 20 at 720p with --det-size 640 and no scans: one warning naming the size that
+    would find them; with scans (at 1280, the frame's own size) nothing is hidden, and the default
+    --min-face (a floor the README says the cap bounds) warns on nothing."""
     import logging
     from pathlib import Path
 
     from annotator import pipeline
     from annotator.config import RunConfig
 
-    pipeline._warned.clear()
-    config = RunConfig(inputs=(carphone_720p,), out=Path("unused.parquet"), workers=0, min_face=20)
-    runner = pipeline.VideoPipeline(config, threads=1)
-    with caplog.at_level(logging.WARNING, logger="annotator.pipeline"):
-        for _ in range(2):
-            for _ in runner.annotate(carphone_720p):
-                pass
-    warnings = [r.getMessage() for r in caplog.records if r.name == "annotator.pipeline"]
+    def warnings_of(**options) -> list[str]:
+        pipeline._warned.clear()
+        caplog.clear()
+        config = RunConfig(inputs=(carphone_720p,), out=Path("unused.parquet"), workers=0, **options)
+        runner = pipeline.VideoPipeline(config, threads=1)
+        with caplog.at_level(logging.WARNING, logger="annotator.pipeline"):
+            for _ in range(2):
+                for _ in runner.annotate(carphone_720p):
+                    pass
+        return [r.getMessage() for r in caplog.records if r.name == "annotator.pipeline"]
+
+    warnings = warnings_of(min_face=20, scan_every=0)
     assert len(warnings) == 1, warnings
     assert "faces under 64 px may be missed" in warnings[0] and "--det-size 1280 would show faces down to 32 px" in warnings[0]
-    assert str(carphone_720p) in warnings[0]
-    caplog.clear()
-    default = pipeline.VideoPipeline(RunConfig(inputs=(carphone_720p,), out=Path("unused.parquet"), workers=0),
-                                     threads=1)
-    with caplog.at_level(logging.WARNING, logger="annotator.pipeline"):
-        for _ in default.annotate(carphone_720p):
-            pass
-    assert not [r for r in caplog.records if r.name == "annotator.pipeline"]
+    assert "--scan-every 0" in warnings[0] and str(carphone_720p) in warnings[0]
+    assert warnings_of(min_face=20) == []
+    assert warnings_of() == []
 
 
-def test_crop_windows_are_snapped_so_a_small_move_keeps_the_window():
-    from engines.refind import CENTRE_CELLS, crop_windows
+def test_a_scan_finds_a_face_the_keyframe_detector_shows_too_small(detector):
+    """A 48 px face (the astronaut's, with a little hair and collar around it, as in the bench's
+    multi-face clip) in a 1280x720 frame: at the 640 keyframe size it is 24 px and goes unseen;
+    the first keyframe is a scan at 1280, which finds it, and the crops then follow it at 64 px."""
+    import cv2
+    import skimage.data
 
-    box = np.array([[400.0, 200.0, 480.0, 300.0]])  # 80 x 100: a 200 px window before snapping
-    centres, sides = crop_windows(box)
-    # The face stays framed: the window is 2x its longer side within one grid step (2^(1/6)
-    # either way), and its centre is within half a cell of the face's.
-    assert 200 / 2 ** (1 / 6) <= sides[0] <= 200 * 2 ** (1 / 6)
-    assert np.abs(centres[0] - [440.0, 250.0]).max() <= sides[0] / CENTRE_CELLS / 2 + 1e-6
-    # Moved and resized by a pixel or two (the noise between a track's box and a fresh detection):
-    # the very same window, hence the same crop and the same landmarks.
-    jittered = box + np.array([[1.5, -1.0, 2.0, 0.5]])
-    np.testing.assert_array_equal(np.concatenate(crop_windows(jittered), axis=None),
-                                  np.concatenate(crop_windows(box), axis=None))
-    # Moved by half its size: another window, still around the face.
-    moved_centres, _ = crop_windows(box + 40)
-    assert not np.array_equal(moved_centres, centres)
+    image = skimage.data.astronaut()
+    [found] = detector.detect(torch.from_numpy(image)[None])
+    x1, y1, x2, y2 = found.boxes[0].astype(int)
+    margin = int(0.45 * (y2 - y1))
+    patch = image[max(0, y1 - margin):y2 + margin, max(0, x1 - margin):x2 + margin]
+    scale = 48 / (y2 - y1)
+    small = cv2.resize(patch, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frames = np.full((30, 720, 1280, 3), 90, np.uint8)
+    for i in range(30):  # drifting right by a pixel a frame
+        frames[i, 300:300 + small.shape[0], 900 + i:900 + i + small.shape[1]] = small
+    frames = torch.from_numpy(frames)
+    centre_x = 900 + np.arange(30) + (min(x1, margin) + (x2 - x1) / 2) * scale
+
+    def track(scan_every: int) -> tuple[list, FaceTracker]:
+        tracker = FaceTracker(detector, detect_every=10, scan_every=scan_every)
+        tracker.start(det_size=640, min_face=32, scan_size=1280)
+        return [f for start in range(0, 30, 8) for f in tracker(frames[start:start + 8])], tracker
+
+    plain, _ = track(0)
+    assert all(len(f.boxes) == 0 for f in plain)  # the keyframe detector alone never sees it
+    scanned, tracker = track(160)
+    assert tracker.scans == 1 and tracker.keyframes == 3  # one scan (the first keyframe) in 30 frames
+    assert all(len(f.boxes) == 1 for f in scanned) and {int(f.track_ids[0]) for f in scanned} == {0}
+    np.testing.assert_allclose([(f.boxes[0][0] + f.boxes[0][2]) / 2 for f in scanned], centre_x, atol=4)

@@ -57,9 +57,9 @@ def test_truth_has_four_faces_of_increasing_size_inside_the_frame(clip: Path, tr
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= WIDTH).all() and (boxes[:, 3] <= HEIGHT).all()
         overlap = box_iou(boxes, boxes) - np.eye(len(boxes))
         assert (overlap == 0).all(), "faces overlap"
-    # Nominal heights 40/80/160/320 at 720p, halved here (the carphone's own head moves).
+    # Nominal heights 48/80/160/320 at 720p, halved here (the carphone's own head moves).
     first = np.stack([box for _, box in truth[0]])
-    np.testing.assert_allclose(first[:, 3] - first[:, 1], [20, 40, 80, 160], rtol=0.15)
+    np.testing.assert_allclose(first[:, 3] - first[:, 1], [24, 40, 80, 160], rtol=0.15)
 
 
 def test_faces_drift_slowly(truth):
@@ -96,7 +96,12 @@ def test_recall_counts_matches_per_face_and_overall():
         np.array([[5, 5, 15, 15]]),  # a's IoU is 25/175: not found
         np.zeros((0, 4)),
     ]
-    assert recall(truth, found) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "all": 1 / 3})
+    assert recall(truth, found) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "all": 1 / 3, "asked": 1 / 3})
+    # "asked": only the faces at least --min-face on their shorter side count (both are 10 px).
+    assert recall(truth, found, min_side=10)["asked"] == pytest.approx(1 / 3)
+    assert np.isnan(recall(truth, found, min_side=11)["asked"])
+    small = _truth([("a", a), ("c", [40, 40, 44, 48])])  # c: 4 px wide, below --min-face 8
+    assert recall(small, [np.array([a])], min_side=8) == pytest.approx({"a": 1.0, "c": 0.0, "all": 0.5, "asked": 1.0})
     # Anything with .boxes (the detector's Detections) works too; the IoU bar is a parameter.
     boxed = [type("Found", (), {"boxes": f})() for f in found]
     assert recall(truth, boxed, iou=0.1)["a"] == pytest.approx(2 / 3)
@@ -112,7 +117,7 @@ def test_recall_matches_each_box_once_and_as_many_faces_as_possible():
     # f1 to a and leave b unfound; the maximum matching finds both.
     overlapping = _truth([("a", [0, 0, 10, 10]), ("b", [2, 0, 12, 10])])
     found = [np.array([[0.5, 0, 10.5, 10], [-3, 0, 7, 10]])]
-    assert recall(overlapping, found) == {"a": 1.0, "b": 1.0, "all": 1.0}
+    assert recall(overlapping, found) == {"a": 1.0, "b": 1.0, "all": 1.0, "asked": 1.0}
 
 
 def test_every_face_is_where_the_truth_says_at_720p(tmp_path: Path):

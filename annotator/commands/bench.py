@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from annotator.commands.options import cache_dir
-from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, DEFAULT_SCORER
+from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, DEFAULT_SCAN_EVERY, DEFAULT_SCORER
 
 EPILOG = """\b
 Examples:
@@ -25,7 +25,7 @@ Examples:
 \b
 Default clips (made offline once, cached in --workdir): the carphone clip upscaled
 to 1280x720 and to 1920x1080 and looped to 300 frames, and a 1280x720 clip of four
-real faces (40-320 px) with per-frame ground truth (recall is reported for it).
+real faces (48-320 px) with per-frame ground truth (recall is reported for it).
 Each stage runs in its own process with one thread, as one Ray worker does, on
 frames decoded once and held in memory; the pipeline runs in process, no Ray.
 TensorRT and DALI run where a CUDA device and their packages are present;
@@ -64,6 +64,8 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
               help="Full-frame detection every K-th frame, tracked faces re-found in between (as annotate run).")
+@click.option("--scan-every", type=click.IntRange(min=0), default=DEFAULT_SCAN_EVERY, show_default=True,
+              help="A keyframe every N frames (the first included) scans at up to twice --det-size (as annotate run).")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True)
 @click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True)
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,

@@ -11,6 +11,7 @@ from annotator.config import (
     DEFAULT_DETECT_EVERY,
     DEFAULT_DETECTOR,
     DEFAULT_MIN_FACE,
+    DEFAULT_SCAN_EVERY,
     DEFAULT_SCORER,
     MAX_PIPELINES_PER_GPU,
     ConfigError,
@@ -68,16 +69,21 @@ _PROBLEMS_SHOWN = 10
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True, help="Face score threshold.")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
-              help="Cap on the long side of the frame as the detector sees it (pixels); below the cap the "
-                   "size follows --min-face.")
+              help="Cap on the long side of the frame as the keyframe detector sees it (pixels; scans see up "
+                   "to twice it); below the cap the size follows --min-face.")
 @click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True,
               help="Smallest face to find: shorter box side in video pixels. Smaller is slower: the detector "
-                   "sees frames scaled so that such a face is 32 pixels, up to the --det-size cap (at the "
-                   "default 640: about 64 px at 720p, 96 at 1080p). A value you set that the cap cannot show "
-                   "gets a warning naming the --det-size that would.")
+                   "sees frames scaled so that such a face is 32 pixels, up to the --det-size cap on keyframes "
+                   "(at the default 640: faces from about 64 px at 720p, 96 at 1080p) and twice it on scans "
+                   "(see --scan-every). A value you set that the caps cannot show gets a warning naming the "
+                   "--det-size that would.")
 @click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
               help="Full-frame detection on every K-th sampled frame; in between each tracked face is re-found "
                    "around its last position (new faces appear at the next full detection). 1: every frame.")
+@click.option("--scan-every", type=click.IntRange(min=0), default=DEFAULT_SCAN_EVERY, show_default=True,
+              help="The first keyframe, then one every N sampled frames, looks at the frame at up to twice "
+                   "--det-size, where faces down to --min-face that the cap hides are found (and then "
+                   "tracked). 0: never.")
 @click.option("--temporal", is_flag=True,
               help="Score each face track with the model's temporal head (CNN features -> bidirectional GRU over "
                    "32-frame windows, PAPER.md); needs a --model directory exported with one.")
