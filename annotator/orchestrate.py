@@ -168,7 +168,7 @@ def gpu_pipelines(config: RunConfig, resources: dict[str, float]) -> int:
     from engines.decoders.choice import pipelines_per_gpu
     from engines.runtimes.engine_plan import actor_memory
 
-    memory = actor_memory(config.resolved_batch_size(), config.det_size)
+    memory = actor_memory(config.resolved_batch_size(), config.scan_size)
     accelerator = accelerator_type(resources)
     return pipelines_per_gpu(accelerator, config.pipelines_per_gpu, memory.total)
 
@@ -200,7 +200,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
         from engines.runtimes.engine_plan import actor_memory
 
         log.info("%d GPU workers, %d per GPU; estimated %s at 1080p", workers, round(1 / num_gpus),
-                 actor_memory(config.resolved_batch_size(), config.det_size).describe())
+                 actor_memory(config.resolved_batch_size(), config.scan_size).describe())
     actor_class = ray.remote(worker).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

@@ -98,7 +98,7 @@ class VideoPipeline:
         self.detector, self.detector_artifacts = create_detector(
             config.detector, backend, device, compute, config.cache_dir,
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
-            batch_size=config.resolved_batch_size(),
+            batch_size=config.resolved_batch_size(), largest_side=config.scan_size,
         )
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every, scan_every=config.scan_every)
         self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, compute, config.cache_dir,

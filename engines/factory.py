@@ -286,10 +286,12 @@ def create_scorer(name_or_path: str, backend: str | None = None, device: str = "
 
 def create_detector(name_or_path: str, backend: str | None = None, device: str = "cpu", threads: int = 0,
                     cache_dir: str | os.PathLike[str] | None = None, *, det_size: int = 640,
-                    threshold: float = 0.9, min_face: float = 0.0, batch_size: int = 32):
+                    threshold: float = 0.9, min_face: float = 0.0, batch_size: int = 32,
+                    largest_side: int | None = None):
     """Load a RetinaFace detector by registry name, pulling it on first use.
 
-    ``batch_size`` and ``det_size`` size a TensorRT engine's profile to the run.
+    ``batch_size`` and ``largest_side`` (the longest side any call will have: a scan's, else
+    ``det_size``) size a TensorRT engine's profile to the run.
 
     Returns:
         (``engines.retinaface.RetinaFaceDetector``, its artifacts).
@@ -297,6 +299,7 @@ def create_detector(name_or_path: str, backend: str | None = None, device: str =
     from engines.retinaface import RetinaFaceDetector
 
     entry = lookup(name_or_path, "detector")
-    artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir, detector_shapes(batch_size, det_size))
+    shapes = detector_shapes(batch_size, max(det_size, largest_side or 0))
+    artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir, shapes)
     detector = RetinaFaceDetector(runtime, det_size=det_size, threshold=threshold, min_face=min_face)
     return detector, artifacts

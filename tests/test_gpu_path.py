@@ -452,3 +452,27 @@ def test_gpu_resize_converts_a_few_frames_at_a_time(monkeypatch: pytest.MonkeyPa
     retinaface.resize_in_chunks(frames, out, torch.float32, chunk_bytes=3 * 90 * 160 * 4 * 3)
     assert seen == [3, 3, 3, 1]
     assert torch.equal(out, reference)
+
+
+def test_a_scanning_run_sizes_the_detector_engine_for_its_scans(monkeypatch) -> None:
+    """A scan is one frame at twice --det-size (1280x736 at 720p): the engine's profile must admit
+    it, or the first keyframe of every video would be refused on a GPU."""
+    from annotator import pipeline
+
+    config = RunConfig(inputs=(Path("v.mp4"),), out=Path("o.parquet"), device="cpu", workers=0)
+    scan = (1, 3, 736, 1280)
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        plan.detector_shapes(32, config.det_size).check(scan)
+    plan.detector_shapes(32, config.scan_size).check(scan)  # the profile the pipeline asks for
+    asked = {}
+
+    def capture(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(pipeline, "create_detector", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        pipeline.VideoPipeline(config, threads=1)
+    assert asked["largest_side"] == config.scan_size == 2 * config.det_size
+    no_scans = RunConfig(inputs=(Path("v.mp4"),), out=Path("o.parquet"), device="cpu", workers=0, scan_every=0)
+    assert no_scans.scan_size == no_scans.det_size

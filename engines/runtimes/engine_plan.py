@@ -135,7 +135,10 @@ class ActorMemory:
 
 
 def actor_memory(batch_size: int, det_size: int, frame_pixels: int = 1920 * 1080) -> ActorMemory:
-    """GPU memory of one actor at the run's options, for ``frame_pixels``-pixel video (1080p default)."""
+    """GPU memory of one actor at the run's options, for ``frame_pixels``-pixel video (1080p default).
+
+    ``det_size``: the longest side the detector is called with (a scan's, twice --det-size, when
+    the run scans), which sizes its engine's profile."""
     detector = detector_shapes(batch_size, det_size)
     return ActorMemory(
         base=ACTOR_BASE_BYTES,
