@@ -2,8 +2,9 @@
 
 Measures what a user sees (wall time of the command, Ray start-up and model loading included,
 models already cached), and the fixed cost alone (the same command on 2-frame cuts of the clips),
-so the steady rate is frames / (wall - fixed). Efficiency is the steady frames/s with N workers
-over N times that with the fewest workers measured (1.0: perfect scaling). ``annotate bench --ray-workers 1,2`` calls
+so the steady rate is frames / (wall - fixed). N workers run on N cores (the command is pinned to
+them), and efficiency is the steady frames/s with N workers over N times that with the fewest
+workers measured (1.0: perfect scaling). ``annotate bench --ray-workers 1,2`` calls
 :func:`scaling` on each benchmark clip.
 
     python -m benchmarks.ray_scaling --copies 4 --workers 1 2 --out bench-ray.json
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,24 +36,34 @@ def annotate_command() -> list[str]:
     return [sys.executable, "-m", "annotator"]
 
 
-def time_run(videos: Path, out: Path, workers: int, run_args: Sequence[str] = ()) -> dict[str, object]:
+def time_run(videos: Path, out: Path, workers: int, run_args: Sequence[str] = (),
+             pin: bool = True) -> dict[str, object]:
     """Run ``annotate run VIDEOS --out OUT --workers N`` in a subprocess; its wall time and counts.
+
+    ``pin``: the command (Ray's processes included) may use only N of this machine's cores, so N
+    workers get N cores and the scaling measured is the pool's, not one worker spreading over
+    cores it would not have on a full machine (a local Ray instance is sized to them,
+    ``annotator.cluster.local_cpus``). Without it, a worker gets the cores the others would use.
 
     Raises:
         RuntimeError: the command failed (its last lines of stderr in the message).
     """
     command = [*annotate_command(), "run", str(videos), "--out", str(out), "--workers", str(workers),
                "--no-progress", *run_args]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = set(cores[:workers]) if pin and workers <= len(cores) else None
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, pinned)) if pinned else None)
     wall = time.perf_counter() - start
     match = _SUMMARY.search(proc.stdout)
     if proc.returncode != 0 or match is None:
         tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
         raise RuntimeError(f"annotate run with {workers} workers exited {proc.returncode}:\n{tail}")
     videos_done, frames, faces = (int(g) for g in match.groups())
-    return {"workers": workers, "videos": videos_done, "frames": frames, "faces": faces, "wall_s": round(wall, 2),
-            "videos_per_s": round(videos_done / wall, 3), "frames_per_s": round(frames / wall, 2)}
+    return {"workers": workers, "cores": len(pinned) if pinned else None, "videos": videos_done, "frames": frames,
+            "faces": faces, "wall_s": round(wall, 2), "videos_per_s": round(videos_done / wall, 3),
+            "frames_per_s": round(frames / wall, 2)}
 
 
 def efficiency(results: list[dict[str, object]], key: str = "frames_per_s") -> None:

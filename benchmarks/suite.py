@@ -41,7 +41,7 @@ DEFAULT_BACKENDS = ("onnxrt", "torch")
 DEFAULT_FRAMES, QUICK_FRAMES = 300, 48
 #: Plain full-frame detection is only a comparison (and 10x slower than tracking), so it runs on
 #: the first frames only: a rate needs no more.
-DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 150, 16
+DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 300, 16
 #: The default clips: (name, kind, width, height).
 DEFAULT_CLIPS = (("carphone_720p", "carphone", 1280, 720), ("carphone_1080p", "carphone", 1920, 1080),
                  ("multiface_720p_v2", "multiface", 1280, 720))  # v2: the smallest face 48 px, was 40
@@ -69,7 +69,7 @@ class BenchOptions:
     detect_every: int = DEFAULT_DETECT_EVERY
     scan_every: int = DEFAULT_SCAN_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
-    full_frames: int | None = None  # None: 150, or 16 with quick
+    full_frames: int | None = None  # None: 300 (every frame measured), or 16 with quick
     threads: int = 1
     quick: bool = False
     workdir: Path = field(default_factory=lambda: Path.home() / ".cache" / "annotator" / "bench-media")
@@ -455,9 +455,11 @@ def format_tables(report: dict[str, Any]) -> str:
     for entry in report.get("ray", []):
         out += ["", f"annotate run through Ray, {entry['copies']} copies of {entry['clip']} (wall: start-up "
                     "included; steady: without the start-up, timed on 2-frame cuts; efficiency on steady):",
-                _table(["workers", "videos/s", "frames/s", "wall s", "start-up s", "steady frames/s", "efficiency"],
-                       [[str(r["workers"]), f"{r['videos_per_s']:.2f}", _fps(r["frames_per_s"]), f"{r['wall_s']:.1f}",
-                         f"{r['startup_s']:.1f}", _fps(r["steady_frames_per_s"]), f"{r['efficiency']:.2f}"]
+                _table(["workers", "cores", "videos/s", "frames/s", "wall s", "start-up s", "steady frames/s",
+                        "efficiency"],
+                       [[str(r["workers"]), str(r.get("cores") or "all"), f"{r['videos_per_s']:.2f}",
+                         _fps(r["frames_per_s"]), f"{r['wall_s']:.1f}", f"{r['startup_s']:.1f}",
+                         _fps(r["steady_frames_per_s"]), f"{r['efficiency']:.2f}"]
                         for r in entry["results"]], left=0)]
     if "memory" in report:
         mem = report["memory"]

@@ -76,7 +76,7 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
               help="Frames of each clip to measure.  [default: 300; 48 with --quick]")
 @click.option("--full-frames", type=click.IntRange(min=1), default=None,
               help="Frames for the comparison with full-frame detection on every frame (speed, and "
-                   "expression agreement on the same faces).  [default: 150; 16 with --quick]")
+                   "expression agreement on the same faces).  [default: 300; 16 with --quick]")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads per stage process (1: as one Ray worker per core).")
 @click.option("--quick", is_flag=True, help="Fewer frames (a smoke test, e.g. for CI); numbers are rough.")
