@@ -36,6 +36,7 @@ from annotator.config import ConfigError, RunConfig
 from annotator.discover import find_videos
 from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
 from annotator.pipeline import VideoPipeline
+from annotator.stages import FaceBatch
 from annotator.collect import split_runs
 from annotator.worker import RayVideoWorker, WorkItem
 from annotator.writer import part_key
@@ -89,12 +90,11 @@ class HarvestPipeline(VideoPipeline):
         super().__init__(config, threads)
         self.student_crop = CropGeometry()  # what `annotate run --model OUT/model` will cut
 
-    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> Iterator[pa.RecordBatch]:
-        with self._timed("detect"):
-            faces = self.find(batch, path, vid)
+    def _annotate_faces(self, faces: FaceBatch) -> Iterator[pa.RecordBatch]:
+        batch = faces.frames
         with self._timed("align"):
             frame_of_face = faces.frame_of_face
-            crops = self.student_crop.crops(faces.frames.frames, frame_of_face, faces.landmarks).round().clamp(0, 255)
+            crops = self.student_crop.crops(batch.frames, frame_of_face, faces.landmarks).round().clamp(0, 255)
             # A teacher on our crop scores exactly the stored pixels; another geometry gets its own cut.
             teacher_crops = crops if self.scorer.crop == self.student_crop else self.align(faces).crops
         self.frames += len(batch)
@@ -103,7 +103,7 @@ class HarvestPipeline(VideoPipeline):
             probs, va = self.scorer.predict(teacher_crops)
         with self._timed("rows"):
             images = crops.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            yield _rows(batch, path, vid, faces.counts, faces.track_ids, faces.scores, images, probs, va)
+            yield _rows(batch, faces.video_path, faces.video_id, faces.counts, faces.track_ids, faces.scores, images, probs, va)
 
 
 def _rows(batch: FrameBatch, path: str, vid: str, counts: np.ndarray, tracks: np.ndarray, scores: np.ndarray,

@@ -84,15 +84,17 @@ class VideoPipeline:
         device = config.resolved_device()
         backend = config.resolved_backend()
         # ``threads``: this worker's share of the cores (0: all this process may use, --workers 0).
-        # A CPU worker with two or more decodes the next batch on its own thread while inference
-        # runs on the rest (overlap_decode): measured at 720p on 2 cores, two intra-op threads
-        # found faces no faster (7.1 vs 7.0 ms a frame) yet kept 1.7 cores busy, while one thread
-        # plus the decode thread gave 116 frames/s on 1.4 cores (87-92 with two threads). A worker
-        # with one core (the default pool: one per core) gains nothing from a second thread, so
-        # it runs its stages one after another. FFmpeg's decoder keeps the whole share.
+        # A CPU worker with two or more runs its stages as a chain of threads (overlap): one
+        # decodes the next batch, one finds faces on this one, and the caller's thread aligns,
+        # scores and builds the rows of the one before (FFmpeg, ONNX Runtime and torch's kernels
+        # release the GIL). Finding faces is the slowest stage; with one intra-op thread it runs
+        # nearly as fast as with two (7.1 vs 7.0 ms a 720p frame), so it gets one and the other
+        # stages share the remaining core. A worker with one core (the default pool: one per core)
+        # gains nothing from more threads, so it runs its stages one after another.
+        # FFmpeg's decoder keeps the whole share.
         cores = threads or usable_cores()
-        self.overlap_decode = device == "cpu" and cores >= 2
-        compute = max(1, cores - 1) if self.overlap_decode else threads
+        self.overlap = device == "cpu" and cores >= 2
+        compute = max(1, cores - 1) if self.overlap else threads
         if compute and device == "cpu":
             torch.set_num_threads(compute)  # the warps and the letterbox
         self.detector, self.detector_artifacts = create_detector(
@@ -117,8 +119,8 @@ class VideoPipeline:
         self.frames = 0
         self.faces = 0
         # Per file: DALI where it can decode the file, PyAV otherwise (engines.decoders.routed).
-        # With overlap_decode the next batch decodes on a thread while this one is scored
-        # (annotator.prefetch); on a GPU, DALI's pipeline already decodes ahead on its own queue.
+        # With overlap the stages run on their own threads (annotator.prefetch); on a GPU, DALI's
+        # pipeline already decodes ahead on its own queue.
         self._decode = RoutedDecoder(config.decoder, device, threads)
 
     @contextmanager
@@ -142,45 +144,68 @@ class VideoPipeline:
         options = {"segment": segment} if segment is not None else {}  # only PyAV decodes segments
         batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
                                report=report if report is not None else DecodeReport(), **options)
-        if self.overlap_decode:
-            batches = prefetched(batches)  # "decode" below then times the wait for the next batch
+        if self.overlap:  # three threads: decode ahead, find faces on the next batch, align and score here
+            found = prefetched(self._find_stream(prefetched(batches), path, vid))
+        else:
+            found = self._find_stream(batches, path, vid)
         try:
-            yield from self._annotate_stream(batches, path, vid)
-        finally:  # a consumer that stops early releases the file (and the decode thread) now
+            yield from self._score_stream(found)
+        finally:  # a consumer that stops early releases the threads and the file now
+            found.close()
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
 
-    def _annotate_stream(self, batches: Iterator[FrameBatch], path: Path, vid: str) -> Iterator[pa.RecordBatch]:
+    def _find_stream(self, batches: Iterator[FrameBatch], path: Path, vid: str) -> Iterator[FaceBatch]:
+        """Each batch with its faces found and tracked; the tracker starts on the first batch.
+
+        With overlap this runs on its own thread: "decode" then times the wait for the next
+        decoded batch, and "detect" the finding alone.
+        """
         started = False
+        try:
+            while True:
+                with self._timed("decode"):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                if not started:  # the detector's size follows the video's: see detector_side
+                    self._start_tracker(batch, path)
+                    started = True
+                with self._timed("detect"):
+                    faces = self.find(batch, str(path), vid)
+                yield faces
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _start_tracker(self, batch: FrameBatch, path: Path) -> None:
+        # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
+        min_face = self.config.min_face / batch.scale
+        height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
+        self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face,
+                           scan_size=detector_side(width, height, min_face, self.config.scan_size))
+        _warn_capped(path, width * batch.scale, height * batch.scale, self.config)
+
+    def _score_stream(self, found: Iterator[FaceBatch]) -> Iterator[pa.RecordBatch]:
+        """Align, score and build rows batch by batch; with --temporal, the rows of every earlier
+        batch now complete, and at the end those of every track still open."""
         if self.temporal is not None:
             self.temporal.start()
-        while True:
-            with self._timed("decode"):
-                batch = next(batches, None)
-            if batch is None:
-                if self.temporal is not None:  # the video (or segment) is over: every track ends
-                    with self._timed("score"):
-                        ready = self.temporal.flush()
-                    yield from self._rows(ready)
-                return
-            if not started:  # the detector's size follows the video's: see detector_side
-                # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
-                min_face = self.config.min_face / batch.scale
-                height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
-                self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face,
-                                   scan_size=detector_side(width, height, min_face, self.config.scan_size))
-                _warn_capped(path, width * batch.scale, height * batch.scale, self.config)
-                started = True
-            yield from self._annotate_batch(batch, str(path), vid)
+        for faces in found:
+            yield from self._annotate_faces(faces)
+        if self.temporal is not None:  # the video (or segment) is over: every track ends
+            with self._timed("score"):
+                ready = self.temporal.flush()
+            yield from self._rows(ready)
 
-    def _annotate_batch(self, batch: FrameBatch, path: str, vid: str) -> Iterator[pa.RecordBatch]:
-        """The batch's rows; with --temporal, the rows of every earlier batch now complete instead."""
-        with self._timed("detect"):
-            faces = self.find(batch, path, vid)
+    def _annotate_faces(self, faces: FaceBatch) -> Iterator[pa.RecordBatch]:
+        """One batch's found faces → its rows; with --temporal, the rows of every earlier batch
+        now complete instead."""
         with self._timed("align"):
             faces = self.align(faces)
-        self.frames += len(batch)
+        self.frames += len(faces.frames)
         self.faces += int(faces.counts.sum())
         with self._timed("score"):
             ready = [self.score(faces)] if self.temporal is None else self.temporal(faces)

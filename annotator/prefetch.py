@@ -1,10 +1,11 @@
-"""Run an iterator one step ahead on a background thread: decoding overlapped with inference.
+"""Run an iterator ahead on a background thread: how a worker with cores to spare chains its stages.
 
-A worker decodes a batch of frames (FFmpeg, which releases the GIL) and then finds, aligns and
-scores faces on it (ONNX Runtime or torch, which release it too). Done one after the other, a
-core idles in each stage while the other works whenever the worker has more than one core (one
-worker on a machine, or a GPU worker); done on two threads, the next batch decodes while this
-one is scored, and the pipeline approaches its slowest stage rather than the sum of all stages.
+A worker decodes a batch of frames (FFmpeg), finds faces on it (ONNX Runtime), then aligns and
+scores them (torch, ONNX Runtime); all of these release the GIL. Done one after the other, a
+core idles whenever the worker has more than one (one worker on a machine, ``--workers 1``);
+chained with :func:`prefetched` (``annotator.pipeline``), the next batch decodes while faces are
+found on this one and the one before is scored, and the pipeline approaches its slowest stage
+rather than the sum of all stages.
 """
 
 from __future__ import annotations

@@ -67,18 +67,52 @@ def test_depth_must_be_positive() -> None:
         next(prefetched(iter([1]), depth=0))
 
 
-def test_a_worker_overlaps_decoding_only_with_a_core_to_spare(carphone) -> None:
+def test_a_worker_chains_its_stages_on_threads_only_with_a_core_to_spare(carphone) -> None:
+    """Decode, find faces, and align+score on three threads give the very rows of the stages run
+    one after another (both use one intra-op thread), and stopping early leaves no thread behind."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from annotator.config import RunConfig
+    from annotator.pipeline import VideoPipeline
+
+    config = RunConfig(inputs=(carphone,), out=Path("unused.parquet"), workers=0, device="cpu")
+    one = VideoPipeline(config, threads=1)
+    assert not one.overlap  # one core: stages one after another
+    two = VideoPipeline(config, threads=2)
+    assert two.overlap
+    serial = pa.Table.from_batches(list(one.annotate(carphone)))
+    chained = pa.Table.from_batches(list(two.annotate(carphone)))
+    assert serial.num_rows == chained.num_rows == 120  # every frame, in order, once
+    assert chained.equals(serial)
+    before = threading.active_count()
+    rows = two.annotate(carphone)
+    next(rows)
+    rows.close()
+    assert threading.active_count() == before
+
+
+def test_a_failure_in_a_chained_stage_reaches_the_caller(carphone, monkeypatch) -> None:
     from pathlib import Path
 
     from annotator.config import RunConfig
     from annotator.pipeline import VideoPipeline
 
     config = RunConfig(inputs=(carphone,), out=Path("unused.parquet"), workers=0, device="cpu")
-    assert not VideoPipeline(config, threads=1).overlap_decode  # one core: stages one after another
     two = VideoPipeline(config, threads=2)
-    assert two.overlap_decode
-    frames = sum(len(batch) for batch in two.annotate(carphone))  # every frame, in order, once
-    assert frames == 120
+    calls = []
+
+    def failing(frames, *args):
+        calls.append(threading.current_thread().name)
+        raise RuntimeError("detector broke")
+
+    monkeypatch.setattr(two, "find", failing)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="detector broke"):
+        list(two.annotate(carphone))
+    assert calls == ["prefetch"]  # it ran on the find thread, and the error came here
+    assert threading.active_count() == before
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs 2 CPUs and Linux")
