@@ -5,7 +5,8 @@ pipeline in isolation (or the whole pipeline) the way one Ray worker runs it, an
 line ``BENCH-RESULT {json}`` on stdout. :func:`run_stage` starts that process and returns the
 parsed result; ``annotate bench`` and ``benchmarks/memory.py`` call it.
 
-Stages, each timed after a warm-up call (model loading and first-call allocations excluded):
+Stages, each timed after a warm-up call (model loading and first-call allocations excluded), the
+median of ``--repeats`` passes:
 
 * ``decode``: PyAV (or DALI) decoding of the clip into RGB batches, nothing held.
 * ``detect``: the face-finding stage as the pipeline does it: :class:`annotator.tracking.FaceTracker`
@@ -78,6 +79,7 @@ class StageOptions:
     threads: int = 1
     inputs_backend: str = "onnxrt"  # align/write: whose saved detections and scores to use
     sample_rss: bool = False  # pipeline: record resident memory after every batch
+    repeats: int = 1  # timed passes; the median one is reported (detect_full: always one)
 
     def argv(self) -> list[str]:
         args = []
@@ -227,17 +229,23 @@ def _recall(video: Path, frame_index, boxes_per_frame, min_face: float) -> dict[
     return {k: round(v, 4) if v == v else None for k, v in found.items()}  # NaN: no face that large
 
 
-def _timed(fn) -> tuple[Any, float, float, float]:
-    """(result, seconds, RSS before, peak RSS during) of ``fn()``.
+def _timed(fn, repeats: int = 1) -> tuple[Any, float, float, float]:
+    """(result, seconds, RSS before, peak RSS during) of the median of ``repeats`` calls of ``fn()``.
 
+    A shared VM's speed drifts by 10-30 % from one second to the next, which would decide a
+    ratio of two stages measured a minute apart; the median of a few passes does not follow one
+    slow or fast second. ``fn`` must start afresh each call; the result is the median pass's.
     The kernel's peak-RSS mark (VmHWM) is reset first where Linux allows it, so the peak is
-    this call's, not that of the loading before it; otherwise it is the process's peak so far.
+    these calls', not that of the loading before them; otherwise it is the process's peak so far.
     """
     before = rss_mb()
     reset = _reset_peak()
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
+    passes = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        passes.append((time.perf_counter() - start, result))
+    seconds, result = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
     peak = (_hwm_mb() if reset else None) or peak_rss_mb()
     return result, seconds, before, max(peak, before)
 
@@ -275,7 +283,7 @@ def _stage_decode(opts: argparse.Namespace) -> dict[str, Any]:
         _sync(opts.device)
         return count, size
 
-    (frames, size), seconds, before, peak = _timed(run)
+    (frames, size), seconds, before, peak = _timed(run, opts.repeats)
     return {"frames": frames, "faces": 0, "seconds": seconds, "inputs_rss_mb": before, "during_peak_mb": peak,
             "decoded_size": list(size)}
 
@@ -310,11 +318,13 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
     tracker.start(side, min_face, scan_size=scan)
 
     def run() -> list:
+        tracker.start(side, min_face, scan_size=scan)
         found = [faces for batch in batches for faces in tracker(batch.frames)]
         _sync(opts.device)
         return found
 
-    found, seconds, before, peak = _timed(run)
+    # Full detection on every frame is a comparison, 10x slower and outside the ratio: one pass.
+    found, seconds, before, peak = _timed(run, 1 if detect_every == 1 else opts.repeats)
     arrays = _tracked_arrays(found)
     frame_index = np.concatenate([b.frame_index for b in batches])
     scale = batches[0].scale
@@ -388,7 +398,7 @@ def _stage_align(opts: argparse.Namespace) -> dict[str, Any]:
         _sync(opts.device)
         return count
 
-    count, seconds, before, peak = _timed(run)
+    count, seconds, before, peak = _timed(run, opts.repeats)
     return {"frames": sum(len(b) for b in batches), "faces": count, "seconds": seconds,
             "inputs_rss_mb": before, "during_peak_mb": peak}
 
@@ -416,7 +426,7 @@ def _stage_score(opts: argparse.Namespace) -> dict[str, Any]:
         _sync(opts.device)
         return out
 
-    predicted, seconds, before, peak = _timed(run)
+    predicted, seconds, before, peak = _timed(run, opts.repeats)
     probs = np.concatenate([p for p, _ in predicted]).reshape(-1, 7)
     va = None if not scorer.has_va else np.concatenate([v for _, v in predicted]).reshape(-1, 2)
     np.savez(opts.work / f"scores-{opts.backend}.npz", probs=probs, model_id=scorer.model_id,
@@ -479,7 +489,6 @@ def _stage_write(opts: argparse.Namespace) -> dict[str, Any]:
     va = scores.get("va")
     schema = schema_with_metadata({"package": "video-annotator", "benchmark": True})
     starts = np.concatenate([[0], np.cumsum(dets["counts"])])
-    timings = {"rows": 0.0, "write": 0.0}
 
     def batch_rows(lo: int, hi: int):
         a, b = int(starts[lo]), int(starts[hi])
@@ -494,7 +503,8 @@ def _stage_write(opts: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=opts.work) as tmp:
         batch_rows(0, min(total, opts.batch_size))  # warm-up: Arrow's kernels
 
-        def run() -> int:
+        def run() -> tuple[int, dict[str, float]]:
+            timings = {"rows": 0.0, "write": 0.0}
             writer = PartWriter(Path(tmp) / "part-bench.parquet", schema)
             rows = 0
             for lo in range(0, total, opts.batch_size):
@@ -508,9 +518,9 @@ def _stage_write(opts: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             writer.commit(json.dumps({"benchmark": True}))
             timings["write"] += time.perf_counter() - start
-            return rows
+            return rows, timings
 
-        rows, seconds, before, peak = _timed(run)
+        (rows, timings), seconds, before, peak = _timed(run, opts.repeats)
         size = (Path(tmp) / "part-bench.parquet").stat().st_size
     return {"frames": total, "faces": int(dets["counts"][:total].sum()), "seconds": seconds, "inputs_rss_mb": before,
             "during_peak_mb": peak, "rows": rows, "rows_s": timings["rows"], "write_s": timings["write"],
@@ -531,22 +541,24 @@ def _stage_pipeline(opts: argparse.Namespace) -> dict[str, Any]:
     warm = pipeline.annotate(opts.video)
     next(warm)  # warm-up: one batch through every stage
     warm.close()
-    pipeline.timings = dict.fromkeys(PIPELINE_STAGES, 0.0)
-    pipeline.frames = pipeline.faces = 0
-    samples: list[float] = []
 
-    def run() -> None:
+    def run() -> dict[str, Any]:
+        pipeline.timings = dict.fromkeys(PIPELINE_STAGES, 0.0)
+        pipeline.frames = pipeline.faces = 0
+        samples: list[float] = []
         for _ in pipeline.annotate(opts.video):
             if opts.sample_rss:
                 samples.append(rss_mb())
             if opts.frames and pipeline.frames >= opts.frames:
                 break
         _sync(opts.device)
+        return {"frames": pipeline.frames, "faces": pipeline.faces, "keyframes": pipeline.tracker.keyframes,
+                "stage_s": dict(pipeline.timings), "samples": samples}
 
-    _, seconds, before, peak = _timed(run)
-    result = {"frames": pipeline.frames, "faces": pipeline.faces, "seconds": seconds, "inputs_rss_mb": before,
-              "during_peak_mb": peak, "models_rss_mb": load_rss, "keyframes": pipeline.tracker.keyframes,
-              "stage_s": dict(pipeline.timings)}
+    counted, seconds, before, peak = _timed(run, opts.repeats)
+    samples = counted.pop("samples")
+    result = {**counted, "seconds": seconds, "inputs_rss_mb": before, "during_peak_mb": peak,
+              "models_rss_mb": load_rss}
     if samples:
         result["rss_mb_at_10pct"] = samples[len(samples) // 10]
         result["rss_mb_at_end"] = samples[-1]

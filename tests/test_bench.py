@@ -70,6 +70,7 @@ def test_quick_bench_records_machine_versions_and_options(quick_bench):
     options = report["options"]
     assert options["batch_sizes"] == [8] and options["backends_run"] == ["onnxrt"]
     assert options["quick"] is True and options["threads"] == 1 and options["detect_every"] == DEFAULT_DETECT_EVERY
+    assert options["repeats"] == 1  # --quick: one timed pass (3 by default, the median reported)
     assert report["clips"][0]["width"] == 1280 and report["clips"][0]["frames_used"] == 30
 
 
@@ -94,6 +95,24 @@ def test_bench_refuses_bad_options_in_one_line(tmp_path):
     zero = _annotate("bench", "--batch-size", "4,0", timeout=60)
     assert zero.returncode == 2 and "--batch-size" in zero.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_stage_reports_its_median_pass():
+    """Three passes of 30, 10 and 20 ms: the 20 ms one is reported, with its own result."""
+    import time
+
+    from benchmarks.stage import _timed
+
+    durations = iter([0.03, 0.01, 0.02])
+
+    def one_pass() -> float:
+        seconds = next(durations)
+        time.sleep(seconds)
+        return seconds
+
+    result, seconds, before, peak = _timed(one_pass, repeats=3)
+    assert result == 0.02 and 0.02 <= seconds < 0.03
+    assert peak >= before > 0
 
 
 def test_table_aligns_columns():

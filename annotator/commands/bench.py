@@ -79,6 +79,9 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
                    "expression agreement on the same faces).  [default: 300; 16 with --quick]")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads per stage process (1: as one Ray worker per core).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed passes of each stage and of the pipeline; the median is reported (full detection "
+                   "on every frame: one).  [default: 3; 1 with --quick]")
 @click.option("--quick", is_flag=True, help="Fewer frames (a smoke test, e.g. for CI); numbers are rough.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the generated clips are cached.  [default: <cache-dir>/bench-media]")
