@@ -60,3 +60,18 @@ def test_not_a_video_is_a_one_line_error(tmp_path):
         list(decode(bad, Sampling(), 8))
     message = str(err.value)
     assert str(bad) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("max_pixels", [None, 176 * 144 // 2])  # as stored, and scaled down to a budget
+def test_a_workers_thread_share_gives_the_same_pixels(carphone, max_pixels):
+    """Conversions stay on the worker's share of the cores (``threads``, also passed to PyAV 17's
+    multithreaded reformatter) and give the very pixels of FFmpeg's own choice of threads."""
+    def frames(threads: int) -> np.ndarray:
+        return np.concatenate([b.frames.numpy() for b in decode(carphone, Sampling(), 8, max_pixels=max_pixels,
+                                                                     threads=threads)])
+
+    one, auto = frames(1), frames(0)
+    assert one.shape == auto.shape and len(one) == 120
+    if max_pixels is not None:
+        assert one.shape[1:3] == (100, 124)  # scaled to the budget (engines.decoders.batch_shape)
+    np.testing.assert_array_equal(one, auto)

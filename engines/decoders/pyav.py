@@ -58,7 +58,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
             if not selector.keep(index, pts_s):
                 continue
             if batcher is None:
-                batcher = _Batcher(frame, batch_size, max_pixels, report)
+                batcher = _Batcher(frame, batch_size, max_pixels, report, threads)
             if (batch := batcher.add(frame, index, pts_s)) is not None:
                 yield batch
         report.frames_decoded = count
@@ -155,7 +155,11 @@ class _Batcher:
     of another size is scaled to it, so every batch of a video has one shape.
     """
 
-    def __init__(self, first: av.VideoFrame, batch_size: int, max_pixels: int | None, report: DecodeReport) -> None:
+    def __init__(self, first: av.VideoFrame, batch_size: int, max_pixels: int | None, report: DecodeReport,
+                 threads: int = 0) -> None:
+        # PyAV 17 converts on a thread per CPU unless told: a worker's conversions stay on its
+        # own share of the cores, as its decoding does (0: FFmpeg's choice).
+        self.convert_options = {"threads": threads} if _CONVERTS_ON_THREADS else {}
         self.turns = round((first.rotation or 0) / 90) % 4  # counterclockwise quarter turns
         width, height = (first.height, first.width) if self.turns % 2 else (first.width, first.height)
         report.rotation_cw_deg, report.width, report.height = (4 - self.turns) % 4 * 90, width, height
@@ -183,7 +187,8 @@ class _Batcher:
     def add(self, frame: av.VideoFrame, index: int, pts_s: float) -> FrameBatch | None:
         """Convert one kept frame into the batch; the batch when it is full."""
         width, height = self.stored_size
-        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=self.interpolation)
+        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=self.interpolation,
+                               **self.convert_options)
         self.frames[self.count] = np.rot90(rgb, self.turns) if self.turns else rgb
         self.index[self.count], self.pts[self.count] = index, pts_s
         self.count += 1
@@ -198,6 +203,8 @@ class _Batcher:
         return batch
 
 
+#: PyAV 17 added ``threads`` to its reformatter (conversions on several threads, by default one per CPU).
+_CONVERTS_ON_THREADS = int(av.__version__.split(".")[0]) >= 17
 #: sys.getrefcount of a buffer referenced only by the list holding it (the list, the loop
 #: variable and getrefcount's own argument).
 _UNREFERENCED = 3
