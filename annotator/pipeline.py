@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from annotator.config import DEFAULT_MIN_FACE, RunConfig, usable_cores
-from annotator.prefetch import prefetched
+from annotator.prefetch import map_ahead
 from annotator.stages import AlignFaces, BuildRows, FaceBatch, FindFaces, ScoreFaces
 from annotator.temporal import TemporalScores, load_temporal_head
 from annotator.tracking import FaceTracker
@@ -84,14 +84,13 @@ class VideoPipeline:
         device = config.resolved_device()
         backend = config.resolved_backend()
         # ``threads``: this worker's share of the cores (0: all this process may use, --workers 0).
-        # A CPU worker with two or more runs its stages as a chain of threads (overlap): one
-        # decodes the next batch, one finds faces on this one, and the caller's thread aligns,
-        # scores and builds the rows of the one before (FFmpeg, ONNX Runtime and torch's kernels
-        # release the GIL). Finding faces is the slowest stage; with one intra-op thread it runs
-        # nearly as fast as with two (7.1 vs 7.0 ms a 720p frame), so it gets one and the other
-        # stages share the remaining core. A worker with one core (the default pool: one per core)
-        # gains nothing from more threads, so it runs its stages one after another.
-        # FFmpeg's decoder keeps the whole share.
+        # A CPU worker with two or more overlaps its stages (overlap): faces are found on a thread
+        # of their own, while the caller's thread decodes the next batches and aligns, scores and
+        # builds the rows of the last (FFmpeg, ONNX Runtime and torch's kernels release the GIL).
+        # Finding faces is the slowest stage; with one intra-op thread it runs nearly as fast as
+        # with two (7.1 vs 7.0 ms a 720p frame), so it gets one and the other stages the other
+        # core. A worker with one core (the default pool: one per core) gains nothing from more
+        # threads, so it runs its stages one after another. FFmpeg's decoder keeps the whole share.
         cores = threads or usable_cores()
         self.overlap = device == "cpu" and cores >= 2
         compute = max(1, cores - 1) if self.overlap else threads
@@ -119,8 +118,7 @@ class VideoPipeline:
         self.frames = 0
         self.faces = 0
         # Per file: DALI where it can decode the file, PyAV otherwise (engines.decoders.routed).
-        # With overlap the stages run on their own threads (annotator.prefetch); on a GPU, DALI's
-        # pipeline already decodes ahead on its own queue.
+        # On a GPU, DALI's pipeline decodes ahead on its own queue.
         self._decode = RoutedDecoder(config.decoder, device, threads)
 
     @contextmanager
@@ -144,41 +142,37 @@ class VideoPipeline:
         options = {"segment": segment} if segment is not None else {}  # only PyAV decodes segments
         batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
                                report=report if report is not None else DecodeReport(), **options)
-        if self.overlap:  # three threads: decode ahead, find faces on the next batch, align and score here
-            found = prefetched(self._find_stream(prefetched(batches), path, vid))
-        else:
-            found = self._find_stream(batches, path, vid)
+        started = False
+
+        def find(batch: FrameBatch) -> FaceBatch:
+            nonlocal started
+            if not started:  # the detector's size follows the video's: see detector_side
+                self._start_tracker(batch, path)
+                started = True
+            with self._timed("detect"):
+                return self.find(batch, str(path), vid)
+
+        decoded = self._timed_batches(batches)
+        # With overlap, faces are found on a thread of their own while this one decodes the next
+        # batches and scores the last (annotator.prefetch); otherwise the stages take turns.
+        found = map_ahead(find, decoded) if self.overlap else map(find, decoded)
         try:
             yield from self._score_stream(found)
-        finally:  # a consumer that stops early releases the threads and the file now
-            found.close()
+        finally:  # a consumer that stops early releases the thread and the file now
+            close = getattr(found, "close", None)
+            if close is not None:
+                close()
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
 
-    def _find_stream(self, batches: Iterator[FrameBatch], path: Path, vid: str) -> Iterator[FaceBatch]:
-        """Each batch with its faces found and tracked; the tracker starts on the first batch.
-
-        With overlap this runs on its own thread: "decode" then times the wait for the next
-        decoded batch, and "detect" the finding alone.
-        """
-        started = False
-        try:
-            while True:
-                with self._timed("decode"):
-                    batch = next(batches, None)
-                if batch is None:
-                    return
-                if not started:  # the detector's size follows the video's: see detector_side
-                    self._start_tracker(batch, path)
-                    started = True
-                with self._timed("detect"):
-                    faces = self.find(batch, str(path), vid)
-                yield faces
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+    def _timed_batches(self, batches: Iterator[FrameBatch]) -> Iterator[FrameBatch]:
+        while True:
+            with self._timed("decode"):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
 
     def _start_tracker(self, batch: FrameBatch, path: Path) -> None:
         # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.

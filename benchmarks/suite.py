@@ -439,9 +439,9 @@ def format_tables(report: dict[str, Any]) -> str:
     overlapped = opts["threads"] > 1 and opts["device_resolved"] == "cpu"
     shares = ("pipeline: share of its wall time per stage, faces/s, and frames/s over the serial bound "
               "1/sum(1/stage frames/s)")
-    if overlapped:  # annotator.pipeline: decode, find faces, and the rest each on their own thread
-        shares += ("; the stages run on their own threads here, so shares add up to more than 100 % and "
-                   "decode is the wait for a decoded batch")
+    if overlapped:  # annotator.pipeline: faces found on a thread of their own, the rest on the caller's
+        shares += ("; finding faces runs on a thread of its own here, beside the other stages, so shares "
+                   "add up to more than 100 %")
     out = [head, "", "frames/s, each stage alone and the whole pipeline (ratio: pipeline / slowest stage):",
            part1, "", shares + ":", part2, "",
            "peak RSS MB of each stage's process (+ its growth during the timed pass; detect, full-det and align "

@@ -1,4 +1,5 @@
-"""annotator.prefetch: the next item is made on another thread, in order, errors and early stops included."""
+"""annotator.prefetch: one stage on a thread, fed and drained by the caller's, in order, errors and
+early stops included; and the pipeline that uses it."""
 
 from __future__ import annotations
 
@@ -9,62 +10,92 @@ import threading
 
 import pytest
 
-from annotator.prefetch import prefetched
+from annotator.prefetch import map_ahead
 
 
-def test_items_arrive_in_order_and_all() -> None:
-    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+def test_results_arrive_in_order_and_all() -> None:
+    assert list(map_ahead(lambda x: x * x, iter(range(50)), ahead=2)) == [x * x for x in range(50)]
 
 
-def test_the_next_item_is_made_while_the_consumer_holds_this_one() -> None:
-    made = [threading.Event() for _ in range(3)]
+def test_fn_runs_on_its_thread_and_the_source_on_the_callers() -> None:
+    threads = {"fn": set(), "source": set()}
 
     def source():
-        for i in range(3):
-            made[i].set()
+        for i in range(6):
+            threads["source"].add(threading.current_thread().name)
             yield i
 
-    items = prefetched(source(), depth=1)
-    assert next(items) == 0
-    # The consumer has not asked for item 1, yet the producer thread makes it.
-    assert made[1].wait(timeout=5)
-    assert list(items) == [1, 2]
+    def fn(x: int) -> int:
+        threads["fn"].add(threading.current_thread().name)
+        return x
+
+    assert list(map_ahead(fn, source())) == list(range(6))
+    assert threads == {"fn": {"map-ahead"}, "source": {threading.current_thread().name}}
 
 
-def test_an_error_in_the_source_reaches_the_consumer_after_the_items_before_it() -> None:
+def test_the_next_items_are_worked_on_while_the_caller_holds_this_one() -> None:
+    done = [threading.Event() for _ in range(3)]
+
+    def fn(i: int) -> int:
+        done[i].set()
+        return i
+
+    results = map_ahead(fn, iter(range(3)), ahead=3)
+    assert next(results) == 0
+    # The caller has not asked for item 2, yet the thread has worked on it.
+    assert done[2].wait(timeout=5)
+    assert list(results) == [1, 2]
+
+
+def test_no_more_than_ahead_items_are_handed_out() -> None:
+    read: list[int] = []
+
+    def source():
+        for i in range(100):
+            read.append(i)
+            yield i
+
+    results = map_ahead(lambda x: x, source(), ahead=3)
+    assert next(results) == 0
+    assert len(read) == 3  # items 0, 1 and 2: one returned, two with the thread
+    results.close()
+
+
+def test_an_error_in_fn_reaches_the_caller_after_the_results_before_it() -> None:
+    def fn(x: int) -> int:
+        if x == 2:
+            raise ValueError("detector broke")
+        return x
+
+    results = map_ahead(fn, iter(range(5)))
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ValueError, match="detector broke"):
+        next(results)
+
+
+def test_an_error_in_the_source_comes_after_the_results_of_the_items_before_it() -> None:
     def source():
         yield 1
-        raise ValueError("broken frame")
+        yield 2
+        raise OSError("broken file")
 
-    items = prefetched(source())
-    assert next(items) == 1
-    with pytest.raises(ValueError, match="broken frame"):
-        next(items)
+    results = map_ahead(lambda x: x * 10, source(), ahead=3)
+    assert next(results) == 10 and next(results) == 20
+    with pytest.raises(OSError, match="broken file"):
+        next(results)
 
 
-def test_closing_early_stops_the_thread_and_closes_the_source_on_it() -> None:
-    closed_on: list[str] = []
-
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed_on.append(threading.current_thread().name)
-
+def test_closing_early_stops_the_thread() -> None:
     before = threading.active_count()
-    items = prefetched(endless(), depth=2)
-    assert [next(items) for _ in range(3)] == [0, 1, 2]
-    items.close()
-    assert closed_on == ["prefetch"]  # closed, by the thread that ran it, before close() returned
+    results = map_ahead(lambda x: x, iter(range(10**9)), ahead=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    results.close()
     assert threading.active_count() == before
 
 
-def test_depth_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="depth"):
-        next(prefetched(iter([1]), depth=0))
+def test_ahead_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="ahead"):
+        next(map_ahead(lambda x: x, iter([1]), ahead=0))
 
 
 def test_a_worker_chains_its_stages_on_threads_only_with_a_core_to_spare(carphone) -> None:
@@ -111,7 +142,7 @@ def test_a_failure_in_a_chained_stage_reaches_the_caller(carphone, monkeypatch) 
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="detector broke"):
         list(two.annotate(carphone))
-    assert calls == ["prefetch"]  # it ran on the find thread, and the error came here
+    assert calls == ["map-ahead"]  # it ran on the find thread, and the error came here
     assert threading.active_count() == before
 
 
