@@ -6,9 +6,9 @@ scores them (torch, ONNX Runtime); all of these release the GIL. Done one after 
 core idles whenever the worker has more than one (one worker on a machine, ``--workers 1``).
 :func:`map_ahead` runs the slowest stage, finding faces, on a thread of its own while the caller's
 thread decodes the batches it needs next and scores the ones it has done: two threads, one per
-core. Measured at 720p on 2 cores (frames/s, median of three passes, alternating runs): 119-126
-against 104-112 with a third thread for decoding alone, whose hand-offs of the GIL slowed the
-other two; the same at 1080p, where decoding and scoring fill their core.
+core. Measured on 2 cores (the pipeline alone, frames/s, median of three passes, alternating
+runs): 124.3 / 116.5 at 720p, 93.2 / 98.8 at 1080p, 57.9 / 57.5 with four faces, against 124.5 /
+109.7, 85.0 / 93.3 and 53.4 / 54.9 with a third thread for decoding alone.
 """
 
 from __future__ import annotations
