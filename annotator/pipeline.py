@@ -158,15 +158,14 @@ class VideoPipeline:
         found = map_ahead(find, decoded) if self.overlap else map(find, decoded)
         try:
             yield from self._score_stream(found)
-        finally:  # a consumer that stops early releases the thread and the file now
-            close = getattr(found, "close", None)
-            if close is not None:
-                close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+        finally:  # a consumer that stops early releases the thread, then the file, now
+            for stream in (found, batches):
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
 
     def _timed_batches(self, batches: Iterator[FrameBatch]) -> Iterator[FrameBatch]:
+        """The decoder's batches, its time counted as "decode" (on the caller's thread either way)."""
         while True:
             with self._timed("decode"):
                 batch = next(batches, None)

@@ -315,10 +315,9 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
     tracker.start(side, min_face, scan_size=scan)
     tracker(batches[0].frames[:2])  # warm-up: a scan and a crop re-detection
     tracker.detector.detect(batches[0].frames[:1], min_face=min_face, det_size=side)  # and a keyframe
-    tracker.start(side, min_face, scan_size=scan)
 
     def run() -> list:
-        tracker.start(side, min_face, scan_size=scan)
+        tracker.start(side, min_face, scan_size=scan)  # each pass from the first frame, as a video
         found = [faces for batch in batches for faces in tracker(batch.frames)]
         _sync(opts.device)
         return found
