@@ -75,3 +75,30 @@ def test_a_workers_thread_share_gives_the_same_pixels(carphone, max_pixels):
     if max_pixels is not None:
         assert one.shape[1:3] == (100, 124)  # scaled to the budget (engines.decoders.batch_shape)
     np.testing.assert_array_equal(one, auto)
+
+
+def test_one_conversion_context_per_video_with_the_pixels_of_a_fresh_one_per_frame(carphone, monkeypatch):
+    """FFmpeg's scaler (and its pool of threads) is set up once per video, not once per frame,
+    and its frames are those a fresh conversion of each frame gives."""
+    import av
+
+    from engines.decoders import pyav
+
+    made: list[object] = []
+    real = pyav.VideoReformatter
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner, self.calls = real(), 0
+            made.append(self)
+
+        def reformat(self, frame, **options):
+            self.calls += 1
+            return self.inner.reformat(frame, **options)
+
+    monkeypatch.setattr(pyav, "VideoReformatter", Counting)
+    frames = np.concatenate([b.frames.numpy() for b in decode(carphone, Sampling(every_n=2), 8, threads=2)])
+    assert len(made) == 1 and made[0].calls == 60
+    with av.open(str(carphone)) as container:
+        fresh = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i % 2 == 0]
+    np.testing.assert_array_equal(frames, np.stack(fresh))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
@@ -21,12 +22,15 @@ from engines.decoders.segments import Segment
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
-           report: DecodeReport | None = None, threads: int = 0, segment: Segment | None = None) -> Iterator[FrameBatch]:
+           report: DecodeReport | None = None, threads: int = 0, convert_threads: int | None = None,
+           segment: Segment | None = None) -> Iterator[FrameBatch]:
     """Yield sampled frames of the first video stream, as displayed, in batches.
 
     A batch holds up to ``batch_size`` frames and at most ``max_pixels`` pixels (see
     :func:`engines.decoders.batch_shape`). Damaged packets are skipped and counted in ``report``.
     ``threads``: FFmpeg's decoding threads (0: one per core), a worker's share of the cores.
+    ``convert_threads``: threads of the RGB conversion (None: ``threads``); 1 where the other
+    cores of the share run another stage meanwhile (a worker that finds faces on a thread).
     ``segment``: decode only that piece (seek to its keyframe, stop at its end); frame indices
     and sampling stay those of the whole video.
 
@@ -58,7 +62,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
             if not selector.keep(index, pts_s):
                 continue
             if batcher is None:
-                batcher = _Batcher(frame, batch_size, max_pixels, report, threads)
+                batcher = _Batcher(frame, batch_size, max_pixels, report,
+                                   threads if convert_threads is None else convert_threads)
             if (batch := batcher.add(frame, index, pts_s)) is not None:
                 yield batch
         report.frames_decoded = count
@@ -153,6 +158,11 @@ class _Batcher:
 
     The display rotation and the size are those of the video's first kept frame; a later frame
     of another size is scaled to it, so every batch of a video has one shape.
+
+    Every frame goes through one :class:`VideoReformatter`, so FFmpeg sets up its scaler (and,
+    with ``threads`` other than 1, starts its pool of threads) once per video. A frame's own
+    ``to_ndarray(format=...)`` makes a new one for every frame: with two threads, 1080p decoded
+    and converted at 176-186 frames/s that way against 211-234 with one reformatter.
     """
 
     def __init__(self, first: av.VideoFrame, batch_size: int, max_pixels: int | None, report: DecodeReport,
@@ -160,6 +170,7 @@ class _Batcher:
         # PyAV 17 converts on a thread per CPU unless told: a worker's conversions stay on its
         # own share of the cores, as its decoding does (0: FFmpeg's choice).
         self.convert_options = {"threads": threads} if _CONVERTS_ON_THREADS else {}
+        self.reformatter = VideoReformatter()
         self.turns = round((first.rotation or 0) / 90) % 4  # counterclockwise quarter turns
         width, height = (first.height, first.width) if self.turns % 2 else (first.width, first.height)
         report.rotation_cw_deg, report.width, report.height = (4 - self.turns) % 4 * 90, width, height
@@ -187,8 +198,8 @@ class _Batcher:
     def add(self, frame: av.VideoFrame, index: int, pts_s: float) -> FrameBatch | None:
         """Convert one kept frame into the batch; the batch when it is full."""
         width, height = self.stored_size
-        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=self.interpolation,
-                               **self.convert_options)
+        rgb = self.reformatter.reformat(frame, format="rgb24", width=width, height=height,
+                                        interpolation=self.interpolation, **self.convert_options).to_ndarray()
         self.frames[self.count] = np.rot90(rgb, self.turns) if self.turns else rgb
         self.index[self.count], self.pts[self.count] = index, pts_s
         self.count += 1

@@ -42,10 +42,12 @@ class RoutedDecoder:
         requested: ``--decoder``: ``auto``, ``pyav`` or ``dali``.
         device: this worker's device, ``cpu`` or ``cuda[:N]``.
         threads: FFmpeg threads for PyAV (0: one per core).
+        convert_threads: threads of PyAV's RGB conversion (None: ``threads``).
         gpu_name: the CUDA device's name, for its NVDEC's codecs (None: asked from torch).
     """
 
-    def __init__(self, requested: str, device: str, threads: int = 0, gpu_name: str | None = None) -> None:
+    def __init__(self, requested: str, device: str, threads: int = 0, gpu_name: str | None = None,
+                 convert_threads: int | None = None) -> None:
         from engines.decoders import pyav
 
         self.requested = requested
@@ -56,7 +58,7 @@ class RoutedDecoder:
 
             gpu_name = torch.cuda.get_device_name(self.device_id) if torch.cuda.is_available() else None
         self.gpu_name = gpu_name
-        self._pyav = functools.partial(pyav.decode, threads=threads)
+        self._pyav = functools.partial(pyav.decode, threads=threads, convert_threads=convert_threads)
         self._dali: dict[tuple[str, int], object] = {}
         self.last_choice: DecoderChoice | None = None  # of the latest file: for logs, benchmarks, tests
 
