@@ -43,6 +43,10 @@ DEFAULT_FRAMES, QUICK_FRAMES = 300, 48
 #: the pipeline a minute later differ by 10-30 % in speed alone (measured: the 720p "find faces"
 #: stage at 126, 173 and 162 frames/s in three runs), and their ratio with them.
 DEFAULT_REPEATS, QUICK_REPEATS = 3, 1
+#: A slow spell can also last the whole minute of one stage's process (the 1080p "find faces"
+#: stage, median of 3 passes: 127 frames/s in one run, 157-166 in the runs around it), so
+#: ``--rounds N`` runs every stage's process N times, interleaved, and reports medians.
+DEFAULT_ROUNDS = 1
 #: Plain full-frame detection is a comparison (10x slower than tracking): every frame by default,
 #: so the agreement covers the whole clip; the first 16 with --quick, where a rate is all it gives.
 DEFAULT_FULL_FRAMES, QUICK_FULL_FRAMES = 300, 16
@@ -76,6 +80,7 @@ class BenchOptions:
     full_frames: int | None = None  # None: 300 (every frame measured), or 16 with quick
     threads: int = 1
     repeats: int | None = None  # None: 3, or 1 with quick
+    rounds: int = DEFAULT_ROUNDS  # interleaved runs of every stage's process (full detection: one)
     quick: bool = False
     workdir: Path = field(default_factory=lambda: Path.home() / ".cache" / "annotator" / "bench-media")
     ray_workers: tuple[int, ...] = ()
@@ -266,8 +271,23 @@ def clip_info(path: Path) -> dict[str, Any]:
 # The benchmark
 # ----------------------------------------------------------------------------------------------
 
-def _summarize(row: dict[str, Any]) -> None:
-    """Shares, the slowest isolated stage, the ratio, and the serial bound of one result row."""
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _median_round(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The result of the round with the median rate (the faster of the middle two)."""
+    return sorted(results, key=lambda r: r["fps"])[len(results) // 2]
+
+
+def _summarize(row: dict[str, Any], rounds: Sequence[dict[str, float]] = ()) -> None:
+    """Shares, the slowest isolated stage, the ratio, and the serial bound of one result row.
+
+    ``rounds``: frames/s of every stage and of the pipeline in each interleaved round; the
+    ratio is then the median of the rounds' own ratios, each of stages run minutes apart at most.
+    """
     stages, pipe = row["stages"], row["pipeline"]
     per_frame = {s: stages[s]["seconds"] / stages[s]["frames"] for s in ISOLATED}
     total = sum(per_frame.values())
@@ -275,6 +295,9 @@ def _summarize(row: dict[str, Any]) -> None:
     slowest = min(ISOLATED, key=lambda s: stages[s]["fps"])
     row["slowest_stage"], row["slowest_fps"] = slowest, stages[slowest]["fps"]
     row["ratio"] = pipe["fps"] / stages[slowest]["fps"]
+    if len(rounds) > 1:
+        row["round_ratios"] = [r["pipeline"] / min(r[s] for s in ISOLATED) for r in rounds]
+        row["ratio"] = _median(row["round_ratios"])
     # A one-thread worker runs its stages one after another, so it can at best reach this.
     row["serial_fps"] = 1.0 / total
     row["pipeline_vs_serial"] = pipe["fps"] / row["serial_fps"]
@@ -285,9 +308,11 @@ def _summarize(row: dict[str, Any]) -> None:
 
 def bench_clip(clip: Path, options: BenchOptions, device: str, backends: Sequence[str], decoders: Sequence[str],
                echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every stage and the pipeline on one clip: (result rows, decoder rows)."""
-    rows: list[dict[str, Any]] = []
-    decode_rows: list[dict[str, Any]] = []
+    """Every stage and the pipeline on one clip: (result rows, decoder rows).
+
+    With ``options.rounds`` > 1 every stage's process runs once per round, the rounds one after
+    another, and each stage reports its median round.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         common = dict(video=clip, work=Path(work), device=device, decoder=decoders[0], detector=options.detector,
                       scorer=options.scorer, det_size=options.det_size, det_threshold=options.det_threshold,
@@ -305,31 +330,40 @@ def bench_clip(clip: Path, options: BenchOptions, device: str, backends: Sequenc
                  f"peak {result['peak_rss_mb']:6.0f} MB{extra}")
             return result
 
-        shared: dict[int, dict[str, Any]] = {}
-        per_backend: dict[tuple[str, int], dict[str, Any]] = {}
-        for backend in backends:
+        # measured[(backend or None, batch, decoder or None, stage)]: that stage's result, round by round.
+        measured: dict[tuple[str | None, int, str | None, str], list[dict[str, Any]]] = {}
+        for round_ in range(options.rounds):
+            if options.rounds > 1:
+                echo(f"  {clip.stem}: round {round_ + 1} of {options.rounds}")
+            for backend in backends:
+                for batch in options.batch_sizes:
+                    names = ("detect", "detect_full", "score", "pipeline") if round_ == 0 else ("detect", "score", "pipeline")
+                    for name in names:  # full detection is a comparison, run once
+                        measured.setdefault((backend, batch, None, name), []).append(
+                            stage(name, backend=backend, batch_size=batch))
             for batch in options.batch_sizes:
-                per_backend[backend, batch] = {
-                    "detect": stage("detect", backend=backend, batch_size=batch),
-                    "detect_full": stage("detect_full", backend=backend, batch_size=batch),
-                    "score": stage("score", backend=backend, batch_size=batch),
-                    "pipeline": stage("pipeline", backend=backend, batch_size=batch),
-                }
+                for decoder in decoders:
+                    measured.setdefault((None, batch, decoder, "decode"), []).append(
+                        stage("decode", batch_size=batch, decoder=decoder))
+                # Backend-independent: on the first backend's faces and scores.
+                for name in ("align", "write"):
+                    measured.setdefault((None, batch, None, name), []).append(
+                        stage(name, batch_size=batch, backend=backends[0]))
+    decode_rows = [{"clip": clip.stem, **_median_round(results)}
+                   for (_, _, decoder, name), results in measured.items() if name == "decode"]
+    rows = []
+    for backend in backends:
         for batch in options.batch_sizes:
-            for decoder in decoders:
-                result = stage("decode", batch_size=batch, decoder=decoder)
-                decode_rows.append({"clip": clip.stem, **result})
-                if decoder == decoders[0]:  # the pipeline's decoder
-                    shared.setdefault(batch, {})["decode"] = result
-            # Backend-independent: on the first backend's faces and scores.
-            shared[batch]["align"] = stage("align", batch_size=batch, backend=backends[0])
-            shared[batch]["write"] = stage("write", batch_size=batch, backend=backends[0])
-        for (backend, batch), results in per_backend.items():
+            def runs(name: str) -> list[dict[str, Any]]:
+                key = (None, batch, decoders[0], name) if name == "decode" else (
+                    (None, batch, None, name) if name in ("align", "write") else (backend, batch, None, name))
+                return measured[key]
+
             row = {"clip": clip.stem, "backend": backend, "batch_size": batch, "decoder": decoders[0],
-                   "stages": {**shared[batch], "detect": results["detect"], "detect_full": results["detect_full"],
-                              "score": results["score"]},
-                   "pipeline": results["pipeline"]}
-            _summarize(row)
+                   "stages": {name: _median_round(runs(name)) for name in (*ISOLATED, "detect_full")},
+                   "pipeline": _median_round(runs("pipeline"))}
+            rounds = [{name: runs(name)[i]["fps"] for name in (*ISOLATED, "pipeline")} for i in range(options.rounds)]
+            _summarize(row, rounds)
             rows.append(row)
     return rows, decode_rows
 
@@ -411,7 +445,8 @@ def format_tables(report: dict[str, Any]) -> str:
     head = (f"annotate bench, {report['date']}: {report['machine']['cpu_model']} "
             f"({report['machine']['cpus_usable']} cores), {opts['threads']} thread(s) per stage as one worker, "
             f"device {opts['device_resolved']}, detect every {opts['detect_every']}, scan every {opts['scan_every']}, "
-            f"det-size {opts['det_size']}, min-face {opts['min_face']:g}, median of {opts.get('repeats') or 1} pass(es)")
+            f"det-size {opts['det_size']}, min-face {opts['min_face']:g}, median of {opts.get('repeats') or 1} pass(es)"
+            + (f", {opts['rounds']} interleaved rounds (medians)" if (opts.get("rounds") or 1) > 1 else ""))
     fps_rows = []
     for r in results:
         st = r["stages"]

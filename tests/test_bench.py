@@ -115,6 +115,37 @@ def test_a_stage_reports_its_median_pass():
     assert peak >= before > 0
 
 
+def test_rounds_interleave_the_stage_processes_and_report_medians(monkeypatch, tmp_path):
+    """Three rounds: every stage runs once per round (full detection once), round after round;
+    each stage reports its median round, and the ratio is the median of the rounds' ratios."""
+    from benchmarks import suite
+
+    # frames/s per round: the pipeline and the find-faces stage both hit a slow second round.
+    rates = {"decode": [400, 390, 410], "detect": [150, 100, 160], "align": [2000] * 3, "score": [1500] * 3,
+             "write": [9000] * 3, "pipeline": [120, 90, 110], "detect_full": [20]}
+    calls: list[str] = []
+
+    def fake_stage(name, options):
+        fps = rates[name][calls.count(name)]
+        calls.append(name)
+        result = {"fps": fps, "seconds": 30 / fps, "frames": 30, "faces": 30, "faces_per_s": fps,
+                  "backend": options.backend, "batch_size": options.batch_size, "peak_rss_mb": 1.0, "keyframes": 2}
+        if name == "pipeline":
+            result["stage_s"] = {"decode": 0.01, "detect": 0.1, "align": 0.01, "score": 0.01, "rows": 0.001}
+        return result
+
+    monkeypatch.setattr(suite, "run_stage", fake_stage)
+    options = suite.BenchOptions(batch_sizes=(8,), backends=("onnxrt",), rounds=3, workdir=tmp_path)
+    rows, decode_rows = suite.bench_clip(tmp_path / "clip.mp4", options, "cpu", ["onnxrt"], ["pyav"], lambda line: None)
+    one_round = ["detect", "score", "pipeline", "decode", "align", "write"]
+    assert calls == ["detect", "detect_full", "score", "pipeline", "decode", "align", "write"] + one_round * 2
+    (row,) = rows
+    assert row["stages"]["detect"]["fps"] == 150 and row["pipeline"]["fps"] == 110
+    assert decode_rows[0]["fps"] == 400
+    assert row["round_ratios"] == pytest.approx([120 / 150, 90 / 100, 110 / 160])
+    assert row["ratio"] == pytest.approx(0.8)  # not 110 / 150 from the medians of a slow and a fast round
+
+
 def test_table_aligns_columns():
     text = _table(["clip", "fps"], [["a", "1.5"], ["longer", "100"]], left=1)
     assert text.splitlines() == ["clip    fps", "------  ---", "a       1.5", "longer  100"]

@@ -82,6 +82,10 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Timed passes of each stage and of the pipeline; the median is reported (full detection "
                    "on every frame: one).  [default: 3; 1 with --quick]")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of every stage's process, interleaved (round 1 runs every stage, then round 2 ...): "
+                   "each stage reports its median round and the ratio is the median of the rounds' ratios, "
+                   "so a slow minute of a shared machine cannot decide it alone.")
 @click.option("--quick", is_flag=True, help="Fewer frames (a smoke test, e.g. for CI); numbers are rough.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the generated clips are cached.  [default: <cache-dir>/bench-media]")
