@@ -20,12 +20,21 @@ def carphone_frames(carphone: Path) -> list[np.ndarray]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], n: int, fps: int = 30, faststart: bool = False,
-               codec: str = "libx264", keyint: int | None = None) -> Path:
-    """``n`` frames (cycling through ``frames``) as H.264 MP4 at ``fps``, a keyframe every ``keyint``."""
+               codec: str = "libx264", keyint: int | None = None, lossless: bool = False) -> Path:
+    """``n`` frames (cycling through ``frames``) as H.264 MP4 at ``fps``, a keyframe every ``keyint``.
+
+    x264 reads memory it never wrote (measured: the same frames give other bitstreams after the
+    process's heap held other data, even with one thread), so a lossy clip's pixels may differ a
+    little from one test run to the next. ``lossless``: x264 at QP 0, whose decoded frames are the
+    YUV 4:2:0 of ``frames`` exactly, whatever choices the encoder made: for exact comparisons.
+    """
     height, width = frames[0].shape[:2]
     options = {"movflags": "faststart"} if faststart else {}
+    codec_options = {"g": str(keyint)} if keyint else {}
+    if lossless:
+        codec_options["qp"] = "0"
     with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream(codec, rate=fps, options={"g": str(keyint)} if keyint else {})
+        stream = out.add_stream(codec, rate=fps, options=codec_options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(n):
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")))

@@ -144,8 +144,9 @@ def test_an_unreadable_folder_is_an_error_row(carphone, tmp_path):
 
 
 def test_a_rotated_phone_video_is_annotated_as_displayed(frames, tmp_path):
-    upright = write_clip(tmp_path / "upright.mp4", frames, 120)
-    sideways = write_clip(tmp_path / "sideways.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in frames], 120)
+    upright = write_clip(tmp_path / "upright.mp4", frames, 120, lossless=True)
+    sideways = write_clip(tmp_path / "sideways.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in frames], 120,
+                          lossless=True)
     phone = set_display_rotation(sideways, tmp_path / "phone.mp4", 90)  # "turn 90 degrees clockwise to view"
     tables = {}
     for clip in (upright, sideways, phone):
@@ -162,23 +163,20 @@ def test_a_rotated_phone_video_is_annotated_as_displayed(frames, tmp_path):
         by_frame = dict(zip(table.column("frame_index").to_pylist(), table.column(name).to_pylist()))
         return np.array([by_frame[i] for i in common])
 
+    # Both clips are lossless, so the phone's frames, turned upright, are the upright copy's pixels
+    # but for the chroma, subsampled across the other axis. (Lossy clips made this comparison flaky:
+    # x264 reads memory it never wrote, so each run's re-encode differed, and near ties the top
+    # label with it: 0.57-0.80 agreement between runs of this file.)
     # Boxes in the displayed (upright, 176x144) frame, as for the upright copy.
     for c in ("x1", "y1", "x2", "y2"):
-        assert np.median(np.abs(column(turned, c) - column(ref, c))) < 3.0
-    # The same expressions as the upright copy: the probabilities, not only the top label (the
-    # default student sits near ties on this compressed clip, where a re-encode flips labels).
+        assert np.median(np.abs(column(turned, c) - column(ref, c))) < 0.5  # 0.02-0.04 px measured
+    # The same expressions as the upright copy: the probabilities and the top label.
     from annotator.schema import PROB_COLUMNS
 
     probs = {name: np.stack([column(t, c) for c in PROB_COLUMNS], axis=1) for name, t in (("ref", ref), ("turned", turned))}
-    assert np.abs(probs["turned"] - probs["ref"]).mean() < 0.05
-    # The same top label wherever the model is decided (the upright copy's label leads by more than
-    # 0.2). Over all frames it is not stable: near ties it flips from run to run of this file
-    # (0.57-0.80 measured, the same code and inputs), an unexplained nondeterminism noted for study.
-    top_two = np.sort(probs["ref"], axis=1)[:, -2:]
-    decided = top_two[:, 1] - top_two[:, 0] > 0.2
-    assert decided.sum() >= 8
+    assert np.abs(probs["turned"] - probs["ref"]).mean() < 0.02  # 0.008 measured
     same = column(turned, "expression") == column(ref, "expression")
-    assert same[decided].mean() >= 0.9
+    assert same.mean() >= 0.9  # 1.0 measured
     # Before, the matrix was ignored: the face lay sideways and was missed in some frames.
     assert raw.num_rows < ref.num_rows
     (facts,) = read_metadata(tmp_path / "phone.parquet")["videos"]
