@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape
 from engines.decoders.segments import Segment
