@@ -125,6 +125,22 @@ def test_two_ray_workers_equal_one_row_for_row(carphone, tmp_path):
     assert pq.read_table(in_process).sort_by(SORT).equals(tables[0])
 
 
+def test_the_run_command_stops_ray_once_its_rows_are_written(carphone, tmp_path):
+    """The command stops its local Ray instance itself, rather than in Ray's exit hook, which
+    first sleeps for late worker logs: a whole short run ended about 1 s sooner (8.6-8.8 → 7.6-8.0 s)."""
+    import ray
+    from click.testing import CliRunner
+
+    from annotator.cli import cli
+
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(cli, ["run", str(carphone), "--out", str(out), "--workers", "1", "--every-n", "10",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).num_rows == 12
+    assert not ray.is_initialized()
+
+
 def _annotate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from annotator.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=120)
