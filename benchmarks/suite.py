@@ -277,6 +277,16 @@ def _median(values: Sequence[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+#: Stages whose results do not depend on the backend (align and write use the first backend's
+#: faces and scores); decode is kept per decoder instead.
+_BACKEND_FREE = ("decode", "align", "write")
+
+
+def _key(name: str, backend: str, batch: int, decoder: str) -> tuple[str | None, int, str | None, str]:
+    """Where one stage's results are kept, round after round."""
+    return (None if name in _BACKEND_FREE else backend, batch, decoder if name == "decode" else None, name)
+
+
 def _median_round(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The result of the round with the median rate (the faster of the middle two)."""
     return sorted(results, key=lambda r: r["fps"])[len(results) // 2]
@@ -330,39 +340,36 @@ def bench_clip(clip: Path, options: BenchOptions, device: str, backends: Sequenc
                  f"peak {result['peak_rss_mb']:6.0f} MB{extra}")
             return result
 
-        # measured[(backend or None, batch, decoder or None, stage)]: that stage's result, round by round.
-        measured: dict[tuple[str | None, int, str | None, str], list[dict[str, Any]]] = {}
+        measured: dict[tuple[str | None, int, str | None, str], list[dict[str, Any]]] = {}  # by _key
+
+        def measure(name: str, backend: str, batch: int, decoder: str) -> None:
+            result = stage(name, backend=backend, batch_size=batch, decoder=decoder)
+            measured.setdefault(_key(name, backend, batch, decoder), []).append(result)
+
         for round_ in range(options.rounds):
             if options.rounds > 1:
                 echo(f"  {clip.stem}: round {round_ + 1} of {options.rounds}")
             for backend in backends:
                 for batch in options.batch_sizes:
-                    names = ("detect", "detect_full", "score", "pipeline") if round_ == 0 else ("detect", "score", "pipeline")
-                    for name in names:  # full detection is a comparison, run once
-                        measured.setdefault((backend, batch, None, name), []).append(
-                            stage(name, backend=backend, batch_size=batch))
+                    for name in ("detect", "detect_full", "score", "pipeline"):
+                        if name != "detect_full" or round_ == 0:  # full detection is a comparison: once
+                            measure(name, backend, batch, decoders[0])
             for batch in options.batch_sizes:
                 for decoder in decoders:
-                    measured.setdefault((None, batch, decoder, "decode"), []).append(
-                        stage("decode", batch_size=batch, decoder=decoder))
-                # Backend-independent: on the first backend's faces and scores.
-                for name in ("align", "write"):
-                    measured.setdefault((None, batch, None, name), []).append(
-                        stage(name, batch_size=batch, backend=backends[0]))
+                    measure("decode", backends[0], batch, decoder)
+                for name in ("align", "write"):  # on the first backend's faces and scores
+                    measure(name, backends[0], batch, decoders[0])
     decode_rows = [{"clip": clip.stem, **_median_round(results)}
-                   for (_, _, decoder, name), results in measured.items() if name == "decode"]
+                   for (_, _, _, name), results in measured.items() if name == "decode"]
     rows = []
     for backend in backends:
         for batch in options.batch_sizes:
-            def runs(name: str) -> list[dict[str, Any]]:
-                key = (None, batch, decoders[0], name) if name == "decode" else (
-                    (None, batch, None, name) if name in ("align", "write") else (backend, batch, None, name))
-                return measured[key]
-
+            runs = {name: measured[_key(name, backend, batch, decoders[0])]
+                    for name in (*ISOLATED, "detect_full", "pipeline")}
             row = {"clip": clip.stem, "backend": backend, "batch_size": batch, "decoder": decoders[0],
-                   "stages": {name: _median_round(runs(name)) for name in (*ISOLATED, "detect_full")},
-                   "pipeline": _median_round(runs("pipeline"))}
-            rounds = [{name: runs(name)[i]["fps"] for name in (*ISOLATED, "pipeline")} for i in range(options.rounds)]
+                   "stages": {name: _median_round(runs[name]) for name in (*ISOLATED, "detect_full")},
+                   "pipeline": _median_round(runs["pipeline"])}
+            rounds = [{name: runs[name][i]["fps"] for name in (*ISOLATED, "pipeline")} for i in range(options.rounds)]
             _summarize(row, rounds)
             rows.append(row)
     return rows, decode_rows
