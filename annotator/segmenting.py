@@ -115,12 +115,19 @@ def complete(layout: OutputLayout, key: str) -> bool:
 
 
 def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, object]:
-    """Merge a video's segment parts into its part (then drop them); returns the video's facts."""
+    """Merge a video's segment parts into its part (then drop them); returns the video's facts.
+
+    Track ids continue across a boundary where the faces do, unless the two frames either side
+    of it are a cut (``shot_ends`` in a segment's facts, see annotator.tracking).
+    """
+    from annotator.tracking import is_cut  # torch: only once a video is stitched
+
     plan = load_plan(layout, key)
     assert plan is not None, key
     writer = PartWriter(layout.part_path(key), schema)
     reports, path, video_id = [], "", None
     previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
     try:
         for segment in plan:
@@ -133,10 +140,14 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             if rows.num_rows == 0:
                 continue
             video_id = rows.column("video_id")[0].as_py()
+            ends = facts.get("shot_ends")
+            if ends and previous_end is not None and is_cut(previous_end, ends[0]):
+                previous_boxes, previous_ids = previous_boxes[:0], previous_ids[:0]  # a new shot: new tracks
             ids, next_id = _continuous_ids(rows, previous_boxes, previous_ids, next_id)
             rows = rows.set_column(rows.schema.get_field_index("track_id"), "track_id", ids)
             writer.write(rows)
             previous_boxes, previous_ids = _faces_of(rows, pc.max(rows.column("frame_index")).as_py())
+            previous_end = ends[1] if ends else None
         report = _combine(reports)
         if report.damaged:
             writer.write(error_row(path, f"{path}: {report.describe()}", video_id=video_id))

@@ -93,7 +93,10 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Tabl
         log.info("%s: %s", path, report.describe())
         yield tag_table(pending, part, "rows")
         pending = error_row(str(path), f"{path}: {report.describe()}", video_id=pending.column("video_id")[0].as_py())
-    yield tag_table(pending, part, "done", json.dumps(video_facts(path, report)))
+    facts = video_facts(path, report)
+    if item.segment is not None:  # the driver looks for a cut between this segment and the last
+        facts["shot_ends"] = pipeline.tracker.shot_ends()
+    yield tag_table(pending, part, "done", json.dumps(facts))
 
 
 def worker_device(requested: str, gpu_ids: list[int | str], visible_devices: str | None) -> tuple[str, int | None]:

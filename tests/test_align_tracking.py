@@ -95,6 +95,7 @@ def test_tracking_between_keyframes_follows_full_detection(detector, carphone_fr
     fast, tracker = _track(detector, carphone_frames, 10)
     assert all(f.keyframe for f in full)
     assert tracker.keyframes == 12 == sum(f.keyframe for f in fast)  # 120 frames, no track lost
+    assert tracker.cuts == 0  # one shot
     assert all(len(f.scores) == 1 for f in fast) and all(len(f.scores) == 1 for f in full)
     assert {int(f.track_ids[0]) for f in fast} == {0}  # one person, one id for the whole clip
     boxes = np.stack([f.boxes[0] for f in fast]) - np.stack([f.boxes[0] for f in full])
@@ -108,13 +109,60 @@ def test_tracking_between_keyframes_follows_full_detection(detector, carphone_fr
 
 def test_a_lost_face_brings_the_next_keyframe_forward(detector, carphone_frames):
     frames = carphone_frames[:12].clone()
-    frames[4] = 0  # the face is gone for one frame
+    x1, y1, x2, y2 = _track(detector, frames[4:5], 1)[0][0].boxes[0].round().astype(int).tolist()
+    frames[4, max(0, y1 - 10):y2 + 10, max(0, x1 - 10):x2 + 10] = 128  # the face is gone for one frame
     tracker = FaceTracker(detector, detect_every=10)
     tracker.start(det_size=176, min_face=20)
     faces = tracker(frames)
     assert [f.keyframe for f in faces] == [True, False, False, False, False, True] + [False] * 6
     assert len(faces[4].scores) == 0 and len(faces[5].scores) == 1
     assert faces[5].track_ids[0] == 1  # it came back: a new id
+    assert tracker.cuts == 0  # a face hidden is not a new shot
+
+
+def _shot(image: np.ndarray, frames: int, height: int = 144, width: int = 176) -> torch.Tensor:
+    """``frames`` frames of a still photograph, cut to the clip's aspect and size, drifting 1 px a frame."""
+    import cv2
+
+    rows = image.shape[1] * height // width
+    still = cv2.resize(image[:rows], (width + frames, height), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.stack([still[:, i:i + width] for i in range(frames)]))
+
+
+def test_a_cut_ends_every_track_and_finds_the_new_shots_faces_on_its_first_frame(detector, carphone_frames):
+    """Carphone, then a cut to scikit-image's astronaut: her face is found on the cut's frame,
+    under a new id, though the last keyframe was 5 frames before and the next due 5 after."""
+    from skimage import data
+
+    frames = torch.cat([carphone_frames[:15], _shot(data.astronaut(), 10)])
+    tracker = FaceTracker(detector, detect_every=10)
+    tracker.start(det_size=176, min_face=20)
+    faces = [face for start in range(0, len(frames), 8) for face in tracker(frames[start:start + 8])]
+    assert tracker.cuts == 1
+    assert faces[15].keyframe and len(faces[15].scores) == 1
+    assert {int(f.track_ids[0]) for f in faces[:15]} == {0} and {int(f.track_ids[0]) for f in faces[15:]} == {1}
+    assert faces[15].boxes[0][0] < 88  # hers: the left half of the frame
+    assert [f.keyframe for f in faces] == [True] + [False] * 9 + [True] + [False] * 4 + [True] + [False] * 9
+
+    blind = FaceTracker(detector, detect_every=10, cut_threshold=None)
+    blind.start(det_size=176, min_face=20)
+    missed = [face for start in range(0, len(frames), 8) for face in blind(frames[start:start + 8])]
+    assert blind.cuts == 0 and not missed[15].keyframe  # without: the cut's frame is no keyframe
+
+
+def test_shot_signatures_separate_motion_a_loop_and_a_cut(carphone_frames):
+    """Against CUT_THRESHOLD: motion within the carphone shot, and its loop point (frame 119 back
+    to 0, the same shot), stay under it; a cut to another shot is far over it."""
+    from skimage import data
+
+    from annotator.tracking import CUT_THRESHOLD, shot_signatures
+
+    def change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (shot_signatures(a) - shot_signatures(b)).abs().mean(dim=(1, 2, 3))
+
+    assert change(carphone_frames[1:], carphone_frames[:-1]).max() < 5  # 3.5 measured
+    assert change(carphone_frames[:1], carphone_frames[-1:]).item() < CUT_THRESHOLD
+    assert change(_shot(data.astronaut(), 1), carphone_frames[-1:]).item() > 2 * CUT_THRESHOLD  # 67.5 measured
 
 
 def test_capped_floor_says_what_the_det_size_cap_costs():

@@ -102,3 +102,26 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
     for c in ("x1", "y2"):
         assert np.median(np.abs(reference.column(c).to_numpy(zero_copy_only=False)
                                 - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
+
+
+def test_a_cut_on_a_segment_boundary_ends_the_tracks(carphone, tmp_path):
+    """300 frames of carphone, then a cut to 300 darker ones (another exposure, the face where it
+    was), on the boundary of the video's two segments: the stitcher must not carry the track
+    across the cut, as one worker on the whole video does not."""
+    frames = carphone_frames(carphone)
+    shots = [frames[i % len(frames)] for i in range(300)] + [(frames[i % len(frames)] * 0.4).astype(np.uint8)
+                                                             for i in range(300)]
+    clip = write_clip(tmp_path / "cut.mp4", shots, 600, keyint=60)
+    out = tmp_path / "results"
+    summary = run(RunConfig(inputs=(clip,), out=out, workers=2, sampling=Sampling(every_n=3)), progress=False)
+    assert summary.failed == 0 and summary.frames == 200
+    layout, key = OutputLayout(out), part_key(clip)
+    assert b'"segments": 2' in pq.read_metadata(layout.part_path(key)).metadata[b"annotator.video"]
+    whole = tmp_path / "whole.parquet"
+    run(RunConfig(inputs=(clip,), out=whole, workers=0, sampling=Sampling(every_n=3)), progress=False)
+    for table in (pq.read_table(layout.part_path(key)), pq.read_table(whole)):
+        faces = table.filter(pc.is_valid(table.column("face_index")))
+        before = faces.filter(pc.less(faces.column("frame_index"), 300))
+        after = faces.filter(pc.greater_equal(faces.column("frame_index"), 300))
+        assert before.num_rows >= 95 and after.num_rows >= 95
+        assert set(before.column("track_id").to_pylist()) == {0} and set(after.column("track_id").to_pylist()) == {1}
