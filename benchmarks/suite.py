@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -271,12 +272,6 @@ def clip_info(path: Path) -> dict[str, Any]:
 # The benchmark
 # ----------------------------------------------------------------------------------------------
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 #: Stages whose results do not depend on the backend (align and write use the first backend's
 #: faces and scores); decode is kept per decoder instead.
 _BACKEND_FREE = ("decode", "align", "write")
@@ -307,7 +302,7 @@ def _summarize(row: dict[str, Any], rounds: Sequence[dict[str, float]] = ()) -> 
     row["ratio"] = pipe["fps"] / stages[slowest]["fps"]
     if len(rounds) > 1:
         row["round_ratios"] = [r["pipeline"] / min(r[s] for s in ISOLATED) for r in rounds]
-        row["ratio"] = _median(row["round_ratios"])
+        row["ratio"] = statistics.median(row["round_ratios"])
     # A one-thread worker runs its stages one after another, so it can at best reach this.
     row["serial_fps"] = 1.0 / total
     row["pipeline_vs_serial"] = pipe["fps"] / row["serial_fps"]
