@@ -10,6 +10,7 @@ HOME, and handed to Ray with ``RAY_AUTH_TOKEN_PATH``: the user's ``~/.ray`` is n
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +34,21 @@ ERROR_PREFIX = "annotate: error: "
 CARPHONE_FRAMES = 120
 
 
+#: Every port :func:`free_port` handed out: ``bind(0)`` can return a port it returned a moment ago,
+#: and two of a node's ports being one makes a Ray process die at start-up (and ``ray start --block``
+#: then takes the whole node down).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, and never one this module handed out before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def descendants(pid: int) -> set[int]:
@@ -58,8 +71,16 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+class NodeDown(Exception):
+    """A Ray node of these tests went down (or never came up); the message is its log's tail."""
+
+
 class RayNode:
-    """One ``ray start --block`` (head or worker node) in its own session, with its own ports."""
+    """One ``ray start --block`` (head or worker node) in its own session, with its own ports.
+
+    ``--block`` watches the node's processes once a second and, when one exits unexpectedly,
+    says which in its output (``log``) and kills the rest: a dead node is seen here as a dead
+    ``ray start``."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -67,13 +88,20 @@ class RayNode:
         self.proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the node's output, without the terminal colours Ray's CLI logger puts in."""
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))[-chars:]
+
     def wait_started(self, timeout: float = 90) -> None:
         """Until ``ray start`` says the node runs (after it registered with the GCS)."""
         deadline = time.monotonic() + timeout
         while b"Ray runtime started" not in self.log.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if not self.alive() or time.monotonic() > deadline:
                 self.kill()
-                pytest.fail(f"a Ray node did not come up:\n{self.log.read_text(errors='replace')[-3000:]}")
+                raise NodeDown(f"a Ray node did not come up:\n{self.log_tail()}")
             time.sleep(0.3)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -104,9 +132,29 @@ class RayNode:
 
 
 class Cluster:
-    """A token-mode Ray cluster on this machine: a head, and worker nodes added on demand."""
+    """A token-mode Ray cluster on this machine: a head, and worker nodes added on demand.
+
+    A head that goes down while it starts (a port another process took between :func:`free_port`
+    and Ray's bind, say) is started again on fresh ports, up to ``START_ATTEMPTS`` times: that is
+    this machine, not the code under test, and one such start must not fail the suite."""
+
+    START_ATTEMPTS = 3
+    #: How long a started head must stay up before a test gets it: ``--block`` notices a dead
+    #: process within a second, so a process that died at start-up has taken the head down by then.
+    SETTLE_S = 2.5
 
     def __init__(self, root: Path, token_file: Path, head_cpus: int, dashboard: bool) -> None:
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                self._start(root / f"start{attempt}", token_file, head_cpus, dashboard)
+                return
+            except NodeDown as down:
+                if attempt == self.START_ATTEMPTS:
+                    pytest.fail(f"the test cluster's head went down at start-up {attempt} times; the last:\n{down}")
+                warnings.warn(f"the test cluster's head went down at start-up; starting it again:\n{down}")
+
+    def _start(self, root: Path, token_file: Path, head_cpus: int, dashboard: bool) -> None:
+        root.mkdir(parents=True)
         self.root = root
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket paths must fit
         self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
@@ -127,9 +175,21 @@ class Cluster:
             self.nodes[0].wait_started()
             if dashboard:
                 self._wait_for_dashboard()
+            time.sleep(self.SETTLE_S)
+            if not self.alive():
+                raise NodeDown(self.diagnosis())
         except BaseException:
             self.stop()
             raise
+
+    def alive(self) -> bool:
+        return all(node.alive() for node in self.nodes)
+
+    def diagnosis(self) -> str:
+        """For a failure's message: nothing while every node runs, else each dead node's log tail
+        (where ``--block`` names the Ray process that exited, and how)."""
+        return "".join(f"\n--- {node.log.name} (the node is down) ---\n{node.log_tail()}"
+                       for node in self.nodes if not node.alive())
 
     def add_node(self, cpus: int) -> RayNode:
         node = RayNode(
@@ -150,6 +210,8 @@ class Cluster:
                 with urllib.request.urlopen(request, timeout=5):
                     return
             except OSError:
+                if not self.nodes[0].alive():
+                    raise NodeDown(self.diagnosis()) from None
                 if time.monotonic() > deadline:
                     pytest.fail("the Ray dashboard (job server) did not come up")
                 time.sleep(0.5)
@@ -185,11 +247,26 @@ def warm_models() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, token_file: Path, warm_models: None) -> Iterator[Cluster]:
-    """A head in token mode with its job server (dashboard) on, 2 CPUs."""
-    started = Cluster(tmp_path_factory.mktemp("cluster"), token_file, head_cpus=2, dashboard=True)
-    yield started
-    started.stop()
+def _module_heads() -> Iterator[list[Cluster]]:
+    """The heads the ``cluster`` fixture started in this module, stopped at its end."""
+    heads: list[Cluster] = []
+    yield heads
+    for head in heads:
+        head.stop()
+
+
+@pytest.fixture
+def cluster(_module_heads: list[Cluster], tmp_path_factory: pytest.TempPathFactory, token_file: Path,
+            warm_models: None) -> Cluster:
+    """A head in token mode with its job server (dashboard) on, 2 CPUs, shared by the module's
+    tests. If it went down during a test, that test failed with the head's log in its message
+    (:meth:`Cluster.diagnosis`); the next test gets a new head instead of failing the same way."""
+    if _module_heads and not _module_heads[-1].alive():
+        _module_heads[-1].stop()
+        _module_heads.pop()
+    if not _module_heads:
+        _module_heads.append(Cluster(tmp_path_factory.mktemp("cluster"), token_file, head_cpus=2, dashboard=True))
+    return _module_heads[-1]
 
 
 def driver_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -206,13 +283,16 @@ def annotate(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
                           text=True, timeout=timeout, cwd=REPO)
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> str:
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str, cluster: Cluster | None = None) -> str:
+    """``done`` failed in one line, ``annotate: error: …``, holding every one of ``words``; a
+    failed check's message carries ``cluster``'s diagnosis (a dead head's log)."""
+    why = cluster.diagnosis() if cluster is not None else ""
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert len(lines) == 1, done.stderr[-3000:]
-    assert lines[0].startswith(ERROR_PREFIX), f"the CLI must print failures as {ERROR_PREFIX!r}…: {lines[0]}"
+    assert done.returncode == 1, done.stderr[-3000:] + why
+    assert len(lines) == 1, done.stderr[-3000:] + why
+    assert lines[0].startswith(ERROR_PREFIX), f"the CLI must print failures as {ERROR_PREFIX!r}…: {lines[0]}{why}"
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in lines[0], lines[0] + why
     return lines[0]
 
 
@@ -222,7 +302,7 @@ def test_run_joins_a_token_cluster_with_its_token(cluster: Cluster, carphone: Pa
     env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
     done = annotate(str(carphone), "--out", str(out), "--address", cluster.address, "--every-n", "4",
                     "--no-progress", env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:] + cluster.diagnosis()
     assert "1 videos" in done.stdout and "30 frames" in done.stdout, done.stdout
     table = ds.dataset(out, format="parquet").to_table()
     assert sorted(set(table.column("frame_index").to_pylist())) == list(range(0, CARPHONE_FRAMES, 4))
@@ -236,7 +316,7 @@ def test_run_without_the_token_is_one_line(cluster: Cluster, carphone: Path, tmp
     started = time.monotonic()
     done = annotate(str(carphone), "--out", str(out), "--address", cluster.address, "--no-progress",
                     env=driver_env(tmp_path), timeout=120)
-    assert_one_line_error(done, cluster.address, "token")
+    assert_one_line_error(done, cluster.address, "token", cluster=cluster)
     assert time.monotonic() - started < 30, "Ray's own retries (~15 s of warnings) were not cut short"
     assert not list(out.glob("part-*"))  # no video was started
 
@@ -244,7 +324,7 @@ def test_run_without_the_token_is_one_line(cluster: Cluster, carphone: Path, tmp
 def test_run_with_a_wrong_token_is_one_line(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
     done = annotate(str(carphone), "--out", str(tmp_path / "results"), "--address", cluster.address,
                     "--no-progress", env=driver_env(tmp_path, RAY_AUTH_TOKEN="0" * 64), timeout=120)
-    assert_one_line_error(done, "rejected", "token")
+    assert_one_line_error(done, "rejected", "token", cluster=cluster)
 
 
 def test_ray_job_submit_as_the_readme_says(cluster: Cluster, carphone: Path, tmp_path: Path) -> None:
@@ -259,7 +339,7 @@ def test_ray_job_submit_as_the_readme_says(cluster: Cluster, carphone: Path, tmp
          "python", "-m", "annotator", "run", str(carphone), "--out", str(out), "--address", "auto", "--every-n", "4",
          "--no-progress"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:] + cluster.diagnosis()
     assert "succeeded" in submitted.stdout + submitted.stderr
     table = ds.dataset(out, format="parquet").to_table()
     assert table.num_rows == 30
