@@ -110,6 +110,18 @@ def init_ray(config: RunConfig) -> None:
         raise ClusterError(f"cannot {where}: {reason}") from None
 
 
+def release_ray() -> None:
+    """Stop the local Ray instance (or leave the cluster) once its work is done: ``annotate run``
+    as soon as every row is written and the summary shown (Ray's own exit hook would first sleep
+    half a second for late worker logs), ``annotate distil`` before it trains, so its GCS,
+    raylet and idle workers hold no memory and take no CPU through training."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def local_cpus() -> int | None:
     """CPUs for a local Ray instance: this process's affinity when it is narrower than the
     machine, else None (Ray's own count, which also reads a container's CPU quota)."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from annotator.cluster import release_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.harvest import SHARDS, HarvestSummary, harvest
 from training.distil import DistilOptions
@@ -113,6 +114,7 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
     claim_out(out, config.overwrite)
     teacher = teacher_record(config)
     summary = harvest(config, str(teacher["id"]), out, progress)
+    release_ray()  # the harvest was its last use: training runs in this process
     corpus = load_corpus(out)
     label_counts = attach_labels(corpus, labels) if labels is not None else {"expr": 0, "va": 0}
     started = time.perf_counter()

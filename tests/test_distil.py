@@ -150,13 +150,28 @@ def test_synthetic_va_teacher_is_distilled_to_ccc_above_0_9(varied_videos: Path,
     assert pq.read_table(results).column("valence").drop_null().length() > 0
 
 
-def test_expression_only_teacher_gives_null_va_and_rerun_resumes(carphone: Path, tmp_path: Path) -> None:
-    """fer-minixception over two carphone versions (the real Ray pool); a rerun recomputes nothing."""
+def test_expression_only_teacher_gives_null_va_and_rerun_resumes(carphone: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """fer-minixception over two carphone versions (the real Ray pool, stopped before training);
+    a rerun recomputes nothing."""
+    import ray
+
+    import training.distil
+
+    ray_up_in_training: list[bool] = []
+    train = training.distil.train_student
+
+    def train_and_look(*args, **kwargs):
+        ray_up_in_training.append(ray.is_initialized())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(training.distil, "train_student", train_and_look)
     out = tmp_path / "fer"
     distorted = carphone.with_name("carphone_distorted.mp4")
     code, output = _distil([carphone, distorted], "fer-minixception", out, "--workers", "1", "--sample-fps", "5",
                            "--epochs", "1", "--steps-per-epoch", "3")
     assert code == 0, output
+    assert ray_up_in_training == [False]  # the harvest's Ray instance holds nothing through training
     card = _card(out)
     assert card["outputs"] == ["expr_logits"] and card["va"] is None
     assert "null" in card["valence_arousal"] and "fer-minixception" in card["valence_arousal"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from annotator.cluster import release_ray
 from annotator.commands.options import cache_dir
 from annotator.config import (
     DEFAULT_DETECT_EVERY,
@@ -122,15 +123,5 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
         click.echo(f"  {problem}", err=True)
     if len(summary.problems) > _PROBLEMS_SHOWN:
         click.echo(f"  ... and {len(summary.problems) - _PROBLEMS_SHOWN} more (see the error column)", err=True)
-    _release_ray()
+    release_ray()
     return summary.exit_code
-
-
-def _release_ray() -> None:
-    """Stop the local Ray instance (or leave the cluster) as soon as every row is written and
-    the summary shown: Ray's own exit hook would first sleep half a second for late worker logs."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
