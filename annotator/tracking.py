@@ -20,9 +20,10 @@ Track ids follow faces by greedy IoU association between consecutive sampled fra
 that vanishes gets a new id when it comes back.
 
 Edited footage cuts from shot to shot. A cut (:data:`CUT_THRESHOLD`) ends every track and makes
-its frame a keyframe: the faces of the new shot are found on its first frame, with new ids,
-instead of up to ``detect_every`` frames later, and a face of the new shot that happens to sit
-where the last shot's face was does not inherit its track.
+its frame a keyframe, and a scan where scans are on: the faces of the new shot, small ones
+included, are found on its first frame, with new ids, instead of up to ``detect_every`` (or
+``scan_every``) frames later, and a face of the new shot that happens to sit where the last
+shot's face was does not inherit its track.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class FaceTracker:
         if cut:  # a new shot: every track ends, and its faces are looked for on this frame
             self._boxes, self._ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
             self._since_keyframe = self.detect_every
+            # With a scan: small faces too (a wide shot's), not up to scan_every frames later.
+            self._since_scan = self.scan_every
             self.cuts += 1
         keyframe = self._since_keyframe >= self.detect_every
         self._since_scan += 1

@@ -150,6 +150,31 @@ def test_a_cut_ends_every_track_and_finds_the_new_shots_faces_on_its_first_frame
     assert blind.cuts == 0 and not missed[15].keyframe  # without: the cut's frame is no keyframe
 
 
+def test_a_cut_to_a_wide_shot_is_a_scan_so_its_small_face_is_found_at_once(detector, carphone_frames):
+    """Carphone, then a cut to a wide shot of the astronaut (her face about 33 px of 352): the
+    keyframe's detector side (128) shows it too small, the scan's (352) does not. The cut's frame
+    is a scan, so she is found there and tracked on; without, she would wait for the next scan
+    (up to ``scan_every`` frames: 300 by default, 10 s at 30 frames/s)."""
+    from skimage import data
+
+    carphone = torch.from_numpy(np.stack([cv2.resize(f, (352, 288)) for f in carphone_frames[:15].numpy()]))
+    canvas = np.full((1024, 1024, 3), 90, np.uint8)
+    canvas[:512, 256:768] = data.astronaut()
+    frames = torch.cat([carphone, _shot(canvas, 30, height=288, width=352)])
+    tracker = FaceTracker(detector, detect_every=10, scan_every=100)
+    tracker.start(det_size=128, min_face=16, scan_size=352)
+    faces = [face for start in range(0, len(frames), 8) for face in tracker(frames[start:start + 8])]
+    assert tracker.cuts == 1 and tracker.scans == 2  # the first frame, and the cut's
+    assert all(len(f.scores) == 1 for f in faces)
+    assert 25 < faces[15].boxes[0][2] - faces[15].boxes[0][0] < 45
+    assert {int(f.track_ids[0]) for f in faces[15:]} == {1}
+
+    keyframe_only = FaceTracker(detector, detect_every=10, scan_every=100)
+    keyframe_only.start(det_size=128, min_face=16)  # no scan side: what a cut without a scan sees
+    missed = [face for start in range(0, len(frames), 8) for face in keyframe_only(frames[start:start + 8])]
+    assert keyframe_only.cuts == 1 and not any(len(f.scores) for f in missed[15:])
+
+
 def test_shot_signatures_separate_motion_a_loop_and_a_cut(carphone_frames):
     """Against CUT_THRESHOLD: motion within the carphone shot, and its loop point (frame 119 back
     to 0, the same shot), stay under it; a cut to another shot is far over it."""
