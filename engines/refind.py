@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engines.align import apply, invert, square_matrices, warp
+from engines.boxes import IOU_THRESHOLD, iou_matrix
 from engines.retinaface import Detections, RetinaFaceDetector
 
 #: Side of the square crop a face is re-found in, and how much larger than the face's box the
@@ -33,8 +34,6 @@ CROP_MARGIN = 2.0
 #: threshold (0.9) on a full frame, one already found keeps it down to this, through a turned
 #: head or motion blur.
 TRACK_THRESHOLD = 0.5
-#: Below this overlap with the box it was looked for around, a face in the crop is another face.
-IOU_THRESHOLD = 0.3
 #: The window grid: sides in steps of 2^(1/3) (so the face fills 0.45-0.56 of the window's side
 #: at the default margin) and centres on multiples of a sixth of the side (at most 1/12 of the
 #: window off the face's centre). Finer grids move the window more often (4 steps / 8 cells:
@@ -43,18 +42,6 @@ SIDE_STEPS_PER_OCTAVE = 3
 CENTRE_CELLS = 6
 #: Smallest window side in frame pixels (a face smaller than 8 px is no face to align).
 MIN_SIDE = 16.0
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), x1y1x2y2 → (N, M)."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def crop_windows(boxes: np.ndarray, margin: float = CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:

@@ -104,6 +104,32 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
                                 - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
 
 
+def test_stitching_imports_no_torch():
+    """The driver stitches segments and imports torch nowhere else: associating faces across a
+    boundary and telling a cut there are numpy (annotator.continuity), so the end of a segmented
+    video, where the run waits for the stitch, does not wait 1.3 s for torch's import as well."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+import pyarrow as pa
+from annotator.schema import frame_rows
+from annotator.segmenting import _continuous_ids, is_cut
+rows = pa.Table.from_batches([frame_rows(
+    video_path="/v.mp4", video_id="id", model_id="m", frame_index=np.array([9]), pts_s=np.array([0.3]),
+    faces_per_frame=np.array([1]), boxes=np.array([[1, 1, 51, 51]], np.float32), scores=np.ones(1),
+    landmarks=np.zeros((1, 5, 2)), track_ids=np.array([0]), probs=np.full((1, 7), 1 / 7), va=None)])
+ids, _ = _continuous_ids(rows, np.array([[0, 0, 50, 50]], np.float32), np.array([4]), next_id=5)
+assert ids.to_pylist() == [4], ids
+assert is_cut([0.0] * 432, [100.0] * 432) and not is_cut([0.0] * 432, [1.0] * 432)
+assert "torch" not in sys.modules, "stitching imported torch"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_cut_on_a_segment_boundary_ends_the_tracks(carphone, tmp_path):
     """300 frames of carphone, then a cut to 300 darker ones (another exposure, the face where it
     was), on the boundary of the video's two segments: the stitcher must not carry the track

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from engines.align import TEMPLATE_112
-from engines.refind import IOU_THRESHOLD, iou_matrix, refind
+from engines.boxes import IOU_THRESHOLD, iou_matrix
+from engines.refind import refind
 from engines.retinaface import RetinaFaceDetector
 from training.labels import Sample
 
