@@ -91,14 +91,16 @@ class VideoPipeline:
         # with two (7.1 vs 7.0 ms a 720p frame), so it gets one and the other stages the other
         # core. A worker with one core (the default pool: one per core) gains nothing from more
         # threads, so it runs its stages one after another, and FFmpeg's decoder has the whole share.
-        # With overlap, FFmpeg decodes on the caller's thread alone (the cores the find thread
-        # leaves): its own threads would only take turns with that one. 1080p, two cores, medians
-        # of 4 alternating passes, two runs: 117.5 and 110.6 frames/s against 109.0 and 100.2 with
-        # two decoding threads; 720p and the four-face clip unchanged (134.4 / 134.8, 59.4 / 60.2).
+        # With overlap, FFmpeg gets half the share: on two cores it decodes on the caller's thread
+        # alone, as its own threads would only take turns with the two running. 1080p, two cores,
+        # medians of 4 alternating passes, two runs: 117.5 and 110.6 frames/s against 109.0 and
+        # 100.2 with two decoding threads; 720p and the four-face clip unchanged (134.4 / 134.8,
+        # 59.4 / 60.2). Larger shares (not measured: this machine has two cores) keep threads for
+        # decoding large frames, where the find thread's intra-op threads leave cores idle.
         cores = threads or usable_cores()
         self.overlap = device == "cpu" and cores >= 2
         compute = max(1, cores - 1) if self.overlap else threads
-        decode_threads = cores - compute if self.overlap else threads
+        decode_threads = max(1, cores // 2) if self.overlap else threads
         if compute and device == "cpu":
             torch.set_num_threads(compute)  # the warps and the letterbox
         self.detector, self.detector_artifacts = create_detector(
