@@ -42,6 +42,14 @@ def associate(previous: np.ndarray, boxes: np.ndarray, threshold: float = IOU_TH
     return match
 
 
+def shot_changes(signatures: np.ndarray) -> np.ndarray:
+    """How much each of consecutive frames' :func:`annotator.tracking.shot_signatures` (N, ...)
+    differs from the one before it, on average: float (N - 1,). Over :data:`CUT_THRESHOLD` is a
+    cut, for the tracker within a segment and for the driver between two."""
+    flat = np.asarray(signatures, np.float32).reshape(len(signatures), -1)
+    return np.abs(np.diff(flat, axis=0)).mean(axis=1)
+
+
 def is_cut(before: list[float], after: list[float]) -> bool:
-    """Whether two frames' flattened :func:`annotator.tracking.shot_signatures` differ as a cut's do."""
-    return float(np.abs(np.asarray(after) - np.asarray(before)).mean()) > CUT_THRESHOLD
+    """Whether two frames' flattened signatures (a segment's ``shot_ends``) differ as a cut's do."""
+    return bool(shot_changes(np.stack([np.ravel(before), np.ravel(after)]))[0] > CUT_THRESHOLD)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from annotator.continuity import CUT_THRESHOLD, associate
+from annotator.continuity import CUT_THRESHOLD, associate, shot_changes
 from engines.boxes import iou_matrix
 from engines.refind import CROP_MARGIN, CROP_SIZE, refind
 from engines.retinaface import Detections, RetinaFaceDetector
@@ -101,8 +101,8 @@ class FaceTracker:
         self._next_id = first_id
         self._since_keyframe = self.detect_every  # the first frame is a keyframe
         self._since_scan = self.scan_every  # and a scan
-        self._signature: torch.Tensor | None = None  # the last frame's (shot_signatures)
-        self._first_signature: torch.Tensor | None = None  # the first frame's since start()
+        self._signature: np.ndarray | None = None  # the last frame's (shot_signatures)
+        self._first_signature: np.ndarray | None = None  # the first frame's since start()
         self.keyframes = 0
         self.scans = 0
         self.cuts = 0
@@ -116,13 +116,12 @@ class FaceTracker:
         """Whether each frame of the batch begins a new shot (never the first frame of a video)."""
         if self.cut_threshold is None or not len(frames):
             return np.zeros(len(frames), bool)
-        signatures = shot_signatures(frames)
+        signatures = shot_signatures(frames).cpu().numpy()  # 432 numbers a frame
         if self._signature is None:
-            self._first_signature = signatures[:1]
-        before = signatures[:1] if self._signature is None else self._signature
-        change = (signatures - torch.cat([before, signatures[:-1]])).abs().mean(dim=(1, 2, 3))
-        self._signature = signatures[-1:]
-        return (change > self.cut_threshold).cpu().numpy()
+            self._first_signature = signatures[0]
+        before = signatures[0] if self._signature is None else self._signature
+        self._signature = signatures[-1]
+        return shot_changes(np.concatenate([before[None], signatures])) > self.cut_threshold
 
     def shot_ends(self) -> list[list[float]] | None:
         """The signatures of the first and the last frame since :meth:`start` (flat, rounded),
