@@ -1,9 +1,7 @@
 """The plain-torch RetinaFace-ResNet50 against the real upstream network (retinaface-pytorch)."""
 
 import io
-import math
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +10,9 @@ import pytest
 import torch
 
 from engines.models.retinaface_r50 import RetinaFaceResNet50, convert_upstream, load_upstream_file
+from fixtures.formula_weights import formula_weights  # tests/fixtures: the weights the fixture was made with
 
 FIXTURE = Path(__file__).parent / "fixtures" / "retinaface_r50_upstream.npz"
-GOLDEN_ANGLE = 2.399963  # rad; must equal the fixture script's
-
-
-def formula_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Verbatim copy of ``make_retinaface_r50_fixture.formula_weights`` (see its docstring).
-
-    The upstream fixture script cannot be imported here: it needs torchvision.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, ref in state.items():
-        if not ref.is_floating_point():  # num_batches_tracked
-            out[key] = ref.clone()
-            continue
-        phase = zlib.crc32(key.encode()) % 1000 / 100.0
-        wave = torch.sin(
-            torch.arange(ref.numel(), dtype=torch.float64) * GOLDEN_ANGLE + phase
-        ).reshape(ref.shape)
-        if key.endswith("running_var"):
-            value = 1.0 + 0.5 * wave
-        elif key.endswith("running_mean") or key.endswith("bias"):
-            value = 0.1 * wave
-        elif ref.dim() == 1:  # BN gamma
-            value = 0.5 + 0.2 * wave
-        else:  # conv kernel (out, in, kh, kw)
-            value = wave * 1.4 / math.sqrt(ref[0].numel())
-        out[key] = value.to(torch.float32)
-    return out
 
 
 @pytest.fixture(scope="module")
