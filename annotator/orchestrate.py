@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 

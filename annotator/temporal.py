@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from annotator.stages import FaceBatch
-from annotator.temporal_card import NoTemporalHead, head_model_id, verified_temporal_card
+from annotator.temporal_card import head_model_id, verified_temporal_card
 from engines.runtimes.onnxrt import OrtRuntime
 
 

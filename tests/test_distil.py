@@ -211,7 +211,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, carphone: Path) -> None:
 
 def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, tmp_path: Path) -> None:
     """An Aff-Wild2 EXPR file for the clip: labelled faces get 0.6 CE + 0.4 KD, the others KD alone."""
-    from annotator.harvest import HarvestPipeline  # noqa: F401 (the real path harvested these rows)
     from training.distil import attach_labels
 
     labels = tmp_path / "labels" / "EXPR_Set" / "Train_Set"

@@ -8,6 +8,7 @@ model by selection score, with its metrics and the ``arch`` kwargs of ``build_st
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from engines.models.student import MultitaskNet, build_student
+
+logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -78,6 +81,18 @@ def resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     optimizer.load_state_dict(saved["optimizer"])
     restore_rng(saved["rng"])
     return {key: saved[key] for key in fresh_state()}
+
+
+def start(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, Any]:
+    """A selecting loop's state at its start: seeded afresh, or where ``out_dir/last.pt`` stopped
+    (its RNG too, so the rest of the run is the one an uninterrupted run would have made)."""
+    seed_everything(seed)
+    last = out_dir / LAST
+    state = resume(last, model, optimizer)
+    if state is None:
+        return fresh_state()
+    logger.info("resuming %s at epoch %d (best %.4f)", last, state["epoch"], state["best_score"])
+    return state
 
 
 def end_epoch(state: dict[str, Any], score: float, metrics: dict[str, float], identity: dict[str, Any],

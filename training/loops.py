@@ -147,13 +147,7 @@ def fit(model: MultitaskNet, optimizer: torch.optim.Optimizer, streams: TrainStr
         The validation metrics of the best epoch.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_path = out_dir / checkpoint.LAST
-    checkpoint.seed_everything(config.seed)
-    state = checkpoint.resume(last_path, model, optimizer)
-    if state is None:
-        state = checkpoint.fresh_state()
-    else:
-        logger.info("resuming %s at epoch %d (best %.4f)", last_path, state["epoch"], state["best_score"])
+    state = checkpoint.start(out_dir, model, optimizer, config.seed)
     # Recomputed from the current config, so a resumed run with more epochs continues.
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
         epoch = state["epoch"]

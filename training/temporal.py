@@ -228,13 +228,7 @@ def fit_temporal(model: TemporalNet, train: list[FeatureSequence], validation: l
     if teacher is not None:
         teacher.to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
-    last_path = out_dir / checkpoint.LAST
-    checkpoint.seed_everything(config.seed)
-    state = checkpoint.resume(last_path, model, optimizer)
-    if state is None:
-        state = checkpoint.fresh_state()
-    else:
-        logger.info("resuming %s at epoch %d (best %.4f)", last_path, state["epoch"], state["best_score"])
+    state = checkpoint.start(out_dir, model, optimizer, config.seed)
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
         epoch = state["epoch"]
         rng = np.random.default_rng((config.seed, epoch))  # the same windows after a resume

@@ -33,7 +33,7 @@ from training.config import TrainConfig
 from training.datasets.affwild2 import read_affwild2
 from training.datasets.alignment import decode_image, with_landmarks
 from training.datasets.images import FLIP_P, jitter_matrix
-from training.labels import MISSING, Sample
+from training.labels import Sample
 from training.temporal import FeatureSequence, TemporalConfig, build_temporal, fit_temporal, load_temporal
 
 logger = logging.getLogger(__name__)
