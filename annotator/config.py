@@ -19,6 +19,10 @@ DecoderName = Literal["auto", "pyav", "dali"]
 BackendName = Literal["auto", "torch", "onnxrt", "tensorrt"]
 
 DEFAULT_DETECTOR = "retinaface-mnv2"
+#: A new face must score this on a full frame (a tracked one keeps down to engines.refind.TRACK_THRESHOLD).
+DEFAULT_DET_THRESHOLD = 0.9
+#: The detector input's long side on a keyframe (see engines.retinaface.detector_side).
+DEFAULT_DET_SIZE = 640
 #: The shipped student (training/default_student.py); expression only, so valence/arousal are null.
 DEFAULT_SCORER = "student-fer-distilled"
 
@@ -73,8 +77,8 @@ class RunConfig:
     backend: BackendName = "auto"
     detector: str = DEFAULT_DETECTOR
     scorer: str = DEFAULT_SCORER
-    det_threshold: float = 0.9
-    det_size: int = 640
+    det_threshold: float = DEFAULT_DET_THRESHOLD
+    det_size: int = DEFAULT_DET_SIZE
     min_face: float = DEFAULT_MIN_FACE
     detect_every: int = DEFAULT_DETECT_EVERY
     scan_every: int = DEFAULT_SCAN_EVERY  # 0: never scan beyond --det-size

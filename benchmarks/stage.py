@@ -45,7 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_SCAN_EVERY, SCAN_SIZE_FACTOR
+from annotator.config import (
+    DEFAULT_DET_SIZE,
+    DEFAULT_DET_THRESHOLD,
+    DEFAULT_DETECT_EVERY,
+    DEFAULT_DETECTOR,
+    DEFAULT_MIN_FACE,
+    DEFAULT_SCAN_EVERY,
+    DEFAULT_SCORER,
+    SCAN_SIZE_FACTOR,
+)
 
 STAGES = ("decode", "detect", "detect_full", "align", "score", "write", "pipeline")
 #: Environment variables that cap the threads of the numeric libraries a child loads.
@@ -67,11 +76,11 @@ class StageOptions:
     backend: str = "onnxrt"
     device: str = "cpu"
     decoder: str = "pyav"
-    detector: str = "retinaface-mnv2"
-    scorer: str = "student-fer-distilled"
-    det_size: int = 640
-    det_threshold: float = 0.9
-    min_face: float = 32.0
+    detector: str = DEFAULT_DETECTOR
+    scorer: str = DEFAULT_SCORER
+    det_size: int = DEFAULT_DET_SIZE
+    det_threshold: float = DEFAULT_DET_THRESHOLD
+    min_face: float = DEFAULT_MIN_FACE
     detect_every: int = DEFAULT_DETECT_EVERY
     scan_every: int = DEFAULT_SCAN_EVERY
     frames: int = 0  # the first N frames of the clip (0: all)

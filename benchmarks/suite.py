@@ -29,7 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_SCAN_EVERY
+from annotator.config import (
+    DEFAULT_DET_SIZE,
+    DEFAULT_DET_THRESHOLD,
+    DEFAULT_DETECT_EVERY,
+    DEFAULT_DETECTOR,
+    DEFAULT_MIN_FACE,
+    DEFAULT_SCAN_EVERY,
+    DEFAULT_SCORER,
+)
 from benchmarks.stage import StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
@@ -70,11 +78,11 @@ class BenchOptions:
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     backends: tuple[str, ...] = ()  # empty: onnxrt, torch, and tensorrt where it can run
     device: str = "auto"
-    detector: str = "retinaface-mnv2"
-    scorer: str = "student-fer-distilled"
-    det_size: int = 640
-    det_threshold: float = 0.9
-    min_face: float = 32.0
+    detector: str = DEFAULT_DETECTOR
+    scorer: str = DEFAULT_SCORER
+    det_size: int = DEFAULT_DET_SIZE
+    det_threshold: float = DEFAULT_DET_THRESHOLD
+    min_face: float = DEFAULT_MIN_FACE
     detect_every: int = DEFAULT_DETECT_EVERY
     scan_every: int = DEFAULT_SCAN_EVERY
     frames: int | None = None  # None: 300, or 48 with quick

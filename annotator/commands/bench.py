@@ -12,7 +12,15 @@ from pathlib import Path
 import click
 
 from annotator.commands.options import cache_dir
-from annotator.config import DEFAULT_DETECT_EVERY, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, DEFAULT_SCAN_EVERY, DEFAULT_SCORER
+from annotator.config import (
+    DEFAULT_DET_SIZE,
+    DEFAULT_DET_THRESHOLD,
+    DEFAULT_DETECT_EVERY,
+    DEFAULT_DETECTOR,
+    DEFAULT_MIN_FACE,
+    DEFAULT_SCAN_EVERY,
+    DEFAULT_SCORER,
+)
 
 EPILOG = """\b
 Examples:
@@ -66,9 +74,9 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
               help="Full-frame detection every K-th frame, tracked faces re-found in between (as annotate run).")
 @click.option("--scan-every", type=click.IntRange(min=0), default=DEFAULT_SCAN_EVERY, show_default=True,
               help="A keyframe every N frames (the first included) scans at up to twice --det-size (as annotate run).")
-@click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True)
+@click.option("--det-size", type=click.IntRange(32, 4096), default=DEFAULT_DET_SIZE, show_default=True)
 @click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True)
-@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_DET_THRESHOLD,
               show_default=True)
 @click.option("--detector", default=DEFAULT_DETECTOR, show_default=True)
 @click.option("--model", "scorer", default=DEFAULT_SCORER, show_default=True, help="Scorer name or model directory.")

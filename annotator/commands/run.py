@@ -9,6 +9,8 @@ import click
 from annotator.cluster import release_ray
 from annotator.commands.options import cache_dir
 from annotator.config import (
+    DEFAULT_DET_SIZE,
+    DEFAULT_DET_THRESHOLD,
     DEFAULT_DETECT_EVERY,
     DEFAULT_DETECTOR,
     DEFAULT_MIN_FACE,
@@ -67,9 +69,9 @@ _PROBLEMS_SHOWN = 10
 @click.option("--model", "scorer", default=DEFAULT_SCORER, show_default=True,
               help="Scorer name, a directory written by 'annotate export', or an ONNX model's SPEC.toml "
                    "(see the README: 'Use a better model').")
-@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_DET_THRESHOLD,
               show_default=True, help="Face score threshold.")
-@click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
+@click.option("--det-size", type=click.IntRange(32, 4096), default=DEFAULT_DET_SIZE, show_default=True,
               help="Cap on the long side of the frame as the keyframe detector sees it (pixels; scans see up "
                    "to twice it); below the cap the size follows --min-face.")
 @click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True,
