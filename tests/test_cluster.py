@@ -477,37 +477,52 @@ def test_a_node_lost_mid_run_then_a_rerun_gives_every_frame_once(
     (want,) = frames_of(ds.dataset(tmp_path / "reference", format="parquet").to_table()).values()
     assert sorted({frame for frame, _ in want}) == list(range(0, CARPHONE_FRAMES, 2))
 
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(tmp_path / "cluster", token_file, head_cpus=1, dashboard=False)
-    try:
-        node = cluster.add_node(cpus=1)
-        out = tmp_path / "out"
-        # Two workers of one CPU each: one on each node, whatever memory the machine has.
-        command = [str(videos), "--out", str(out), "--address", cluster.address, "--every-n", "2", "--workers", "2",
-                   "--no-progress"]
-        env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
-        with open(tmp_path / "first.err", "w+") as err:
-            first = subprocess.Popen([sys.executable, "-m", "annotator", "run", *command], env=env, cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=err)
-            deadline = time.monotonic() + 240
-            # Some videos written, others not, and the node hosting one of the pool's workers.
-            while not (1 <= len(list(out.glob("part-*.parquet"))) < 4 and hosts_a_video_worker(node)):
-                assert first.poll() is None, f"the run ended before a node was lost: {Path(err.name).read_text()}"
-                assert time.monotonic() < deadline, "no video was written in time"
-                time.sleep(0.1)
-            node.kill()
-            code = first.wait(timeout=300)
-            err.seek(0)
-            stderr = err.read()
-        assert code == 0 or code == 1 and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
-        if code == 1:
-            assert stderr.startswith(ERROR_PREFIX) and "re-run" in stderr, stderr
+    # The head going down by itself (not the node this test kills) is this machine, as in Heads:
+    # once more on a new cluster, with the lost head's log in a warning.
+    for attempt in (1, 2):
+        (tmp_path / f"cluster{attempt}").mkdir()
+        cluster = Cluster(tmp_path / f"cluster{attempt}", token_file, head_cpus=1, dashboard=False)
+        try:
+            lose_a_node_then_rerun(cluster, videos, tmp_path / f"out{attempt}", want, tmp_path)
+            return
+        except (AssertionError, NodeDown):
+            if attempt == 2 or cluster.nodes[0].alive():
+                raise
+            warnings.warn(f"the test cluster's head went down during the test; once more on a new cluster:"
+                          f"{cluster.diagnosis()}")
+        finally:
+            cluster.stop()
 
-        again = annotate(*command, env=env, timeout=300)
-        assert again.returncode == 0, again.stderr[-3000:]
-        got = frames_of(ds.dataset(out, format="parquet").to_table())
-        assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(4))
-        for rows in got.values():
-            same_rows(rows, {key: {**row} for key, row in want.items()})
-    finally:
-        cluster.stop()
+
+def lose_a_node_then_rerun(cluster: Cluster, videos: Path, out: Path, want: dict, tmp_path: Path) -> None:
+    """The body of the test above on ``cluster``: a run loses a node, a re-run completes the rows."""
+    node = cluster.add_node(cpus=1)
+    # Two workers of one CPU each: one on each node, whatever memory the machine has.
+    command = [str(videos), "--out", str(out), "--address", cluster.address, "--every-n", "2", "--workers", "2",
+               "--no-progress"]
+    env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
+    with open(out.with_name(out.name + ".first.err"), "w+") as err:
+        first = subprocess.Popen([sys.executable, "-m", "annotator", "run", *command], env=env, cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 240
+        # Some videos written, others not, and the node hosting one of the pool's workers.
+        while not (1 <= len(list(out.glob("part-*.parquet"))) < 4 and hosts_a_video_worker(node)):
+            if first.poll() is not None:
+                first_err = Path(err.name).read_text()
+                raise AssertionError(f"the run ended before a node was lost: {first_err}{cluster.diagnosis()}")
+            assert time.monotonic() < deadline, "no video was written in time" + cluster.diagnosis()
+            time.sleep(0.1)
+        node.kill()
+        code = first.wait(timeout=300)
+        err.seek(0)
+        stderr = err.read()
+    assert code == 0 or code == 1 and len(stderr.strip().splitlines()) == 1, stderr[-3000:] + cluster.diagnosis()
+    if code == 1:
+        assert stderr.startswith(ERROR_PREFIX) and "re-run" in stderr, stderr
+
+    again = annotate(*command, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:] + cluster.diagnosis()
+    got = frames_of(ds.dataset(out, format="parquet").to_table())
+    assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(4))
+    for rows in got.values():
+        same_rows(rows, {key: {**row} for key, row in want.items()})
