@@ -20,6 +20,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -135,11 +136,13 @@ def decode_landmarks(
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy non-maximum suppression.
+    """Greedy non-maximum suppression, OpenCV's (``cv2.dnn.NMSBoxes``).
 
-    A box is dropped when its IoU with a higher-scoring kept box exceeds ``iou_threshold``
-    (the rule of TF's NonMaxSuppressionV3, which the upstream graph uses). IoU does not change
-    under per-axis scaling, so boxes may be normalised or in pixels.
+    A box is dropped when its IoU with a higher-scoring kept box exceeds ``iou_threshold`` (the
+    rule of TF's NonMaxSuppressionV3, which the upstream graph uses); equal scores keep the
+    earlier box first. IoU does not change under per-axis scaling, so boxes may be normalised or
+    in pixels. Boxes need a positive area and scores must be positive (OpenCV's own score filter,
+    at 0, drops the rest): the detector's decoded boxes and thresholded scores always are.
 
     Args:
         boxes: float ``(n, 4)`` ``[x1, y1, x2, y2]``.
@@ -149,20 +152,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     Returns:
         int64 ``(k,)`` indices into ``boxes`` of the kept boxes, highest score first.
     """
-    order = np.argsort(-scores, kind="stable")
-    sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
-    areas = sides[:, 0] * sides[:, 1]
-    keep = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
-        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
-        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-        union = areas[best] + areas[rest] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    keep = cv2.dnn.NMSBoxes(xywh, np.asarray(scores, np.float32), 0.0, float(iou_threshold))
+    return np.asarray(keep, np.int64).reshape(-1)
 
 
 def letterbox(frames: torch.Tensor, det_size: int) -> tuple[torch.Tensor, float]:

@@ -226,6 +226,33 @@ def test_nms_keeps_the_best_of_each_overlapping_group() -> None:
     np.testing.assert_array_equal(nms(boxes, scores, 0.4), [1, 3, 2])
     np.testing.assert_array_equal(nms(boxes, scores, 0.25), [1, 2])
     assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.4).shape == (0,)
+    # Equal scores: the earlier box is kept, the later one suppressed.
+    np.testing.assert_array_equal(nms(boxes[[4, 0]], np.array([0.9, 0.9], np.float32), 0.4), [0])
+
+
+def test_nms_is_the_greedy_rule_on_random_boxes() -> None:
+    """OpenCV's NMS against the greedy rule written out, on 500 random sets of overlapping boxes
+    (integer sizes and rounded scores among them, so ties in area and score occur)."""
+    from engines.boxes import iou_matrix
+
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        n = int(rng.integers(1, 30))
+        corner, size = rng.uniform(0, 100, (n, 2)), rng.uniform(1, 40, (n, 2))
+        if trial % 2:
+            size = np.round(size)
+        boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+        scores = rng.uniform(0.5, 1, n).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores, 1)
+        threshold = float(rng.choice([0.2, 0.4, 0.5]))
+        want, left = [], list(np.argsort(-scores, kind="stable"))
+        while left:
+            best = left.pop(0)
+            want.append(best)
+            overlap = iou_matrix(boxes[[best]], boxes[left])[0] if left else np.zeros(0)
+            left = [j for j, o in zip(left, overlap) if o <= threshold]
+        np.testing.assert_array_equal(nms(boxes, scores, threshold), want, err_msg=f"trial {trial}")
 
 
 def test_letterbox_shrinks_the_long_side_and_pads_to_32() -> None:
