@@ -28,13 +28,16 @@ def list_command(cache_dir: Path | None) -> None:
       annotate models list
       annotate models list --cache-dir /shared/annotator-cache
     """
-    header = f"{'name':<18} {'kind':<9} {'cached':<7} {'size':>8}  {'licence':<30} source"
-    click.echo(header)
+    rows = [("name", "kind", "cached", "size", "source", "licence")]
     for entry in list_models():
         hit = cached(entry, cache_dir)
         size = f"{hit.onnx.stat().st_size / 1e6:.1f} MB" if hit else "-"
-        click.echo(f"{entry.name:<18} {entry.kind:<9} {'yes' if hit else 'no':<7} {size:>8}  "
-                   f"{entry.licence[:30]:<30} {entry.source.describe()}")
+        rows.append((entry.name, entry.kind, "yes" if hit else "no", size, entry.source.describe(), entry.licence))
+    # Columns as wide as their longest cell; the licence last and whole (some name several parts).
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        click.echo("  ".join([*cells, row[-1]]))
 
 
 @models.command("pull")
