@@ -233,8 +233,8 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         collector.note_damage(existing.damaged[key])  # done before, damaged all the same
     for _, key in pending:
         layout.part_path(key, failed=True).unlink(missing_ok=True)  # failed before: retry
-    # Long videos are split when there are fewer videos than workers to keep busy; only PyAV
-    # decodes a segment, and the in-process path has one worker anyway.
+    # Long videos are split into segments (annotator.segmenting.work_items); only PyAV decodes a
+    # segment, and the in-process path has one worker anyway.
     on_ray = bool(pending) and config.workers != 0
     if on_ray:
         config = on_cluster(config)

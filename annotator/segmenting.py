@@ -1,8 +1,8 @@
 """Long videos over several workers: cut them into segments, and stitch the segments back.
 
-When a run has fewer videos than it has workers to keep busy, a long video would otherwise run
-on one worker while the others idle (a 2-hour film on a 16-core machine). Such videos are cut at
-keyframes into segments (``engines.decoders.segments``) that run in parallel. Each finished
+A long video would otherwise run on one worker while the others idle: a 2-hour film on a 16-core
+machine, alone or at the end of a corpus of short clips. Such videos are cut at keyframes into
+segments (``engines.decoders.segments``) that run in parallel. Each finished
 segment is a hidden part; the plan is kept beside them, so a re-run redoes only the segments
 that are missing. When the last segment of a video is in, its parts are stitched into the
 video's one part: rows in frame order, each frame once, and track ids made continuous by
@@ -39,22 +39,20 @@ ITEMS_PER_WORKER = 4
 
 
 def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: int) -> list[WorkItem]:
-    """The items of a run: whole videos, or the missing segments of videos worth splitting.
+    """The items of a run: whole videos, and the missing segments of videos worth splitting.
 
-    A video split by an earlier run keeps its plan. Otherwise videos are split only when there
-    are fewer than two per worker, each into pieces in proportion to its length.
+    A video split by an earlier run keeps its plan. Otherwise a video is cut into about as many
+    pieces as its share of the run's work is worth in items of :data:`ITEMS_PER_WORKER` per
+    worker (:func:`_pieces`): all of them where there are fewer than two videos per worker, and
+    in a larger corpus the few long ones (a film among short clips) that would otherwise run on
+    one worker after the rest are done. Segments are handed out first, so the whole videos fill
+    the workers' last gaps.
     """
     plans = {key: plan for _, key in videos if (plan := load_plan(layout, key)) is not None}
-    pieces: dict[str, int] = {}
     fresh = [(path, key) for path, key in videos if key not in plans]
-    if workers > 1 and 0 < len(videos) < 2 * workers and fresh:
-        frames = {key: _frames(path) for path, key in fresh}
-        total = sum(frames.values()) or 1
-        for _, key in fresh:
-            # A multiple of the workers, so the last round of segments keeps all of them busy.
-            rounds = min(round(frames[key] / total * ITEMS_PER_WORKER), frames[key] // (MIN_SEGMENT_FRAMES * workers))
-            pieces[key] = workers * rounds if rounds >= 1 else max(1, frames[key] // MIN_SEGMENT_FRAMES)
-    items: list[WorkItem] = []
+    pieces = _pieces(fresh, workers, few=len(videos) < 2 * workers) if workers > 1 and fresh else {}
+    segments: list[WorkItem] = []
+    wholes: list[WorkItem] = []
     for path, key in videos:
         plan = plans.get(key)
         if plan is None and pieces.get(key, 1) > 1:
@@ -62,10 +60,44 @@ def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: in
             if len(plan) > 1:
                 save_plan(layout, key, plan)
         if plan is None or len(plan) == 1:
-            items.append(WorkItem(path, key))
+            wholes.append(WorkItem(path, key))
             continue
-        items += [WorkItem(path, key, s) for s in plan if not layout.segment_done(key, s.index)]
-    return items
+        segments += [WorkItem(path, key, s) for s in plan if not layout.segment_done(key, s.index)]
+    return segments + wholes
+
+
+def _pieces(fresh: list[tuple[Path, str]], workers: int, few: bool) -> dict[str, int]:
+    """How many segments each video not yet planned is cut into (absent: one).
+
+    A video's share of the run is its frames over all videos' frames where there are ``few``
+    videos (each header is read). In a larger corpus it is estimated from file sizes, a stat
+    each, so a run over thousands of files does not open them all on the driver; only a video
+    whose share is worth two items or more is opened, to count its frames.
+    """
+    if few:
+        frames = {key: _frames(path) for path, key in fresh}
+        total = sum(frames.values()) or 1
+        pieces = {}
+        for _, key in fresh:
+            # A multiple of the workers, so the last round of segments keeps all of them busy.
+            rounds = min(round(frames[key] / total * ITEMS_PER_WORKER), frames[key] // (MIN_SEGMENT_FRAMES * workers))
+            pieces[key] = workers * rounds if rounds >= 1 else max(1, frames[key] // MIN_SEGMENT_FRAMES)
+        return pieces
+    sizes = {key: _size(path) for path, key in fresh}
+    total = sum(sizes.values()) or 1
+    pieces = {}
+    for path, key in fresh:
+        worth = round(sizes[key] / total * workers * ITEMS_PER_WORKER)
+        if worth >= 2:
+            pieces[key] = max(1, min(worth, _frames(path) // MIN_SEGMENT_FRAMES))
+    return pieces
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone meanwhile: the worker reports it as the video's error row
+        return 0
 
 
 def _frames(path: Path) -> int:

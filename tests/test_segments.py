@@ -16,7 +16,7 @@ from annotator.pipeline import VideoPipeline
 from annotator.run import run, run_metadata
 from annotator.schema import frame_rows
 from annotator.segmenting import _continuous_ids, load_plan, work_items
-from annotator.worker import annotate_tagged
+from annotator.worker import WorkItem, annotate_tagged
 from annotator.writer import OutputLayout, part_key, schema_with_metadata
 from engines.decoders import Sampling
 from engines.decoders.pyav import decode
@@ -102,6 +102,28 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
     for c in ("x1", "y2"):
         assert np.median(np.abs(reference.column(c).to_numpy(zero_copy_only=False)
                                 - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
+
+
+def test_a_film_among_short_clips_is_cut_and_handed_out_first(carphone, long_clip, tmp_path):
+    """Five videos on two workers are more than two a worker, so short clips stay whole; the one
+    long video would still hold a worker alone after the rest were done, so it is cut at its
+    keyframes, and its segments come first. Before, only runs with fewer than two videos per
+    worker were split at all."""
+    frames = carphone_frames(carphone)
+    clips = [write_clip(tmp_path / f"short{i}.mp4", frames, 60, keyint=60) for i in range(4)]
+    videos = [(path, part_key(path)) for path in [*clips, long_clip]]
+    layout = OutputLayout(tmp_path / "out")
+    with OutputClaim(tmp_path / "out"):
+        items = work_items(layout, videos, workers=2)
+        segments = [item for item in items if item.segment is not None]
+        assert [item.path for item in segments] == [long_clip] * len(segments) and len(segments) >= 2
+        assert items[len(segments):] == [WorkItem(path, key) for path, key in videos[:4]]  # then the short ones, whole
+        assert all(item.segment.first_frame % 60 == 0 for item in segments)  # at keyframes
+        # Its plan is kept: a re-run hands out the same segments, not a new cut.
+        assert work_items(layout, videos, workers=2) == items
+    # Equal clips, many a worker: none is worth cutting.
+    equal = [(path, part_key(path)) for path in clips]
+    assert work_items(OutputLayout(tmp_path / "out2"), equal, workers=2) == [WorkItem(p, k) for p, k in equal]
 
 
 def test_stitching_imports_no_torch():
