@@ -64,18 +64,26 @@ class PartCollector:
         self._last_frame: dict[str, int] = {}
         self._counted: dict[str, tuple[int, int]] = {}  # frames, faces of each open part
         self._failed: set[str] = set()  # videos with a failed segment: counted once
+        self._credited: dict[str, float] = {}  # how much of each video the progress has counted
+        self._segments: dict[str, int] = {}  # segments in each split video's plan
 
     def _path(self, tag: str) -> Path:
         key, _, index = tag.partition("#")
         return self.layout.segment_path(key, int(index)) if index else self.layout.part_path(key)
 
-    def add(self, table: pa.Table) -> int:
-        """Consume one streamed table; returns how many videos it finished (done or failed)."""
-        finished = 0
+    def add(self, table: pa.Table) -> float:
+        """Consume one streamed table; returns how many videos' worth of work it finished.
+
+        A whole video done or failed counts 1; a split video's segment counts its share of the
+        video (1 / segments in its plan), so a run of one long video still moves its progress
+        bar; the video's stitching or failure counts what is left of its 1.
+        """
+        finished = 0.0
         for tag, status, rows, video in split_runs(table):
             key = tag.partition("#")[0]
             if status == "failed":
-                finished += self.add_failure(key, rows, tag)
+                self.add_failure(key, rows, tag)
+                finished += self._credit(key, 1.0)
                 continue
             first = rows.column("frame_index")[0].as_py()  # null on a damaged video's closing row
             if tag in self._writers and first is not None and first <= self._last_frame[tag]:
@@ -94,11 +102,26 @@ class PartCollector:
                 del self._writers[tag], self._counted[tag]
                 if tag == key:
                     self.note_damage(json.loads(video) if video else {})
-                    finished += 1
+                    finished += self._credit(key, 1.0)
                 elif key not in self._failed and segmenting.complete(self.layout, key):
                     self.note_damage(segmenting.stitch(self.layout, key, self.schema))
-                    finished += 1
+                    finished += self._credit(key, 1.0)
+                elif key not in self._failed:
+                    finished += self._credit(key, round(1.0 / self._plan_size(key), 2))  # a short count
         return finished
+
+    def _credit(self, key: str, share: float) -> float:
+        """Count ``share`` more of a video's progress, never more than its 1 in all."""
+        done = self._credited.get(key, 0.0)
+        share = min(share, 1.0 - done)
+        self._credited[key] = done + share
+        return share
+
+    def _plan_size(self, key: str) -> int:
+        if key not in self._segments:
+            plan = segmenting.load_plan(self.layout, key)
+            self._segments[key] = len(plan) if plan else 1
+        return self._segments[key]
 
     def add_failure(self, key: str, error_row: pa.Table, tag: str | None = None) -> int:
         """Record a video that could not be annotated (or a segment of it): its one error row, as

@@ -240,8 +240,11 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         config = on_cluster(config)
     split = on_ray and config.resolved_decoder() == "pyav"
     items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
+    # Videos done, with a split video's finished segments as fractions of it: one long video
+    # moves the bar (and its time left) as its segments come in.
     bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
-               desc="annotate", dynamic_ncols=True)
+               desc="annotate", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.6g}/{total_fmt} videos [{elapsed}<{remaining}{postfix}]")
     writing = functools.partial(_writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     try:
         with writing():

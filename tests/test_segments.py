@@ -104,6 +104,21 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
                                 - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
 
 
+def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
+    """A run of one long video must not sit at 0 of 1 videos until its end: each finished segment
+    counts its share, and the stitching brings the video to exactly 1."""
+    out = tmp_path / "results"
+    layout, key = OutputLayout(out), part_key(long_clip)
+    config = RunConfig(inputs=(long_clip,), out=out, workers=0, sampling=Sampling(every_n=6))
+    with OutputClaim(out):
+        items = work_items(layout, [(long_clip, key)], workers=2)
+        collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
+        pipeline = VideoPipeline(config)
+        shares = [sum(collector.add(table) for table in annotate_tagged(pipeline, item)) for item in items]
+        collector.close()
+    assert shares == [0.5, 0.5] and layout.part_path(key).exists() and not layout.segment_done(key, 0)
+
+
 def test_a_film_among_short_clips_is_cut_and_handed_out_first(carphone, long_clip, tmp_path):
     """Five videos on two workers are more than two a worker, so short clips stay whole; the one
     long video would still hold a worker alone after the rest were done, so it is cut at its
