@@ -45,16 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from annotator.config import (
-    DEFAULT_DET_SIZE,
-    DEFAULT_DET_THRESHOLD,
-    DEFAULT_DETECT_EVERY,
-    DEFAULT_DETECTOR,
-    DEFAULT_MIN_FACE,
-    DEFAULT_SCAN_EVERY,
-    DEFAULT_SCORER,
-    SCAN_SIZE_FACTOR,
-)
+from annotator import config as run_defaults  # the run's defaults, so a bench measures what a run does
 
 STAGES = ("decode", "detect", "detect_full", "align", "score", "write", "pipeline")
 #: Environment variables that cap the threads of the numeric libraries a child loads.
@@ -76,13 +67,13 @@ class StageOptions:
     backend: str = "onnxrt"
     device: str = "cpu"
     decoder: str = "pyav"
-    detector: str = DEFAULT_DETECTOR
-    scorer: str = DEFAULT_SCORER
-    det_size: int = DEFAULT_DET_SIZE
-    det_threshold: float = DEFAULT_DET_THRESHOLD
-    min_face: float = DEFAULT_MIN_FACE
-    detect_every: int = DEFAULT_DETECT_EVERY
-    scan_every: int = DEFAULT_SCAN_EVERY
+    detector: str = run_defaults.DEFAULT_DETECTOR
+    scorer: str = run_defaults.DEFAULT_SCORER
+    det_size: int = run_defaults.DEFAULT_DET_SIZE
+    det_threshold: float = run_defaults.DEFAULT_DET_THRESHOLD
+    min_face: float = run_defaults.DEFAULT_MIN_FACE
+    detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
+    scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
     frames: int = 0  # the first N frames of the clip (0: all)
     full_frames: int = 0  # detect_full: the first N of those (0: all of them)
     threads: int = 1
@@ -320,7 +311,7 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
     batches = list(_take(iter(_load_frames(opts)), frames))
     tracker = FaceTracker(_detector(opts), detect_every=detect_every, scan_every=opts.scan_every)
     side, min_face = _detector_side(opts, batches[0]), _min_face(opts, batches[0])
-    scan = _detector_side(opts, batches[0], SCAN_SIZE_FACTOR)
+    scan = _detector_side(opts, batches[0], run_defaults.SCAN_SIZE_FACTOR)
     tracker.start(side, min_face, scan_size=scan)
     tracker(batches[0].frames[:2])  # warm-up: a scan and a crop re-detection
     tracker.detector.detect(batches[0].frames[:1], min_face=min_face, det_size=side)  # and a keyframe

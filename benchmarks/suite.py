@@ -29,15 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from annotator.config import (
-    DEFAULT_DET_SIZE,
-    DEFAULT_DET_THRESHOLD,
-    DEFAULT_DETECT_EVERY,
-    DEFAULT_DETECTOR,
-    DEFAULT_MIN_FACE,
-    DEFAULT_SCAN_EVERY,
-    DEFAULT_SCORER,
-)
+from annotator import config as run_defaults  # the run's defaults, so a bench measures what a run does
 from benchmarks.stage import StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
@@ -78,13 +70,13 @@ class BenchOptions:
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     backends: tuple[str, ...] = ()  # empty: onnxrt, torch, and tensorrt where it can run
     device: str = "auto"
-    detector: str = DEFAULT_DETECTOR
-    scorer: str = DEFAULT_SCORER
-    det_size: int = DEFAULT_DET_SIZE
-    det_threshold: float = DEFAULT_DET_THRESHOLD
-    min_face: float = DEFAULT_MIN_FACE
-    detect_every: int = DEFAULT_DETECT_EVERY
-    scan_every: int = DEFAULT_SCAN_EVERY
+    detector: str = run_defaults.DEFAULT_DETECTOR
+    scorer: str = run_defaults.DEFAULT_SCORER
+    det_size: int = run_defaults.DEFAULT_DET_SIZE
+    det_threshold: float = run_defaults.DEFAULT_DET_THRESHOLD
+    min_face: float = run_defaults.DEFAULT_MIN_FACE
+    detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
+    scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
     full_frames: int | None = None  # None: 300 (every frame measured), or 16 with quick
     threads: int = 1

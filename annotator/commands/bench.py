@@ -12,15 +12,7 @@ from pathlib import Path
 import click
 
 from annotator.commands.options import cache_dir
-from annotator.config import (
-    DEFAULT_DET_SIZE,
-    DEFAULT_DET_THRESHOLD,
-    DEFAULT_DETECT_EVERY,
-    DEFAULT_DETECTOR,
-    DEFAULT_MIN_FACE,
-    DEFAULT_SCAN_EVERY,
-    DEFAULT_SCORER,
-)
+from annotator import config as run_defaults  # the run's defaults, so a bench measures what a run does
 
 EPILOG = """\b
 Examples:
@@ -70,16 +62,18 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxrt", "torch", "tensorrt"]),
               help="Inference backend (repeatable).  [default: onnxrt and torch, and tensorrt where it can run]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--detect-every", type=click.IntRange(min=1), default=DEFAULT_DETECT_EVERY, show_default=True,
+@click.option("--detect-every", type=click.IntRange(min=1), default=run_defaults.DEFAULT_DETECT_EVERY,
+              show_default=True,
               help="Full-frame detection every K-th frame, tracked faces re-found in between (as annotate run).")
-@click.option("--scan-every", type=click.IntRange(min=0), default=DEFAULT_SCAN_EVERY, show_default=True,
+@click.option("--scan-every", type=click.IntRange(min=0), default=run_defaults.DEFAULT_SCAN_EVERY, show_default=True,
               help="A keyframe every N frames (the first included) scans at up to twice --det-size (as annotate run).")
-@click.option("--det-size", type=click.IntRange(32, 4096), default=DEFAULT_DET_SIZE, show_default=True)
-@click.option("--min-face", type=click.FloatRange(min=0), default=DEFAULT_MIN_FACE, show_default=True)
-@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_DET_THRESHOLD,
-              show_default=True)
-@click.option("--detector", default=DEFAULT_DETECTOR, show_default=True)
-@click.option("--model", "scorer", default=DEFAULT_SCORER, show_default=True, help="Scorer name or model directory.")
+@click.option("--det-size", type=click.IntRange(32, 4096), default=run_defaults.DEFAULT_DET_SIZE, show_default=True)
+@click.option("--min-face", type=click.FloatRange(min=0), default=run_defaults.DEFAULT_MIN_FACE, show_default=True)
+@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=run_defaults.DEFAULT_DET_THRESHOLD, show_default=True)
+@click.option("--detector", default=run_defaults.DEFAULT_DETECTOR, show_default=True)
+@click.option("--model", "scorer", default=run_defaults.DEFAULT_SCORER, show_default=True,
+              help="Scorer name or model directory.")
 @click.option("--frames", type=click.IntRange(min=1), default=None,
               help="Frames of each clip to measure.  [default: 300; 48 with --quick]")
 @click.option("--full-frames", type=click.IntRange(min=1), default=None,
