@@ -57,8 +57,22 @@ class StageError(RuntimeError):
     """A stage process failed; the message ends with the tail of its stderr."""
 
 
-@dataclass(frozen=True)
-class StageOptions:
+@dataclass(kw_only=True)
+class DetectionSettings:
+    """How faces are found and scored, as ``annotate run`` does by default: a bench measures what a
+    run does. Shared by ``annotate bench``'s options and each stage process's."""
+
+    detector: str = run_defaults.DEFAULT_DETECTOR
+    scorer: str = run_defaults.DEFAULT_SCORER
+    det_size: int = run_defaults.DEFAULT_DET_SIZE
+    det_threshold: float = run_defaults.DEFAULT_DET_THRESHOLD
+    min_face: float = run_defaults.DEFAULT_MIN_FACE
+    detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
+    scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
+
+
+@dataclass(kw_only=True)
+class StageOptions(DetectionSettings):
     """What one stage process is told; every field becomes a ``--option`` of the child."""
 
     video: Path
@@ -67,13 +81,6 @@ class StageOptions:
     backend: str = "onnxrt"
     device: str = "cpu"
     decoder: str = "pyav"
-    detector: str = run_defaults.DEFAULT_DETECTOR
-    scorer: str = run_defaults.DEFAULT_SCORER
-    det_size: int = run_defaults.DEFAULT_DET_SIZE
-    det_threshold: float = run_defaults.DEFAULT_DET_THRESHOLD
-    min_face: float = run_defaults.DEFAULT_MIN_FACE
-    detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
-    scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
     frames: int = 0  # the first N frames of the clip (0: all)
     full_frames: int = 0  # detect_full: the first N of those (0: all of them)
     threads: int = 1

@@ -25,12 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from annotator import config as run_defaults  # the run's defaults, so a bench measures what a run does
-from benchmarks.stage import StageOptions, run_stage
+from benchmarks.stage import DetectionSettings, StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
 #: pipeline's ``rows`` plus the driver's Parquet write).
@@ -62,21 +61,14 @@ class BenchError(RuntimeError):
     """The benchmark cannot run as asked (one line)."""
 
 
-@dataclass
-class BenchOptions:
+@dataclass(kw_only=True)
+class BenchOptions(DetectionSettings):
     """Everything ``annotate bench`` was asked; stored in the JSON as ``options``."""
 
     videos: tuple[Path, ...] = ()  # empty: the default clips, made in ``workdir``
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     backends: tuple[str, ...] = ()  # empty: onnxrt, torch, and tensorrt where it can run
     device: str = "auto"
-    detector: str = run_defaults.DEFAULT_DETECTOR
-    scorer: str = run_defaults.DEFAULT_SCORER
-    det_size: int = run_defaults.DEFAULT_DET_SIZE
-    det_threshold: float = run_defaults.DEFAULT_DET_THRESHOLD
-    min_face: float = run_defaults.DEFAULT_MIN_FACE
-    detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
-    scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
     frames: int | None = None  # None: 300, or 48 with quick
     full_frames: int | None = None  # None: 300 (every frame measured), or 16 with quick
     threads: int = 1
@@ -319,12 +311,10 @@ def bench_clip(clip: Path, options: BenchOptions, device: str, backends: Sequenc
     another, and each stage reports its median round.
     """
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
-        common = dict(video=clip, work=Path(work), device=device, decoder=decoders[0], detector=options.detector,
-                      scorer=options.scorer, det_size=options.det_size, det_threshold=options.det_threshold,
-                      min_face=options.min_face, detect_every=options.detect_every, scan_every=options.scan_every,
-                      frames=options.frames,
-                      full_frames=options.full_frames, threads=options.threads, inputs_backend=backends[0],
-                      repeats=options.repeats)
+        detection = {f.name: getattr(options, f.name) for f in fields(DetectionSettings)}
+        common = dict(video=clip, work=Path(work), device=device, decoder=decoders[0], **detection,
+                      frames=options.frames, full_frames=options.full_frames, threads=options.threads,
+                      inputs_backend=backends[0], repeats=options.repeats)
 
         def stage(name: str, **changes: Any) -> dict[str, Any]:
             result = run_stage(name, StageOptions(**{**common, **changes}))
