@@ -10,22 +10,34 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotator.worker import INTERNAL_COLUMNS, PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN
+from annotator.worker import INTERNAL_COLUMNS, PART_COLUMN, PROGRESS_COLUMN, STATUS_COLUMN, VIDEO_COLUMN
 from annotator import segmenting
 from annotator.writer import OutputLayout, PartWriter, write_part
 
 log = logging.getLogger(__name__)
 
 
-def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table, str | None]]:
-    """Split a streamed table into runs of one (part, status): (key, status, output rows, video facts).
+class Run(NamedTuple):
+    """Consecutive rows of one streamed table with one (part, status)."""
+
+    tag: str  # the work item's part tag: a video's key, ``key#i`` for segment i
+    status: str  # rows, done or failed
+    rows: pa.Table  # output columns only
+    video: str | None  # the video's facts (JSON) on ``done``
+    progress: float  # how much of the work item is done with these rows, 0-1
+
+
+def split_runs(table: pa.Table) -> Iterator[Run]:
+    """Split a streamed table into runs of one (part, status).
 
     A worker tags each table it yields with one (part, status); the split keeps the collector
     right for a stream that joins tables (a video's last ``rows`` and its ``done`` rows, or
@@ -35,10 +47,11 @@ def split_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table, str | None
     statuses = table.column(STATUS_COLUMN).to_numpy(zero_copy_only=False)
     change = np.flatnonzero((keys[1:] != keys[:-1]) | (statuses[1:] != statuses[:-1])) + 1
     bounds = [0, *change.tolist(), table.num_rows]
-    videos = table.column(VIDEO_COLUMN)
+    videos, progress = table.column(VIDEO_COLUMN), table.column(PROGRESS_COLUMN)
     rows = table.drop_columns(list(INTERNAL_COLUMNS))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        yield str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo), videos[hi - 1].as_py()
+        yield Run(str(keys[lo]), str(statuses[lo]), rows.slice(lo, hi - lo), videos[hi - 1].as_py(),
+                  float(progress[hi - 1].as_py()))
 
 
 def frames_and_faces(rows: pa.Table) -> tuple[int, int]:
@@ -65,6 +78,7 @@ class PartCollector:
         self._counted: dict[str, tuple[int, int]] = {}  # frames, faces of each open part
         self._failed: set[str] = set()  # videos with a failed segment: counted once
         self._credited: dict[str, float] = {}  # how much of each video the progress has counted
+        self._item_credited: dict[str, float] = {}  # the same for each work item (a video or a segment)
         self._segments: dict[str, int] = {}  # segments in each split video's plan
 
     def _path(self, tag: str) -> Path:
@@ -74,12 +88,13 @@ class PartCollector:
     def add(self, table: pa.Table) -> float:
         """Consume one streamed table; returns how many videos' worth of work it finished.
 
-        A whole video done or failed counts 1; a split video's segment counts its share of the
-        video (1 / segments in its plan), so a run of one long video still moves its progress
-        bar; the video's stitching or failure counts what is left of its 1.
+        Progress counts in videos, in hundredths: a work item's rows count the part of it they
+        finish (a whole video's share is 1, a segment's 1 / segments in its plan), so a long video
+        moves the progress bar (and its time left) batch by batch; a whole video done or failed
+        counts what is left of its 1, and so does a split video's stitching or failure.
         """
         finished = 0.0
-        for tag, status, rows, video in split_runs(table):
+        for tag, status, rows, video, progress in split_runs(table):
             key = tag.partition("#")[0]
             if status == "failed":
                 self.add_failure(key, rows, tag)
@@ -97,6 +112,8 @@ class PartCollector:
             frames, faces = frames_and_faces(rows)
             self.frames, self.faces = self.frames + frames, self.faces + faces
             self._counted[tag] = (self._counted[tag][0] + frames, self._counted[tag][1] + faces)
+            if status == "rows" or tag != key:
+                finished += self._advance(key, tag, progress)
             if status == "done":
                 self._writers[tag].commit(video)
                 del self._writers[tag], self._counted[tag]
@@ -106,9 +123,19 @@ class PartCollector:
                 elif key not in self._failed and segmenting.complete(self.layout, key):
                     self.note_damage(segmenting.stitch(self.layout, key, self.schema))
                     finished += self._credit(key, 1.0)
-                elif key not in self._failed:
-                    finished += self._credit(key, round(1.0 / self._plan_size(key), 2))  # a short count
         return finished
+
+    def _advance(self, key: str, tag: str, progress: float) -> float:
+        """Count work item ``tag`` as ``progress`` done (never backwards: a video Ray restarts
+        keeps its count), in hundredths of a video rounded down, so a video's segments never
+        add up to more than its stitching would."""
+        share = 1.0 if tag == key else 1.0 / self._plan_size(key)
+        target = math.floor(progress * share * 100 + 1e-6) / 100
+        gain = target - self._item_credited.get(tag, 0.0)
+        if key in self._failed or gain <= 0:
+            return 0.0
+        self._item_credited[tag] = target
+        return self._credit(key, gain)
 
     def _credit(self, key: str, share: float) -> float:
         """Count ``share`` more of a video's progress, never more than its 1 in all."""

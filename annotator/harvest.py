@@ -278,7 +278,7 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
 def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary: HarvestSummary, bar: tqdm) -> None:
     """One streamed table (Ray may join several a worker yielded): rows to their shards, finished
     videos committed, failures noted."""
-    for key, status, rows, _ in split_runs(table):
+    for key, status, rows, _, _ in split_runs(table):
         errors = rows.column("error").drop_null() if "error" in rows.column_names else pa.array([], pa.string())
         if len(errors):  # annotate's error row: a failed or damaged video
             if status == "failed":

@@ -1,11 +1,12 @@
 """The unit of work: one video (or one segment of a long video) → a stream of tagged Arrow
 tables, failures included.
 
-Each table carries the output columns plus three internal ones the driver strips: ``_part``
+Each table carries the output columns plus four internal ones the driver strips: ``_part``
 (the :attr:`WorkItem.tag`: which part file the rows belong to), ``_status`` (``rows``; ``done`` on the video's last
-table; ``failed`` on the single error row of a video that could not be annotated) and
-``_video`` (on ``done`` rows: the video's facts as JSON, for the part's file metadata). The last
-table is held back one step so it can be tagged ``done`` without an extra empty message.
+table; ``failed`` on the single error row of a video that could not be annotated), ``_video``
+(on ``done`` rows: the video's facts as JSON, for the part's file metadata) and ``_progress``
+(how much of the work item is done with this table, 0-1, for the driver's progress bar). The
+last table is held back one step so it can be tagged ``done`` without an extra empty message.
 
 A damaged video that partly decodes keeps its rows and ends with one extra row whose ``error``
 says what was lost (see :meth:`engines.decoders.DecodeReport.describe`).
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
 from annotator.config import RunConfig
@@ -36,15 +38,33 @@ log = logging.getLogger(__name__)
 PART_COLUMN = "_part"
 STATUS_COLUMN = "_status"
 VIDEO_COLUMN = "_video"
-INTERNAL_COLUMNS = (PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN)
+PROGRESS_COLUMN = "_progress"
+INTERNAL_COLUMNS = (PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN, PROGRESS_COLUMN)
+#: A table of rows never claims more of its item than this: what is left counts when it is done.
+ROWS_PROGRESS_CAP = 0.99
 
 
-def tag_table(batch: pa.RecordBatch, part: str, status: str, video: str | None = None) -> pa.Table:
+def tag_table(batch: pa.RecordBatch, part: str, status: str, video: str | None = None,
+              progress: float | None = None) -> pa.Table:
+    """``batch`` with the internal columns; ``progress`` defaults to 1 for ``done`` and ``failed``, else 0."""
     n = batch.num_rows
+    if progress is None:
+        progress = 0.0 if status == "rows" else 1.0
     table = pa.Table.from_batches([batch])
     table = table.append_column(PART_COLUMN, constant_column(part, n))
     table = table.append_column(STATUS_COLUMN, constant_column(status, n))
-    return table.append_column(VIDEO_COLUMN, constant_column(video, n))
+    table = table.append_column(VIDEO_COLUMN, constant_column(video, n))
+    return table.append_column(PROGRESS_COLUMN, pa.array(np.full(n, progress, np.float32)))
+
+
+def rows_progress(rows: pa.RecordBatch, first_frame: int, frames_expected: int) -> float:
+    """How much of a work item is done once its ``rows`` are: the frames up to the batch's last
+    over the frames its header promised (0 when it promised none), below
+    :data:`ROWS_PROGRESS_CAP` (a header can be wrong; the item's end counts the rest)."""
+    last = rows.column("frame_index")[rows.num_rows - 1].as_py() if rows.num_rows else None
+    if not frames_expected or last is None:
+        return 0.0
+    return min(max((last + 1 - first_frame) / frames_expected, 0.0), ROWS_PROGRESS_CAP)
 
 
 @dataclass(frozen=True)
@@ -71,12 +91,13 @@ def video_facts(path: Path, report: DecodeReport) -> dict[str, object]:
 def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Table]:
     """Tagged tables of one work item; never raises for a bad video, it reports it as a row."""
     path, part = item.path, item.tag
+    first_frame = item.segment.first_frame if item.segment is not None else 0
     pending: pa.RecordBatch | None = None
     report = DecodeReport()
     try:
         for batch in pipeline.annotate(path, report, item.segment):
             if pending is not None:
-                yield tag_table(pending, part, "rows")
+                yield tag_table(pending, part, "rows", progress=rows_progress(pending, first_frame, report.frames_expected))
             pending = batch
         if pending is None:
             raise DecodeError(f"{path}: no frames decoded")
@@ -91,7 +112,7 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Tabl
         return
     if report.damaged:
         log.info("%s: %s", path, report.describe())
-        yield tag_table(pending, part, "rows")
+        yield tag_table(pending, part, "rows", progress=rows_progress(pending, first_frame, report.frames_expected))
         pending = error_row(str(path), f"{path}: {report.describe()}", video_id=pending.column("video_id")[0].as_py())
     facts = video_facts(path, report)
     if item.segment is not None:  # the driver looks for a cut between this segment and the last

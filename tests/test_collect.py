@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from annotator.collect import PartCollector, split_runs
@@ -52,5 +53,19 @@ def test_split_runs_separates_concatenated_blocks():
     import pyarrow as pa
 
     block = pa.concat_tables([tag_table(_rows(0, 2), "a", "rows"), tag_table(_rows(2, 1), "a", "done"), tag_table(_rows(0, 1), "b", "rows")])
-    runs = [(key, status, rows.num_rows) for key, status, rows, _ in split_runs(block)]
-    assert runs == [("a", "rows", 2), ("a", "done", 1), ("b", "rows", 1)]
+    runs = [(run.tag, run.status, run.rows.num_rows, run.progress) for run in split_runs(block)]
+    assert runs == [("a", "rows", 2, 0.0), ("a", "done", 1, 1.0), ("b", "rows", 1, 0.0)]
+
+
+def test_rows_move_the_progress_by_the_part_of_the_video_they_finish(tmp_path):
+    """A long video must not sit at 0 of 1 until its end: each table of rows counts the part of
+    the video it finishes (in hundredths, rounded down), a video Ray restarts does not count
+    twice, and the video's end counts exactly what is left of its 1."""
+    collector = _collector(tmp_path)
+    assert collector.add(tag_table(_rows(0, 2), "k", "rows", progress=0.255)) == pytest.approx(0.25)
+    assert collector.add(tag_table(_rows(2, 2), "k", "rows", progress=0.5)) == pytest.approx(0.25)
+    assert collector.add(tag_table(_rows(0, 2), "k", "rows", progress=0.25)) == 0  # restarted by Ray
+    assert collector.add(tag_table(_rows(2, 2), "k", "rows", progress=0.5)) == 0
+    assert collector.add(tag_table(_rows(4, 2), "k", "done")) == pytest.approx(0.5)
+    assert collector.add(tag_table(_rows(0, 1), "bad", "rows", progress=0.4)) == pytest.approx(0.4)
+    assert collector.add(tag_table(error_row("/v.mp4", "/v.mp4: decode failed"), "bad", "failed")) == pytest.approx(0.6)

@@ -3,6 +3,8 @@ stitched back with continuous track ids, resumed segment by segment."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,9 +18,9 @@ from annotator.pipeline import VideoPipeline
 from annotator.run import run, run_metadata
 from annotator.schema import frame_rows
 from annotator.segmenting import _continuous_ids, load_plan, work_items
-from annotator.worker import WorkItem, annotate_tagged
+from annotator.worker import PROGRESS_COLUMN, STATUS_COLUMN, WorkItem, annotate_tagged
 from annotator.writer import OutputLayout, part_key, schema_with_metadata
-from engines.decoders import Sampling
+from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
 from engines.decoders.segments import plan_segments
 from faults import carphone_frames, write_clip
@@ -41,6 +43,7 @@ def test_segments_decode_exactly_the_frames_of_the_whole_video(long_clip, sampli
     assert len(plan) == 4 and firsts[0] == 0 and firsts == sorted(set(firsts))
     assert all(f % 60 == 0 for f in firsts) and all(abs(f - 150 * i) <= 30 for i, f in enumerate(firsts))  # keyframes
     assert plan[-1].end_pts is None and all(a.end_pts == b.start_pts for a, b in zip(plan, plan[1:]))
+    assert [s.end_frame for s in plan] == [*firsts[1:], 600]
     whole = _frames_of(decode(long_clip, sampling, 8))
     pieces = [_frames_of(decode(long_clip, sampling, 8, segment=s)) for s in plan]
     assert all(pieces) and sum(pieces, []) == whole
@@ -105,8 +108,8 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
 
 
 def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
-    """A run of one long video must not sit at 0 of 1 videos until its end: each finished segment
-    counts its share, and the stitching brings the video to exactly 1."""
+    """A run of one long video must not sit at 0 of 1 videos until its end: each segment counts
+    its share batch by batch, and the stitching brings the video to exactly 1."""
     out = tmp_path / "results"
     layout, key = OutputLayout(out), part_key(long_clip)
     config = RunConfig(inputs=(long_clip,), out=out, workers=0, sampling=Sampling(every_n=6))
@@ -114,9 +117,40 @@ def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
         items = work_items(layout, [(long_clip, key)], workers=2)
         collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
         pipeline = VideoPipeline(config)
-        shares = [sum(collector.add(table) for table in annotate_tagged(pipeline, item)) for item in items]
+        credits = [[collector.add(table) for table in annotate_tagged(pipeline, item)] for item in items]
         collector.close()
-    assert shares == [0.5, 0.5] and layout.part_path(key).exists() and not layout.segment_done(key, 0)
+    assert [sum(c) for c in credits] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert all(len(c) == 7 and all(x > 0 for x in c[:-1]) for c in credits)  # 50 frames each: 7 batches
+    assert layout.part_path(key).exists() and not layout.segment_done(key, 0)
+
+
+def test_decoders_know_how_many_frames_each_piece_holds(long_clip):
+    """The progress bar's denominator: the whole video's frames from its header, a segment's from
+    its plan; a middle segment of a plan stored before plans kept their end frame says nothing."""
+    plan = plan_segments(long_clip, 2)
+    for piece in [None, *plan]:
+        report = DecodeReport()
+        decoded = sum(len(batch) for batch in decode(long_clip, Sampling(every_n=5), 64, report=report, segment=piece))
+        assert report.frames_expected == report.frames_decoded == decoded * 5
+    older = [dataclasses.replace(piece, end_frame=None) for piece in plan]
+    expected = []
+    for piece in older:
+        report = DecodeReport()
+        for _ in decode(long_clip, Sampling(every_n=5), 64, report=report, segment=piece):
+            pass
+        expected.append(report.frames_expected)
+    assert expected == [0, 600 - plan[1].first_frame]
+
+
+def test_a_whole_video_moves_the_progress_batch_by_batch(long_clip, tmp_path):
+    """Each table of rows says how much of its video is done (frames so far over the header's
+    count, below 1); the last says 1."""
+    config = RunConfig(inputs=(long_clip,), out=tmp_path / "out", workers=0, sampling=Sampling(every_n=12))
+    tables = list(annotate_tagged(VideoPipeline(config), WorkItem(long_clip, part_key(long_clip))))
+    progress = [t.column(PROGRESS_COLUMN)[0].as_py() for t in tables]
+    assert [t.column(STATUS_COLUMN)[0].as_py() for t in tables] == ["rows"] * 6 + ["done"]  # 50 frames
+    # Batch k ends with the (8k)-th kept frame, frame 12 (8k - 1): 96k - 11 of 600 frames are behind it.
+    assert progress[:-1] == pytest.approx([(96 * k - 11) / 600 for k in range(1, 7)], rel=1e-5) and progress[-1] == 1
 
 
 def test_a_film_among_short_clips_is_cut_and_handed_out_first(carphone, long_clip, tmp_path):

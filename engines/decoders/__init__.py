@@ -86,6 +86,7 @@ class DecodeReport:
     bad_packets: int = 0
     first_bad_s: float | None = None  # presentation time of the first lost frame
     stopped_early: str | None = None  # why the container stopped before its end, if it did
+    frames_expected: int = 0  # frames the header says the decoded piece holds (0: it does not say); for progress
 
     @property
     def damaged(self) -> bool:

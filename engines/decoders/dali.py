@@ -190,6 +190,7 @@ class DaliVideoDecoder:
         times = packet_times(path)
         if not len(times):
             raise DecodeError(f"{path}: no frames decoded")
+        report.frames_expected = len(times)
         pipe = self._pipeline()
         log.debug("%s: DALI %s pipeline, file %d, %d frames", path, self.device, self.files_fed + 1, len(times))
         try:

@@ -21,8 +21,7 @@ class StreamInfo:
     """The first video stream of a file, as its header describes it.
 
     ``rotation_turns`` is counterclockwise quarter turns that show frames upright (from the
-    first frame's display matrix); ``frames`` is the stream's packet count where the header
-    knows it (0 otherwise).
+    first frame's display matrix).
     """
 
     path: Path

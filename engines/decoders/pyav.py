@@ -18,7 +18,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape
-from engines.decoders.segments import Segment
+from engines.decoders.segments import Segment, header_frames
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
@@ -52,6 +52,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         fallback_rate = float(stream.average_rate or stream.guessed_rate or 25)
+        report.frames_expected = _expected_frames(stream, piece)
         if piece.start_pts is not None:
             container.seek(piece.start_pts, stream=stream, backward=True, any_frame=False)
         batcher: _Batcher | None = None
@@ -219,6 +220,15 @@ _CONVERTS_ON_THREADS = int(av.__version__.split(".")[0]) >= 17
 #: sys.getrefcount of a buffer referenced only by the list holding it (the list, the loop
 #: variable and getrefcount's own argument).
 _UNREFERENCED = 3
+
+
+def _expected_frames(stream: av.video.stream.VideoStream, piece: Segment) -> int:
+    """Frames ``piece`` of the stream holds as far as the headers tell (0: they do not)."""
+    if piece.end_frame is not None:
+        return piece.end_frame - piece.first_frame
+    if piece.end_pts is not None:  # a middle segment of a plan that did not keep its end frame
+        return 0
+    return max(header_frames(stream) - piece.first_frame, 0)
 
 
 def _reason(exc: Exception) -> str:

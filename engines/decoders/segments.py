@@ -28,6 +28,7 @@ class Segment:
     first_frame: int  # frame_index of the first frame of the segment
     previous_s: float | None  # time of the frame just before the segment (fps sampling needs it)
     video_start_s: float | None = None  # time of the video's first frame (fps sampling counts from it)
+    end_frame: int | None = None  # frame_index just after the segment (None: a plan from before it was kept)
 
     @property
     def last(self) -> bool:
@@ -44,12 +45,16 @@ class Segment:
 def frame_count(path: Path) -> int:
     """Frames of the first video stream as the header says (0 when it does not say)."""
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        if stream.duration and stream.average_rate and stream.time_base:
-            return int(stream.duration * stream.time_base * stream.average_rate)
-        return 0
+        return header_frames(container.streams.video[0])
+
+
+def header_frames(stream: av.video.stream.VideoStream) -> int:
+    """Frames of an open video stream as its header says: the count, else duration x rate (0: neither)."""
+    if stream.frames:
+        return int(stream.frames)
+    if stream.duration and stream.average_rate and stream.time_base:
+        return int(stream.duration * stream.time_base * stream.average_rate)
+    return 0
 
 
 def plan_segments(path: Path, pieces: int) -> list[Segment]:
@@ -79,8 +84,9 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
     segments = []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         first = 0 if start is None else _count_before(times, start)
+        after = len(times) if end is None else _count_before(times, end)
         previous = None if start is None else times[first - 1] * time_base
-        segments.append(Segment(i, len(bounds) - 1, start, end, first, previous, times[0] * time_base))
+        segments.append(Segment(i, len(bounds) - 1, start, end, first, previous, times[0] * time_base, after))
     return segments
 
 
