@@ -101,7 +101,8 @@ def test_not_a_video_and_an_empty_file_are_failures_not_crashes(tmp_path):
     summary = run(_config([tmp_path], tmp_path / "out"), progress=False)
     assert summary.failed == 2 and summary.exit_code == EXIT_SOME_INPUTS_FAILED
     errors = sorted(ds.dataset(tmp_path / "out").to_table().column("error").to_pylist())
-    assert errors[0].startswith(f"{tmp_path / 'empty.mkv'}: cannot open") and errors[1].startswith(f"{tmp_path / 'notes.mp4'}: ")
+    assert errors == [f"{tmp_path / 'empty.mkv'}: empty file (0 bytes)",
+                      f"{tmp_path / 'notes.mp4'}: cannot open (Invalid data found when processing input)"]
 
 
 def test_discovery_turns_links_fifos_and_unreadable_entries_into_error_rows(carphone, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +27,21 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({
 
 class DecodeError(RuntimeError):
     """A video cannot be opened or decoded; the message names the file and the reason."""
+
+
+def ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's (or the OS's) reason for an error, without PyAV's repetition of the call and path."""
+    return getattr(exc, "strerror", None) or str(exc).split(":")[-1].strip() or type(exc).__name__
+
+
+def cannot_open(path: str | Path, exc: Exception) -> DecodeError:
+    """The one-line error for a file FFmpeg cannot open; an empty file says so, rather than
+    FFmpeg's "Invalid data found when processing input"."""
+    try:
+        empty = Path(path).stat().st_size == 0
+    except OSError:
+        empty = False
+    return DecodeError(f"{path}: {'empty file (0 bytes)' if empty else f'cannot open ({ffmpeg_reason(exc)})'}")
 
 
 #: Pixels of frames in one CPU batch: one 4K UHD frame, or 9 frames of 720p. A batch never holds

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import DecodeError
+from engines.decoders import DecodeError, cannot_open
 
 
 @dataclass(frozen=True)
@@ -84,4 +84,4 @@ def probe(path: str | Path) -> StreamInfo:
                 rotation_turns=turns,
             )
     except (av.error.FFmpegError, OSError) as exc:
-        raise DecodeError(f"{path}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
+        raise cannot_open(path, exc) from None

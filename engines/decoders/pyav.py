@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape
+from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
+                              cannot_open, ffmpeg_reason)
 from engines.decoders.segments import Segment, header_frames
 
 
@@ -43,7 +44,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as exc:
-        raise DecodeError(f"{path}: cannot open ({_reason(exc)})") from None
+        raise cannot_open(path, exc) from None
     with container:
         if not container.streams.video:
             raise DecodeError(f"{path}: no video stream")
@@ -102,7 +103,7 @@ def _frames(container: av.container.InputContainer, stream: av.video.stream.Vide
         except StopIteration:
             break
         except av.error.FFmpegError as exc:  # the container itself is cut or broken here
-            report.stopped_early = _reason(exc)
+            report.stopped_early = ffmpeg_reason(exc)
             packet = None
         if packet is not None and packet.size and packet.pts is not None and inside(packet.pts):
             demuxed.append(packet.pts)
@@ -229,10 +230,6 @@ def _expected_frames(stream: av.video.stream.VideoStream, piece: Segment) -> int
     if piece.end_pts is not None:  # a middle segment of a plan that did not keep its end frame
         return 0
     return max(header_frames(stream) - piece.first_frame, 0)
-
-
-def _reason(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or str(exc).split(":")[-1].strip() or type(exc).__name__
 
 
 def probe(path: str | Path) -> tuple[int, int, float]:
