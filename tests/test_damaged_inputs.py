@@ -26,7 +26,7 @@ from annotator.orchestrate import worker_memory_bytes
 from annotator.pipeline import VideoPipeline
 from annotator.run import EXIT_SOME_INPUTS_FAILED, run
 from annotator.writer import read_metadata
-from engines.decoders import CPU_BATCH_PIXELS, DecodeReport, Sampling, batch_shape
+from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, Sampling, batch_shape
 from engines.decoders.pyav import decode
 from faults import carphone_frames, overwrite_packets, set_display_rotation, truncate, write_clip
 
@@ -93,6 +93,16 @@ def test_a_cut_off_file_keeps_its_head(frames, tmp_path):
     assert 20 <= kept < 90
     assert report.stopped_early and report.frames_lost == 90 - kept
     assert report.first_bad_s == pytest.approx(kept / 30, abs=0.05)
+
+
+def test_a_cut_off_recording_without_its_index_says_so(frames, tmp_path):
+    """An MP4 written index-last (as cameras and encoders do) and cut short has no frames to find;
+    its error says why in words, not FFmpeg's "Invalid data found"."""
+    cut = truncate(write_clip(tmp_path / "whole.mp4", frames, 90), tmp_path / "cut.mp4", 0.6)
+    with pytest.raises(DecodeError) as failure:
+        _decoded(cut)
+    assert str(failure.value) == (f"{cut}: no index (moov box) in its {cut.stat().st_size:,} bytes: an MP4/MOV "
+                                  "whose recording or copy was cut short; its frames cannot be located")
 
 
 def test_not_a_video_and_an_empty_file_are_failures_not_crashes(tmp_path):

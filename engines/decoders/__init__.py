@@ -35,13 +35,40 @@ def ffmpeg_reason(exc: Exception) -> str:
 
 
 def cannot_open(path: str | Path, exc: Exception) -> DecodeError:
-    """The one-line error for a file FFmpeg cannot open; an empty file says so, rather than
-    FFmpeg's "Invalid data found when processing input"."""
+    """The one-line error for a file FFmpeg cannot open. Two common cases get their own reason
+    rather than FFmpeg's "Invalid data found when processing input": an empty file, and an MP4 or
+    MOV whose index (the ``moov`` box) was never written, as when a recording was interrupted."""
     try:
-        empty = Path(path).stat().st_size == 0
+        size = Path(path).stat().st_size
+        reason = "empty file (0 bytes)" if size == 0 else _mp4_without_index(Path(path), size)
     except OSError:
-        empty = False
-    return DecodeError(f"{path}: {'empty file (0 bytes)' if empty else f'cannot open ({ffmpeg_reason(exc)})'}")
+        reason = None
+    return DecodeError(f"{path}: {reason or f'cannot open ({ffmpeg_reason(exc)})'}")
+
+
+def _mp4_without_index(path: Path, size: int) -> str | None:
+    """Why an ISO-BMFF file (MP4, MOV) cannot be read, when its top-level boxes say: ``None``
+    unless it starts with ``ftyp`` and no ``moov`` box follows."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8 or head[4:8] != b"ftyp":
+            return None
+        offset = 0
+        for _ in range(100_000):  # top-level boxes are few; a garbled size cannot loop forever
+            fh.seek(offset)
+            header = fh.read(16)
+            if len(header) < 8:
+                break
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if kind == b"moov":
+                return None
+            if box_size == 1 and len(header) == 16:
+                box_size = int.from_bytes(header[8:16], "big")
+            if box_size < 8:  # 0: the box runs to the end of the file; else garbled
+                break
+            offset += box_size
+    return (f"no index (moov box) in its {size:,} bytes: an MP4/MOV whose recording or copy was "
+            "cut short; its frames cannot be located")
 
 
 #: Pixels of frames in one CPU batch: one 4K UHD frame, or 9 frames of 720p. A batch never holds
