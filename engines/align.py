@@ -139,13 +139,17 @@ def warp(frames: torch.Tensor, frame_of_crop: np.ndarray, matrices: np.ndarray, 
 
 def _affine_grids(theta: torch.Tensor, size: int) -> torch.Tensor:
     """``F.affine_grid(theta, (n, 3, size, size), align_corners=False)`` by broadcasting: the same
-    sampling points (to float32 rounding) at half its cost for one small crop (0.1 vs 0.2 ms), and
-    a warp runs once per tracked face per frame."""
+    sampling points (to float32 rounding) at a fraction of its cost, and a warp runs once per
+    tracked face per frame. Each coordinate is a row term plus a column term plus an offset, so
+    the only full-size operations are one sum and one add (22 vs 116 us for a 128 px crop with
+    both coordinates computed in full and stacked, with bit-identical points); grid_sample reads
+    the permuted (not copied) result as fast as a contiguous one."""
     base = (torch.arange(size, dtype=theta.dtype, device=theta.device) * 2 + 1) / size - 1  # pixel centres
-    x, y = base[None, None, :], base[None, :, None]
-    gx = theta[:, 0, 0, None, None] * x + theta[:, 0, 1, None, None] * y + theta[:, 0, 2, None, None]
-    gy = theta[:, 1, 0, None, None] * x + theta[:, 1, 1, None, None] * y + theta[:, 1, 2, None, None]
-    return torch.stack([gx, gy], dim=-1)
+    along_x = theta[:, :, 0, None] * base  # (n, 2, size): each coordinate's term from the column
+    along_y = theta[:, :, 1, None] * base  # ... and from the row
+    grid = along_x[:, :, None, :] + along_y[:, :, :, None]  # (n, 2, rows, columns)
+    grid += theta[:, :, 2, None, None]
+    return grid.permute(0, 2, 3, 1)
 
 
 def scaled_template(size: int = CROP_SIZE, margin: float = 1.0) -> np.ndarray:
