@@ -23,6 +23,7 @@ from annotator.results import open_results
 from annotator.run import run
 from annotator.schema import PROB_COLUMNS
 from annotator.writer import read_metadata
+from faults import carphone_frames, write_clip
 from headless_chromium import check_page, find_chromium
 
 IMAGE = re.compile(r'<img src="([^"]*)"')
@@ -162,6 +163,26 @@ def test_smoothing_bridges_short_gaps_only():
     values = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan, np.nan, 5.0])
     smooth = _smoothed(values, 3)
     assert smooth[1] == pytest.approx(2.0) and np.isnan(smooth[4]) and smooth[0] == pytest.approx(1.0)
+
+
+def test_smoothing_a_curve_shorter_than_its_window_keeps_its_length():
+    smooth = _smoothed(np.array([1.0, np.nan, 3.0]), 15)  # as wide as the curve: its 3 bins
+    assert smooth == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_report_of_videos_shorter_than_the_smoothing_window(carphone: Path, tmp_path: Path):
+    """A one-frame video and a third of a second of video (shorter than --smooth's 0.5 s) get
+    their timelines; the report crashed on them."""
+    frames = carphone_frames(carphone)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_clip(videos / "one_frame.mp4", frames, 1)
+    write_clip(videos / "a_third_of_a_second.mp4", frames, 10)
+    out = tmp_path / "short.parquet"
+    run(RunConfig(inputs=(videos,), out=out, workers=0), progress=False)
+    html = _report(out, tmp_path / "report.html")
+    assert "one_frame.mp4" in html and "a_third_of_a_second.mp4" in html
+    assert len(_figures(html)) == 6  # the corpus's four charts and a timeline per video
 
 
 def test_bad_results_and_outputs_are_one_line_errors(carphone_result: Path, tmp_path: Path):

@@ -273,8 +273,11 @@ def _smoothed(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving mean over ``window`` bins that ignores empty bins.
 
     A bin stays empty only when its whole window is: a short gap is bridged, a track's absence
-    longer than the window shows as a break in the line.
+    longer than the window shows as a break in the line. A window wider than the curve (a video
+    shorter than ``--smooth``) is the whole curve: numpy's "same" convolution would return the
+    kernel's length instead.
     """
+    window = min(window, len(values))
     if window <= 1:
         return values
     valid = ~np.isnan(values)
