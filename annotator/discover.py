@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annotator.config import ConfigError
+from annotator.wording import counted
 from engines.decoders import VIDEO_EXTENSIONS
+
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Discovery:
         if not total:
             return ""
         kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(self.skipped.items()))
-        return f"skipped {total} file{'s' * (total != 1)} that {'are not videos' if total != 1 else 'is not a video'} ({kinds})"
+        return f"skipped {counted(total, 'file')} that {'are not videos' if total != 1 else 'is not a video'} ({kinds})"
 
 
 def _problem(path: Path) -> str | None:

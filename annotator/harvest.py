@@ -38,6 +38,7 @@ from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
 from annotator.pipeline import VideoPipeline
 from annotator.stages import FaceBatch
 from annotator.collect import split_runs
+from annotator.wording import counted
 from annotator.worker import RayVideoWorker, WorkItem
 from annotator.writer import part_key
 from engines.align import CropGeometry
@@ -153,8 +154,8 @@ class HarvestSummary:
     failed: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"harvest: {self.videos} videos ({self.skipped} already done, {len(self.failed)} failed), "
-                f"{self.frames} frames, {self.faces} faces in {self.seconds:.1f} s")
+        return (f"harvest: {counted(self.videos, 'video')} ({self.skipped} already done, {len(self.failed)} failed), "
+                f"{counted(self.frames, 'frame')}, {counted(self.faces, 'face')} in {self.seconds:.1f} s")
 
 
 def fingerprint(config: RunConfig, teacher_id: str) -> str:

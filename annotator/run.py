@@ -28,6 +28,7 @@ from annotator.orchestrate import cluster_workers, on_cluster, require_device, s
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
 from annotator.temporal_card import temporal_card, temporal_record
+from annotator.wording import counted
 from annotator.writer import (
     ExistingParts,
     OutputLayout,
@@ -78,8 +79,9 @@ class RunSummary:
     def line(self) -> str:
         damaged = f", {self.damaged} damaged ({self.frames_lost} frames lost)" if self.damaged else ""
         skipped = f"; {self.not_videos}" if self.not_videos else ""
-        return (f"{self.out}: {self.videos} videos ({self.skipped} already done, {self.failed} failed{damaged}), "
-                f"{self.frames} frames, {self.faces} faces, {self.fps:.1f} frames/s{skipped}")
+        return (f"{self.out}: {counted(self.videos, 'video')} ({self.skipped} already done, {self.failed} failed"
+                f"{damaged}), {counted(self.frames, 'frame')}, {counted(self.faces, 'face')}, {self.fps:.1f} frames/s"
+                f"{skipped}")
 
 
 def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:

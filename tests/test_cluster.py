@@ -340,7 +340,7 @@ def test_run_joins_a_token_cluster_with_its_token(heads: Heads, carphone: Path, 
 
     cluster, done = heads.attempt(run)
     assert done.returncode == 0, done.stderr[-3000:] + cluster.diagnosis()
-    assert "1 videos" in done.stdout and "30 frames" in done.stdout, done.stdout
+    assert "1 video (" in done.stdout and "30 frames" in done.stdout, done.stdout
     table = ds.dataset(out, format="parquet").to_table()
     assert sorted(set(table.column("frame_index").to_pylist())) == list(range(0, CARPHONE_FRAMES, 4))
     assert table.num_rows == 30  # carphone: one face in every frame

@@ -176,7 +176,7 @@ def test_exit_codes_tell_the_truth(carphone, tmp_path):
     shutil.copy(carphone, good / "a.mp4")
     ok = _annotate("run", str(good), "--out", str(tmp_path / "ok"), "--workers", "0", "--every-n", "30", "--no-progress")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "1 videos (0 already done, 0 failed)" in ok.stdout
+    assert "1 video (0 already done, 0 failed)" in ok.stdout
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from annotator.commands.output_file import check_out
+from annotator.wording import counted
 
 EPILOG = """\b
 Examples:
@@ -55,4 +56,4 @@ def overlay(video: Path, results: Path, out: Path, every_n: int, start_s: float 
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{out}: cannot write ({exc.strerror or exc})") from None
-    click.echo(f"{summary.out}: {summary.frames} frames, {summary.annotated} with faces drawn")
+    click.echo(f"{summary.out}: {counted(summary.frames, 'frame')}, {summary.annotated} with faces drawn")
