@@ -119,7 +119,28 @@ def release_ray() -> None:
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        _stop_autoscaler_monitor(ray)
         ray.shutdown()
+
+
+def _stop_autoscaler_monitor(ray) -> None:  # noqa: ANN001 - the ray module
+    """Kill a local instance's autoscaler monitor before ``ray.shutdown()`` stops the rest.
+
+    Shutdown stops the GCS before the monitor, whose SIGTERM handler then tries to report its
+    own death to that GCS and hangs until Ray kills it a second later: a second of every run
+    (shutdown 1.38 s, 0.38 s with the monitor gone first; Ray 2.60). The monitor only
+    autoscales, which a local instance never does. It is reached through Ray's private node
+    handle, so on a Ray where that has moved this does nothing and shutdown takes its second.
+    """
+    try:
+        from ray._private import ray_constants
+
+        node = ray._private.worker._global_node
+        if node is not None and ray_constants.PROCESS_TYPE_MONITOR in node.all_processes:
+            node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False, allow_graceful=False,
+                                    wait=True)
+    except (AttributeError, ImportError, KeyError, OSError) as exc:
+        log.debug("autoscaler monitor left to ray.shutdown(): %s", exc)
 
 
 def local_cpus() -> int | None:
