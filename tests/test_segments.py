@@ -22,7 +22,7 @@ from annotator.worker import PROGRESS_COLUMN, STATUS_COLUMN, WorkItem, annotate_
 from annotator.writer import OutputLayout, part_key, schema_with_metadata
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
-from engines.decoders.segments import plan_segments
+from engines.decoders.segments import frame_count, plan_segments
 from faults import carphone_frames, write_clip
 
 
@@ -32,12 +32,21 @@ def long_clip(carphone, tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("long") / "long.mp4", carphone_frames(carphone), 600, keyint=60)
 
 
+@pytest.fixture(scope="module")
+def long_mkv(carphone, tmp_path_factory):
+    """The same 600 frames as H.264 in Matroska, whose headers count no frames (only the file's
+    duration), as most downloaded video is."""
+    return write_clip(tmp_path_factory.mktemp("long") / "long.mkv", carphone_frames(carphone), 600, keyint=60)
+
+
 def _frames_of(batches):
     return [(int(i), float(t)) for b in batches for i, t in zip(b.frame_index, b.pts_s)]
 
 
+@pytest.mark.parametrize("clip", ["long_clip", "long_mkv"])
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(every_n=7), Sampling(fps=4.3)])
-def test_segments_decode_exactly_the_frames_of_the_whole_video(long_clip, sampling):
+def test_segments_decode_exactly_the_frames_of_the_whole_video(clip, sampling, request):
+    long_clip = request.getfixturevalue(clip)
     plan = plan_segments(long_clip, 4)
     firsts = [s.first_frame for s in plan]
     assert len(plan) == 4 and firsts[0] == 0 and firsts == sorted(set(firsts))
@@ -122,6 +131,18 @@ def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
     assert [sum(c) for c in credits] == [pytest.approx(0.5), pytest.approx(0.5)]
     assert all(len(c) == 7 and all(x > 0 for x in c[:-1]) for c in credits)  # 50 frames each: 7 batches
     assert layout.part_path(key).exists() and not layout.segment_done(key, 0)
+
+
+def test_a_matroska_video_is_counted_and_split_like_an_mp4(long_mkv, tmp_path):
+    """Matroska headers hold no frame count: the count comes from the file's duration, so a long
+    MKV or WebM is split over the workers (it ran whole on one worker) and moves the progress."""
+    assert frame_count(long_mkv) == 600
+    with OutputClaim(tmp_path / "out"):
+        items = work_items(OutputLayout(tmp_path / "out"), [(long_mkv, part_key(long_mkv))], workers=2)
+    assert [item.segment.first_frame for item in items] == [0, 300]
+    report = DecodeReport()
+    next(decode(long_mkv, Sampling(), 8, report=report))
+    assert report.frames_expected == 600
 
 
 def test_decoders_know_how_many_frames_each_piece_holds(long_clip):

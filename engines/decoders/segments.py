@@ -49,12 +49,22 @@ def frame_count(path: Path) -> int:
 
 
 def header_frames(stream: av.video.stream.VideoStream) -> int:
-    """Frames of an open video stream as its header says: the count, else duration x rate (0: neither)."""
+    """Frames of an open video stream as its headers say (0: they do not).
+
+    MP4 and MOV count a stream's frames; Matroska and WebM (what most downloaded video is) count
+    neither frames nor the stream's duration, only the file's, so the last resort is the
+    container's duration times the stream's frame rate (rounded: an estimate, for planning and
+    progress, never for frame indices).
+    """
     if stream.frames:
         return int(stream.frames)
-    if stream.duration and stream.average_rate and stream.time_base:
-        return int(stream.duration * stream.time_base * stream.average_rate)
-    return 0
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return 0
+    if stream.duration and stream.time_base:
+        return int(stream.duration * stream.time_base * rate)
+    container_duration = stream.container.duration  # microseconds (AV_TIME_BASE)
+    return round(container_duration / 1_000_000 * rate) if container_duration else 0
 
 
 def plan_segments(path: Path, pieces: int) -> list[Segment]:
