@@ -66,12 +66,19 @@ def time_run(videos: Path, out: Path, workers: int, run_args: Sequence[str] = ()
             "frames_per_s": round(frames / wall, 2)}
 
 
+#: Seconds of work beyond the start-up that a steady rate needs: the start-up itself varies by
+#: about half a second from run to run, which over less work would decide the rate (a 48-frame
+#: clip's 0.1 s gave "480 frames/s" and an efficiency of 2.45).
+MIN_STEADY_WORK_S = 2.0
+
+
 def efficiency(results: list[dict[str, object]], key: str = "frames_per_s") -> None:
-    """Add ``efficiency`` to each result: (``key`` / workers) over that of the fewest workers."""
+    """Add ``efficiency`` to each result: (``key`` / workers) over that of the fewest workers
+    (None where either rate is unknown)."""
     base = min(results, key=lambda r: r["workers"])
-    per_worker = base[key] / base["workers"]
+    per_worker = base[key] / base["workers"] if base[key] else None
     for r in results:
-        r["efficiency"] = round(r[key] / (r["workers"] * per_worker), 3) if per_worker else None
+        r["efficiency"] = round(r[key] / (r["workers"] * per_worker), 3) if per_worker and r[key] else None
 
 
 def _copies(clip: Path, folder: Path, copies: int) -> Path:
@@ -106,9 +113,12 @@ def scaling(clip: Path, copies: int, workers: Sequence[int], run_args: Sequence[
                     f"{result['videos_per_s']:.2f} videos/s")
             if steady:
                 fixed = time_run(stubs, Path(tmp) / f"stub{n}.parquet", n, run_args)["wall_s"]
+                work = result["wall_s"] - fixed
                 result["startup_s"] = fixed
-                result["steady_frames_per_s"] = round(result["frames"] / max(result["wall_s"] - fixed, 1e-3), 2)
-                line += f"; start-up {fixed:.1f} s, steady {result['steady_frames_per_s']:.1f} frames/s"
+                result["steady_frames_per_s"] = round(result["frames"] / work, 2) if work >= MIN_STEADY_WORK_S else None
+                line += f"; start-up {fixed:.1f} s, " + (
+                    f"steady {result['steady_frames_per_s']:.1f} frames/s" if result["steady_frames_per_s"] else
+                    f"steady rate unknown: {work:.1f} s of work beyond the start-up (under {MIN_STEADY_WORK_S:g} s)")
             results.append(result)
             echo(line)
     efficiency(results, "steady_frames_per_s" if steady else "frames_per_s")
@@ -130,8 +140,10 @@ def main() -> None:
             clip = upscale(clip, Path(tmp) / "hd.mp4", 1280, 720)
         results = scaling(clip, args.copies, args.workers, args.run_args)
     for r in results:
-        print(f"workers={r['workers']}: {r['frames_per_s']:.1f} frames/s ({r['steady_frames_per_s']:.1f} after "
-              f"{r['startup_s']:.1f} s of start-up), efficiency {r['efficiency']:.2f}")
+        steady = f"{r['steady_frames_per_s']:.1f}" if r["steady_frames_per_s"] else "unknown"
+        share = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "unknown"
+        print(f"workers={r['workers']}: {r['frames_per_s']:.1f} frames/s ({steady} after "
+              f"{r['startup_s']:.1f} s of start-up), efficiency {share}")
     args.out.write_text(json.dumps({"clip": clip.name, "copies": args.copies, "run_args": args.run_args,
                                     "results": results}, indent=2))
 

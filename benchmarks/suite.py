@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks.ray_scaling import MIN_STEADY_WORK_S
 from benchmarks.stage import DetectionSettings, StageOptions, run_stage
 
 #: The pipeline's stages as measured in isolation, in pipeline order (``write`` is the
@@ -499,8 +500,12 @@ def format_tables(report: dict[str, Any]) -> str:
                         "efficiency"],
                        [[str(r["workers"]), str(r.get("cores") or "all"), f"{r['videos_per_s']:.2f}",
                          _fps(r["frames_per_s"]), f"{r['wall_s']:.1f}", f"{r['startup_s']:.1f}",
-                         _fps(r["steady_frames_per_s"]), f"{r['efficiency']:.2f}"]
+                         _fps(r["steady_frames_per_s"]) if r["steady_frames_per_s"] else "-",
+                         f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"]
                         for r in entry["results"]], left=0)]
+        if any(not r["steady_frames_per_s"] for r in entry["results"]):
+            out += [f"  -: under {MIN_STEADY_WORK_S:g} s of work beyond the start-up, too little to tell a steady rate "
+                    "from the start-up's own variation (longer clips: run without --quick, or more copies)"]
     if "memory" in report:
         mem = report["memory"]
         out += ["", "memory, one pipeline per clip in a fresh process: " + ", ".join(

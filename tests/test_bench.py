@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from annotator.config import DEFAULT_DETECT_EVERY
 from benchmarks.ray_scaling import efficiency
-from benchmarks.suite import ISOLATED, PIPELINE_NAME, _table
+from benchmarks.suite import ISOLATED, PIPELINE_NAME, _table, format_tables
+from faults import write_clip
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -154,3 +156,24 @@ def test_ray_efficiency_is_per_worker_speed_relative_to_the_fewest_workers():
     results = [{"workers": 2, "frames_per_s": 30.0}, {"workers": 1, "frames_per_s": 20.0}]
     efficiency(results)
     assert results[0]["efficiency"] == 0.75 and results[1]["efficiency"] == 1.0
+
+
+def test_a_steady_rate_too_short_to_tell_is_shown_as_unknown(monkeypatch, tmp_path):
+    """A --quick clip leaves 0.1 s of work beyond the start-up, which printed "480 frames/s" and an
+    efficiency of 2.45; now the steady rate and efficiency of such a run are unknown, and said so."""
+    from benchmarks import ray_scaling
+
+    walls = iter([12.1, 8.1, 7.8, 7.7])  # 1 worker: run, 2-frame start-up; then 2 workers
+    monkeypatch.setattr(ray_scaling, "time_run", lambda folder, out, n, args: {
+        "workers": n, "frames": 96, "wall_s": next(walls), "frames_per_s": 10.0, "videos_per_s": 0.2})
+    monkeypatch.setattr(ray_scaling, "upscale", lambda clip, out, *a, **k: clip)
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, [np.zeros((64, 64, 3), np.uint8)], 2)
+    results = ray_scaling.scaling(clip, 2, [1, 2], echo=lambda line: None)
+    assert [r["steady_frames_per_s"] for r in results] == [24.0, None]
+    assert [r["efficiency"] for r in results] == [1.0, None]
+    options = {"threads": 1, "device_resolved": "cpu", "detect_every": 20, "scan_every": 300, "det_size": 640,
+               "min_face": 32}
+    text = format_tables({"date": "today", "machine": {"cpu_model": "cpu", "cpus_usable": 2}, "options": options,
+                          "results": [], "ray": [{"copies": 2, "clip": "clip.mp4", "results": results}]})
+    assert "too little to tell a steady rate" in text
