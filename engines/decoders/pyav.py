@@ -54,11 +54,11 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
         stream.codec_context.thread_count = threads
         fallback_rate = float(stream.average_rate or stream.guessed_rate or 25)
         report.frames_expected = _expected_frames(stream, piece)
-        if piece.start_pts is not None:
-            container.seek(piece.start_pts, stream=stream, backward=True, any_frame=False)
+        packets = (container.demux(stream) if piece.start_pts is None
+                   else _packets_from_keyframe(container, stream, piece.start_pts))
         batcher: _Batcher | None = None
         count = 0
-        for count, frame in enumerate(_frames(container, stream, report, piece), start=1):
+        for count, frame in enumerate(_frames(packets, stream, report, piece), start=1):
             index = piece.first_frame + count - 1
             pts_s = frame.time if frame.time is not None else index / fallback_rate
             if not selector.keep(index, pts_s):
@@ -76,7 +76,52 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
             yield batch
 
 
-def _frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+#: How far before a segment's keyframe to seek again, in seconds, when a seek lands after it.
+_SEEK_BACK_S = (1.0, 5.0, 30.0)
+
+
+def _packets_from_keyframe(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                           start_pts: int) -> Iterator[av.Packet]:
+    """Demuxed packets from a keyframe at or before ``start_pts`` (a segment's own, found by
+    its plan), the packets before that keyframe dropped.
+
+    An indexed container (MP4, MOV, Matroska) seeks to that keyframe exactly. MPEG-TS has no
+    index: FFmpeg finds the position by bisecting on timestamps and can land a few packets past
+    the keyframe, whose frames then cannot be decoded, so a segment of a broadcast recording
+    decoded nothing. Where the first keyframe after the seek comes after ``start_pts``, the seek
+    is repeated further back (:data:`_SEEK_BACK_S`), then from the start of the file; the frames
+    decoded before the segment are dropped by the caller, as the tail of a GOP is.
+    """
+    time_base = float(stream.time_base or 0) or 1 / 90000
+    for back_s in (0.0, *_SEEK_BACK_S, None):
+        if back_s is None:
+            container.seek(0)  # the beginning, whatever its first timestamp
+        else:
+            container.seek(start_pts - round(back_s / time_base), stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        keyframe = _first_keyframe(packets)
+        if keyframe is not None and (keyframe.pts <= start_pts or back_s is None):
+            yield keyframe
+            yield from packets
+            return
+    # No keyframe at all: hand the decoder what there is, as a whole-file decode would.
+    container.seek(0)
+    yield from container.demux(stream)
+
+
+def _first_keyframe(packets: Iterator[av.Packet]) -> av.Packet | None:
+    """The first keyframe packet (with a timestamp) of ``packets``, which go on after it; None at
+    the end of the stream or at damage (the caller seeks elsewhere)."""
+    try:
+        for packet in packets:
+            if packet.is_keyframe and packet.pts is not None:
+                return packet
+    except av.error.FFmpegError:
+        pass
+    return None
+
+
+def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
             report: DecodeReport, piece: Segment) -> Iterator[av.VideoFrame]:
     """The segment's decoded frames, packet by packet: a damaged packet is skipped, not fatal.
 
@@ -95,7 +140,6 @@ def _frames(container: av.container.InputContainer, stream: av.video.stream.Vide
     decoded: set[int] = set()
     count = 0
     first_error_pts: int | None = None
-    packets = container.demux(stream)
     finished = False
     while not finished:
         try:
