@@ -64,6 +64,30 @@ def truncate(src: Path, dst: Path, fraction: float) -> Path:
     return dst
 
 
+def trim_by_edit_list(src: Path, dst: Path, frames: int) -> Path:
+    """A copy of an MP4 (one video track, one edit, as FFmpeg writes them) that starts ``frames``
+    frames later by its edit list alone, as a phone's "trim" or a lossless cut does: the packets
+    before the new start stay in the file, needed to decode the frames after them.
+
+    The edit (ISO 14496-12 ``elst``, version 0) gets its media time moved by ``frames`` frames of
+    the track's timescale and its duration shortened by as much of the movie's timescale.
+    """
+    with av.open(str(src)) as container:
+        stream = container.streams.video[0]
+        ticks = round(1 / (float(stream.average_rate) * float(stream.time_base)))  # track timescale per frame
+    data = bytearray(src.read_bytes())
+    movie_scale = int.from_bytes(data[data.find(b"mvhd") + 16:data.find(b"mvhd") + 20], "big")  # version 0
+    at = data.find(b"elst")
+    assert data[at + 4] == 0 and int.from_bytes(data[at + 8:at + 12], "big") == 1, "one version-0 edit expected"
+    duration, media_time = at + 12, at + 16
+    shorter = round(frames / float(stream.average_rate) * movie_scale)
+    data[duration:duration + 4] = (int.from_bytes(data[duration:duration + 4], "big") - shorter).to_bytes(4, "big")
+    data[media_time:media_time + 4] = (int.from_bytes(data[media_time:media_time + 4], "big")
+                                       + frames * ticks).to_bytes(4, "big")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 def set_display_rotation(src: Path, dst: Path, clockwise_deg: int) -> Path:
     """A copy of an MP4 whose track header says "turn clockwise by ``clockwise_deg``" to display.
 

@@ -28,7 +28,7 @@ from annotator.run import EXIT_SOME_INPUTS_FAILED, run
 from annotator.writer import read_metadata
 from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, Sampling, batch_shape
 from engines.decoders.pyav import decode
-from faults import carphone_frames, overwrite_packets, set_display_rotation, truncate, write_clip
+from faults import carphone_frames, overwrite_packets, set_display_rotation, trim_by_edit_list, truncate, write_clip
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,18 @@ def test_a_cut_off_file_keeps_its_head(frames, tmp_path):
     assert 20 <= kept < 90
     assert report.stopped_early and report.frames_lost == 90 - kept
     assert report.first_bad_s == pytest.approx(kept / 30, abs=0.05)
+
+
+def test_a_video_trimmed_by_its_edit_list_is_whole_not_damaged(frames, tmp_path):
+    """A phone's trim (or a lossless cut) keeps the GOP before the new start, hidden by the edit
+    list: the hidden frames are not shown, so they are neither rows nor lost frames. Before, every
+    such video was "damaged: 10 of 90 frames lost" (an error row, exit code 3)."""
+    trimmed = trim_by_edit_list(write_clip(tmp_path / "whole.mp4", frames, 90), tmp_path / "trimmed.mp4", 10)
+    batches, report = _decoded(trimmed)
+    index = np.concatenate([b.frame_index for b in batches])
+    pts = np.concatenate([b.pts_s for b in batches])
+    assert index.tolist() == list(range(80)) and pts[0] == pytest.approx(0.0, abs=1e-6)
+    assert not report.damaged, report.describe()
 
 
 def test_a_cut_off_recording_without_its_index_says_so(frames, tmp_path):

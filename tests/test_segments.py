@@ -23,7 +23,7 @@ from annotator.writer import OutputLayout, part_key, schema_with_metadata
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
 from engines.decoders.segments import frame_count, plan_segments
-from faults import carphone_frames, write_clip
+from faults import carphone_frames, trim_by_edit_list, write_clip
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,14 @@ def long_ts(carphone, tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("long") / "long.ts", carphone_frames(carphone), 600, keyint=60)
 
 
-@pytest.mark.parametrize("clip", ["long_clip", "long_mkv", "long_ts"])
+@pytest.fixture(scope="module")
+def long_trimmed(long_clip, tmp_path_factory):
+    """The 600-frame MP4 trimmed by its edit list to start 10 frames in (a phone's trim): 590
+    frames shown, the first GOP's hidden packets still in the file."""
+    return trim_by_edit_list(long_clip, tmp_path_factory.mktemp("long") / "trimmed.mp4", 10)
+
+
+@pytest.mark.parametrize("clip", ["long_clip", "long_mkv", "long_ts", "long_trimmed"])
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(every_n=7), Sampling(fps=4.3)])
 def test_segments_decode_exactly_the_frames_of_the_whole_video(clip, sampling, request):
     """Every container's segments hold the whole video's frames, each once; MPEG-TS segments
@@ -59,9 +66,12 @@ def test_segments_decode_exactly_the_frames_of_the_whole_video(clip, sampling, r
     plan = plan_segments(long_clip, 4)
     firsts = [s.first_frame for s in plan]
     assert len(plan) == 4 and firsts[0] == 0 and firsts == sorted(set(firsts))
-    assert all(f % 60 == 0 for f in firsts) and all(abs(f - 150 * i) <= 30 for i, f in enumerate(firsts))  # keyframes
+    hidden = 10 if clip == "long_trimmed" else 0  # frames before the edit list's start: not shown
+    assert all((f + hidden) % 60 == 0 for f in firsts[1:])  # keyframes
+    assert all(abs(f + hidden - 150 * i) <= 30 for i, f in enumerate(firsts))
     assert plan[-1].end_pts is None and all(a.end_pts == b.start_pts for a, b in zip(plan, plan[1:]))
-    assert [s.end_frame for s in plan] == [*firsts[1:], 600]
+    shown = 590 if clip == "long_trimmed" else 600
+    assert [s.end_frame for s in plan] == [*firsts[1:], shown]
     whole = _frames_of(decode(long_clip, sampling, 8))
     reports = [DecodeReport() for _ in plan]
     pieces = [_frames_of(decode(long_clip, sampling, 8, segment=s, report=r)) for s, r in zip(plan, reports)]

@@ -111,7 +111,7 @@ def packet_times(path: Path) -> np.ndarray:
     """
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        pts = [p.pts for p in container.demux(stream) if p.size]
+        pts = [p.pts for p in container.demux(stream) if p.size and not p.is_discard]  # edit lists: segments.presented
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         if not pts or any(t is None for t in pts):
             return np.arange(len(pts), dtype=np.float64) / rate

@@ -19,7 +19,7 @@ from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
                               cannot_open, ffmpeg_reason)
-from engines.decoders.segments import Segment, header_frames
+from engines.decoders.segments import Segment, header_frames, presented
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
@@ -128,7 +128,8 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
     Frames come out in presentation order, so the segment ends at the first frame at or after
     its end (frames that precede it in time but follow it in the bitstream are still decoded
     here, with their references). Frames lost are the segment's packets (or the header's count,
-    for a whole file cut short) minus the frames that came out; the first lost one is found by
+    for a whole file cut short) minus the frames that came out, neither counting the packets an
+    edit list hides (:func:`~engines.decoders.segments.presented`); the first lost one is found by
     timestamp, because with frame threading FFmpeg reports a damaged packet a few packets late.
     """
     start, end = piece.start_pts, piece.end_pts
@@ -137,6 +138,7 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
         return pts is None or ((start is None or pts >= start) and (end is None or pts < end))
 
     demuxed: list[int] = []
+    hidden = 0
     decoded: set[int] = set()
     count = 0
     first_error_pts: int | None = None
@@ -149,7 +151,9 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
         except av.error.FFmpegError as exc:  # the container itself is cut or broken here
             report.stopped_early = ffmpeg_reason(exc)
             packet = None
-        if packet is not None and packet.size and packet.pts is not None and inside(packet.pts):
+        if packet is not None and packet.is_discard:
+            hidden += 1  # decoded for its references, never shown: an edit list trims it
+        elif packet is not None and presented(packet) and inside(packet.pts):
             demuxed.append(packet.pts)
         try:
             # A None packet flushes the decoder, so frames it holds come out after a cut.
@@ -172,7 +176,7 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
         if packet is None:
             break
     whole = start is None and end is None
-    expected = max(len(demuxed), (stream.frames or 0) if whole else 0)
+    expected = max(len(demuxed), (stream.frames or 0) - hidden if whole else 0)
     report.frames_lost = max(0, expected - count)
     time_base = stream.time_base or 0
     if report.frames_lost or report.bad_packets or report.stopped_early:

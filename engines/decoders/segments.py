@@ -67,6 +67,14 @@ def header_frames(stream: av.video.stream.VideoStream) -> int:
     return round(container_duration / 1_000_000 * rate) if container_duration else 0
 
 
+def presented(packet: av.Packet) -> bool:
+    """Whether a packet is a frame the video shows: it carries data and a timestamp, and no edit
+    list hides it. A video trimmed without re-encoding (a phone's trim, a lossless cut) starts
+    its edit list inside a GOP; FFmpeg then demuxes the GOP's earlier packets flagged "discard",
+    decodes them for their references, and never outputs their frames."""
+    return bool(packet.size) and packet.pts is not None and not packet.is_discard
+
+
 def plan_segments(path: Path, pieces: int) -> list[Segment]:
     """Cut ``path`` into at most ``pieces`` segments of about equal length, at keyframes.
 
@@ -78,7 +86,7 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
     """
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and p.pts is not None]
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)]
         time_base = float(stream.time_base or 0)
     if pieces <= 1 or not packets:
         return [Segment(0, 1, None, None, 0, None)]
