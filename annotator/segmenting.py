@@ -152,6 +152,11 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
 
     Track ids continue across a boundary where the faces do, unless the two frames either side
     of it are a cut (``shot_ends`` in a segment's facts, see annotator.continuity.is_cut).
+
+    ``frame_index`` counts decoded frames, as in a video annotated whole. A segment numbers its
+    frames from its place in the stream (its plan's ``first_frame``), which counts the frames
+    earlier segments could not decode; those are taken off here, so a recording that starts
+    inside a GOP (a broadcast capture) has no gap of its first lost frames at every boundary.
     """
     plan = load_plan(layout, key)
     assert plan is not None, key
@@ -160,6 +165,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
+    decoded_before = 0  # frames the segments before this one decoded
     try:
         for segment in plan:
             part = layout.segment_path(key, segment.index)
@@ -168,8 +174,12 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             reports.append(_report(facts))
             table = pq.read_table(part).cast(SCHEMA)
             rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
+            lost_before, decoded_before = segment.first_frame - decoded_before, decoded_before + reports[-1].frames_decoded
             if rows.num_rows == 0:
                 continue
+            if lost_before > 0:
+                at = rows.schema.get_field_index("frame_index")
+                rows = rows.set_column(at, "frame_index", pc.subtract(rows.column("frame_index"), lost_before))
             video_id = rows.column("video_id")[0].as_py()
             ends = facts.get("shot_ends")
             if ends and previous_end is not None and is_cut(previous_end, ends[0]):

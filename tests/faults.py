@@ -64,6 +64,22 @@ def truncate(src: Path, dst: Path, fraction: float) -> Path:
     return dst
 
 
+def start_inside_a_gop(src: Path, dst: Path, packets_before_keyframe: int, keyframe: int = 1) -> Path:
+    """A copy of ``src``'s video (same container type) whose first packet is ``packets_before_keyframe``
+    packets before its ``keyframe``-th keyframe, as a broadcast capture starts: those first frames
+    reference frames that are not in the file, so they cannot be decoded."""
+    with av.open(str(src)) as inp:
+        stream = inp.streams.video[0]
+        packets = [p for p in inp.demux(stream) if p.size]
+        first = [i for i, p in enumerate(packets) if p.is_keyframe][keyframe] - packets_before_keyframe
+        with av.open(str(dst), "w") as out:
+            copy = out.add_stream_from_template(stream)
+            for packet in packets[first:]:
+                packet.stream = copy
+                out.mux(packet)
+    return dst
+
+
 def trim_by_edit_list(src: Path, dst: Path, frames: int) -> Path:
     """A copy of an MP4 (one video track, one edit, as FFmpeg writes them) that starts ``frames``
     frames later by its edit list alone, as a phone's "trim" or a lossless cut does: the packets

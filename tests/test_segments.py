@@ -23,7 +23,7 @@ from annotator.writer import OutputLayout, part_key, schema_with_metadata
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
 from engines.decoders.segments import frame_count, plan_segments
-from faults import carphone_frames, trim_by_edit_list, write_clip
+from faults import carphone_frames, start_inside_a_gop, trim_by_edit_list, write_clip
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,34 @@ def test_a_matroska_video_is_counted_and_split_like_an_mp4(long_mkv, tmp_path):
     report = DecodeReport()
     next(decode(long_mkv, Sampling(), 8, report=report))
     assert report.frames_expected == 600
+
+
+def test_a_capture_that_starts_inside_a_gop_is_numbered_as_when_annotated_whole(carphone, tmp_path):
+    """A recording whose first 20 frames cannot be decoded (it starts inside a GOP): segments
+    number their frames from their place in the stream, which counts those 20; the stitched
+    video's frame_index counts decoded frames, as the whole video's does, with no gap of 20 at
+    the boundary."""
+    recording = write_clip(tmp_path / "recording.ts", carphone_frames(carphone), 720, keyint=60)
+    clip = start_inside_a_gop(recording, tmp_path / "capture.ts", 20)  # 680 frames from frame 40
+    sampling = Sampling(every_n=10)
+    whole = run(RunConfig(inputs=(clip,), out=tmp_path / "whole.parquet", workers=0, sampling=sampling), progress=False)
+    reference = pq.read_table(tmp_path / "whole.parquet")
+    out = tmp_path / "split"
+    layout, key = OutputLayout(out), part_key(clip)
+    config = RunConfig(inputs=(clip,), out=out, workers=0, sampling=sampling)
+    with OutputClaim(out):
+        items = work_items(layout, [(clip, key)], workers=2)
+        collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
+        pipeline = VideoPipeline(config)
+        for item in items:
+            for table in annotate_tagged(pipeline, item):
+                collector.add(table)
+        collector.close()
+    split = pq.read_table(layout.part_path(key))
+    assert len(items) == 2 and whole.damaged == collector.damaged == 1  # the 20 frames are lost, and said so
+    frames = [c.column("frame_index").drop_null().to_pylist() for c in (reference, split)]
+    times = [c.column("pts_s").drop_null().to_pylist() for c in (reference, split)]
+    assert frames[1] == frames[0] and times[1] == pytest.approx(times[0]) and len(frames[0]) == 66  # 660 decoded
 
 
 def test_decoders_know_how_many_frames_each_piece_holds(long_clip):
