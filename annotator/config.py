@@ -74,6 +74,7 @@ class RunConfig:
     address: str | None = None
     device: Device = "auto"
     decoder: DecoderName = "auto"
+    deinterlace: bool = True  # interlaced frames made progressive (engines.decoders.deinterlace)
     backend: BackendName = "auto"
     detector: str = DEFAULT_DETECTOR
     scorer: str = DEFAULT_SCORER

@@ -159,10 +159,10 @@ class HarvestSummary:
 
 
 def fingerprint(config: RunConfig, teacher_id: str) -> str:
-    """What makes shards interchangeable: same teacher weights, detector and sampling."""
+    """What makes shards interchangeable: same teacher weights, detector, deinterlacing and sampling."""
     return json.dumps({"teacher": teacher_id, "detector": config.detector, "det_threshold": config.det_threshold,
                        "det_size": config.det_size, "min_face": config.min_face,
-                       "detect_every": config.detect_every,
+                       "detect_every": config.detect_every, "deinterlace": config.deinterlace,
                        "sampling": {"every_n": config.sampling.every_n, "fps": config.sampling.fps}}, sort_keys=True)
 
 

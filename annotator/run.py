@@ -138,7 +138,8 @@ def run_metadata(config: RunConfig) -> dict[str, object]:
     # What makes rows comparable across resumed runs: same weights, same sampling and detection.
     fingerprint = {
         "models": [m["id"] for m in models],
-        **{k: options[k] for k in ("sampling", "det_threshold", "det_size", "min_face", "detect_every", "scan_every")},
+        **{k: options[k] for k in ("sampling", "det_threshold", "det_size", "min_face", "detect_every", "scan_every",
+                                   "deinterlace")},
     }
     return {"package": "video-annotator", "version": annotator.__version__, "models": models,
             "options": options, "fingerprint": fingerprint}

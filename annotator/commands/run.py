@@ -63,6 +63,9 @@ _PROBLEMS_SHOWN = 10
 @click.option("--decoder", type=click.Choice(["auto", "pyav", "dali"]), default="auto", show_default=True,
               help="auto: on a GPU, DALI (NVDEC) for each file it can decode, PyAV for the rest; PyAV on a "
                    "CPU. dali: also on a CPU, where DALI's reader takes VP8/VP9/MJPEG and PyAV the rest.")
+@click.option("--deinterlace/--no-deinterlace", default=True, show_default=True,
+              help="Make interlaced video (broadcast 1080i/576i) progressive with FFmpeg's bwdif before faces "
+                   "are looked for; progressive video is untouched. On a GPU, interlaced files go to PyAV.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxrt", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT (else torch) on a GPU, ONNX Runtime on a CPU.")
 @click.option("--detector", default=DEFAULT_DETECTOR, show_default=True, help="Detector name (annotate models list).")

@@ -74,7 +74,7 @@ class DecoderChoice:
 
 
 def choose_decoder(info: StreamInfo, requested: str, device: str, gpu_name: str | None,
-                   dali_installed: bool) -> DecoderChoice:
+                   dali_installed: bool, deinterlace: bool = True) -> DecoderChoice:
     """Pick the decoder of one file.
 
     Args:
@@ -83,6 +83,7 @@ def choose_decoder(info: StreamInfo, requested: str, device: str, gpu_name: str 
         device: the worker's device, ``cpu`` or ``cuda[:N]``.
         gpu_name: the CUDA device's name (None on a CPU, or unknown).
         dali_installed: whether ``nvidia.dali`` imports.
+        deinterlace: ``--deinterlace``: interlaced video is made progressive, which only PyAV does.
 
     ``auto`` on a CPU keeps PyAV (DALI's CPU reader is no faster and reads three codecs);
     ``dali`` on a CPU uses DALI's CPU reader for those three, so its graph runs on any machine.
@@ -107,6 +108,8 @@ def choose_decoder(info: StreamInfo, requested: str, device: str, gpu_name: str 
         return DecoderChoice("pyav", f"container {info.container.split(',')[0]} is not one DALI reads (mp4/mov, mkv/webm, avi)")
     if info.bit_depth != 8 or info.chroma != "420":
         return DecoderChoice("pyav", f"{info.bit_depth}-bit {info.chroma}: DALI decodes 8-bit 4:2:0 only")
+    if deinterlace and info.interlaced:
+        return DecoderChoice("pyav", "interlaced: PyAV makes it progressive (bwdif), DALI cannot (--no-deinterlace: DALI)")
     return DecoderChoice("dali-gpu" if on_gpu else "dali-cpu", f"{info.describe()}: {where}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 
 from engines.decoders import DecodeError, cannot_open
+from engines.decoders.deinterlace import is_interlaced
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class StreamInfo:
     width: int
     height: int
     rotation_turns: int = 0
+    interlaced: bool = False  # the first frame (or the header's field order) says its fields are interlaced
 
     @property
     def chroma(self) -> str:
@@ -82,6 +84,7 @@ def probe(path: str | Path) -> StreamInfo:
                 width=stream.width,
                 height=stream.height,
                 rotation_turns=turns,
+                interlaced=is_interlaced(stream, first),
             )
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None

@@ -19,12 +19,13 @@ from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
                               cannot_open, ffmpeg_reason)
+from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.segments import Segment, header_frames, presented
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
            report: DecodeReport | None = None, threads: int = 0, convert_threads: int | None = None,
-           segment: Segment | None = None) -> Iterator[FrameBatch]:
+           segment: Segment | None = None, deinterlace: bool = True) -> Iterator[FrameBatch]:
     """Yield sampled frames of the first video stream, as displayed, in batches.
 
     A batch holds up to ``batch_size`` frames and at most ``max_pixels`` pixels (see
@@ -33,7 +34,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
     ``convert_threads``: threads of the RGB conversion (None: ``threads``); 1 where the other
     cores of the share run another stage meanwhile (a worker that finds faces on a thread).
     ``segment``: decode only that piece (seek to its keyframe, stop at its end); frame indices
-    and sampling stay those of the whole video.
+    and sampling stay those of the whole video. ``deinterlace``: interlaced frames are made
+    progressive (:mod:`engines.decoders.deinterlace`); progressive video is untouched either way.
 
     Raises:
         DecodeError: the file cannot be opened, has no video stream, or no frame decodes.
@@ -58,7 +60,10 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
                    else _packets_from_keyframe(container, stream, piece.start_pts))
         batcher: _Batcher | None = None
         count = 0
-        for count, frame in enumerate(_frames(packets, stream, report, piece), start=1):
+        frames = _frames(packets, stream, report, piece)
+        if deinterlace:
+            frames = deinterlaced(frames, stream, str(path))
+        for count, frame in enumerate(frames, start=1):
             index = piece.first_frame + count - 1
             pts_s = frame.time if frame.time is not None else index / fallback_rate
             if not selector.keep(index, pts_s):

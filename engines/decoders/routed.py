@@ -44,10 +44,12 @@ class RoutedDecoder:
         threads: FFmpeg threads for PyAV (0: one per core).
         convert_threads: threads of PyAV's RGB conversion (None: ``threads``).
         gpu_name: the CUDA device's name, for its NVDEC's codecs (None: asked from torch).
+        deinterlace: make interlaced frames progressive (PyAV's bwdif; DALI cannot, so interlaced
+            files go to PyAV).
     """
 
     def __init__(self, requested: str, device: str, threads: int = 0, gpu_name: str | None = None,
-                 convert_threads: int | None = None) -> None:
+                 convert_threads: int | None = None, deinterlace: bool = True) -> None:
         from engines.decoders import pyav
 
         self.requested = requested
@@ -58,7 +60,9 @@ class RoutedDecoder:
 
             gpu_name = torch.cuda.get_device_name(self.device_id) if torch.cuda.is_available() else None
         self.gpu_name = gpu_name
-        self._pyav = functools.partial(pyav.decode, threads=threads, convert_threads=convert_threads)
+        self.deinterlace = deinterlace
+        self._pyav = functools.partial(pyav.decode, threads=threads, convert_threads=convert_threads,
+                                       deinterlace=deinterlace)
         self._dali: dict[tuple[str, int], object] = {}
         self.last_choice: DecoderChoice | None = None  # of the latest file: for logs, benchmarks, tests
 
@@ -75,7 +79,8 @@ class RoutedDecoder:
 
     def _routed(self, path: Path, sampling: Sampling, batch_size: int, report: DecodeReport) -> Iterator[FrameBatch]:
         info = probe(path)
-        choice = choose_decoder(info, self.requested, self.device, self.gpu_name, dali_installed())
+        choice = choose_decoder(info, self.requested, self.device, self.gpu_name, dali_installed(),
+                                deinterlace=self.deinterlace)
         self.last_choice = choice
         if choice.kind == "pyav":
             log.info("%s: decoded by PyAV: %s", path, choice.reason)

@@ -1,0 +1,76 @@
+"""Interlaced video made progressive before faces are looked for: FFmpeg's ``bwdif`` filter.
+
+Broadcast recordings (1080i, 576i: TV archives, MPEG-TS captures) store two fields per frame,
+taken 1/50 or 1/60 s apart; shown as one frame, anything that moves is combed, and a face's
+aligned crop with it. ``bwdif`` rebuilds each frame from its fields and its neighbours, one frame
+out per frame in (``send_frame``), timestamps kept, so frame indices and times are those of the
+stream. Only frames the decoder marks interlaced are touched (``deint=interlaced``); a video
+whose first frame is progressive and whose stream declares no field order never builds a graph,
+so progressive video is decoded exactly as without this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+
+import av
+
+log = logging.getLogger(__name__)
+
+#: FFmpeg's AVFieldOrder values for interlaced streams (TT, BB, TB, BT); 0 unknown, 1 progressive.
+_INTERLACED_FIELD_ORDERS = frozenset({2, 3, 4, 5})
+_FILTER = "bwdif"
+_FILTER_ARGS = "mode=send_frame:parity=auto:deint=interlaced"
+
+
+def is_interlaced(stream: av.video.stream.VideoStream, first: av.VideoFrame | None) -> bool:
+    """Whether a stream's frames are interlaced: its first frame says so, or its header's field order."""
+    if first is not None and first.interlaced_frame:
+        return True
+    return int(getattr(stream.codec_context, "field_order", 0) or 0) in _INTERLACED_FIELD_ORDERS
+
+
+def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoStream,
+                 path: str = "") -> Iterator[av.VideoFrame]:
+    """``frames`` (decoded, in presentation order) with interlaced ones made progressive.
+
+    One frame out per frame in, a frame behind (``bwdif`` looks at the next frame; the last comes
+    out at the end). Where the filter fails (a frame of another size mid-stream), the frames it
+    holds come out, the rest pass as decoded, and the log says so once.
+    """
+    first = next(frames, None)
+    if first is None:
+        return
+    if not is_interlaced(stream, first):
+        yield first
+        yield from frames
+        return
+    graph = av.filter.Graph()
+    source, bwdif, sink = graph.add_buffer(template=stream), graph.add(_FILTER, _FILTER_ARGS), graph.add("buffersink")
+    source.link_to(bwdif)
+    bwdif.link_to(sink)
+    graph.configure()
+    for frame in itertools.chain([first], frames):
+        try:
+            graph.push(frame)
+        except av.error.FFmpegError as exc:
+            log.warning("%s: deinterlacing stopped (%s); the rest of the video is decoded as stored", path, exc)
+            yield from _drain(graph, flush=True)
+            yield frame
+            yield from frames
+            return
+        yield from _drain(graph, flush=False)
+    yield from _drain(graph, flush=True)
+
+
+def _drain(graph: av.filter.Graph, flush: bool) -> Iterator[av.VideoFrame]:
+    """The frames the graph has ready (all it holds, after an end-of-stream push, with ``flush``)."""
+    try:
+        if flush:
+            graph.push(None)
+        while True:
+            yield graph.pull()
+    except (av.error.BlockingIOError, av.error.EOFError):
+        return
