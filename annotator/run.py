@@ -167,12 +167,26 @@ def _existing_parts(layout: OutputLayout, claim: OutputClaim, metadata: dict[str
     if config.overwrite:
         claim.remove_parts()
     existing = layout.scan()
-    if existing.fingerprints - {json.dumps(metadata["fingerprint"], sort_keys=True)}:
+    ours = json.dumps(metadata["fingerprint"], sort_keys=True)
+    others = {comparable_fingerprint(f) for f in existing.fingerprints} - {ours}
+    if others:
+        theirs, mine = json.loads(sorted(others)[0]), json.loads(ours)
+        theirs = theirs if isinstance(theirs, dict) else {}
+        differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
         raise ConfigError(
-            f"{layout.parts_dir}: holds results made with other models or options "
-            "(pass --overwrite, or choose another --out)"
+            f"{layout.parts_dir}: holds results made with other models or options ({', '.join(differ)}; "
+            "pass the same options, --overwrite, or choose another --out)"
         )
     return existing
+
+
+def comparable_fingerprint(fingerprint: str) -> str:
+    """A part's fingerprint (JSON) as this version writes it: parts from before ``--deinterlace``
+    were made without deinterlacing, so they resume with ``--no-deinterlace``."""
+    values = json.loads(fingerprint)
+    if isinstance(values, dict):
+        values.setdefault("deinterlace", False)
+    return json.dumps(values, sort_keys=True)
 
 
 def run(config: RunConfig, progress: bool = True) -> RunSummary:

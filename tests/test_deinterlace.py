@@ -72,5 +72,16 @@ def test_a_run_records_deinterlacing_and_keeps_it_apart_on_resume(interlaced, tm
     assert summary.frames == 60 and summary.faces == 60 and summary.exit_code == 0
     meta = read_metadata(next(out.glob("part-*.parquet")))
     assert meta["options"]["deinterlace"] is True and meta["fingerprint"]["deinterlace"] is True
-    with pytest.raises(ConfigError, match="other models or options"):
+    with pytest.raises(ConfigError, match=r"other models or options \(deinterlace; pass the same options"):
         run(RunConfig(inputs=(interlaced,), out=out, workers=0, deinterlace=False), progress=False)
+
+
+def test_parts_from_before_the_option_count_as_made_without_it():
+    import json
+
+    from annotator.run import comparable_fingerprint
+
+    old = json.dumps({"models": ["a", "b"], "det_size": 640}, sort_keys=True)
+    assert json.loads(comparable_fingerprint(old)) == {"models": ["a", "b"], "det_size": 640, "deinterlace": False}
+    new = json.dumps({"models": ["a"], "deinterlace": True}, sort_keys=True)
+    assert comparable_fingerprint(new) == new

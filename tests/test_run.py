@@ -98,7 +98,7 @@ def test_folder_with_two_videos_and_a_broken_one(carphone, tmp_path):
     assert again.skipped == 2 and again.failed == 1
     assert sorted(p.name for p in OutputLayout(out).parts()) == first
     # Different options must not be mixed into the same results.
-    with pytest.raises(ConfigError, match="other models or options"):
+    with pytest.raises(ConfigError, match=r"other models or options \(sampling; pass the same options"):
         run(_config([videos], out, sampling=Sampling(every_n=5)), progress=False)
 
 
