@@ -116,13 +116,14 @@ def trim_by_edit_list(src: Path, dst: Path, frames: int) -> Path:
     """
     with av.open(str(src)) as container:
         stream = container.streams.video[0]
-        ticks = round(1 / (float(stream.average_rate) * float(stream.time_base)))  # track timescale per frame
+        rate = float(stream.average_rate)
+        ticks = round(1 / (rate * float(stream.time_base)))  # track timescale per frame
     data = bytearray(src.read_bytes())
     movie_scale = int.from_bytes(data[data.find(b"mvhd") + 16:data.find(b"mvhd") + 20], "big")  # version 0
     at = data.find(b"elst")
     assert data[at + 4] == 0 and int.from_bytes(data[at + 8:at + 12], "big") == 1, "one version-0 edit expected"
     duration, media_time = at + 12, at + 16
-    shorter = round(frames / float(stream.average_rate) * movie_scale)
+    shorter = round(frames / rate * movie_scale)
     data[duration:duration + 4] = (int.from_bytes(data[duration:duration + 4], "big") - shorter).to_bytes(4, "big")
     data[media_time:media_time + 4] = (int.from_bytes(data[media_time:media_time + 4], "big")
                                        + frames * ticks).to_bytes(4, "big")
