@@ -26,6 +26,7 @@ import pyarrow.dataset as ds
 
 from annotator.results import Results, open_results
 from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
+from engines.decoders.deinterlace import deinterlaced
 
 #: Box colours by track id (matplotlib's tab10, RGB), so a face keeps its colour while tracked.
 TRACK_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -199,9 +200,12 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
 
 def _frames_in_range(source: av.container.InputContainer, stream: av.video.stream.VideoStream,
                      start_s: float | None, end_s: float | None, every_n: int) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(decoded-frame index, frame) for every ``every_n``-th frame whose time is in [start_s, end_s)."""
+    """(decoded-frame index, frame) for every ``every_n``-th frame whose time is in [start_s, end_s).
+
+    Interlaced frames come out progressive, as ``annotate run`` saw them (one frame per frame,
+    times kept, so rows still match by time)."""
     kept = 0
-    for index, frame in enumerate(source.decode(stream)):
+    for index, frame in enumerate(deinterlaced(source.decode(stream), stream, source.name)):
         time = frame.time
         if start_s is not None and time is not None and time < start_s - 1e-9:
             continue

@@ -85,3 +85,15 @@ def test_parts_from_before_the_option_count_as_made_without_it():
     assert json.loads(comparable_fingerprint(old)) == {"models": ["a", "b"], "det_size": 640, "deinterlace": False}
     new = json.dumps({"models": ["a"], "deinterlace": True}, sort_keys=True)
     assert comparable_fingerprint(new) == new
+
+
+def test_the_overlay_draws_on_deinterlaced_frames(interlaced, tmp_path):
+    from annotator.overlay import write_overlay
+
+    out = tmp_path / "out.parquet"
+    run(RunConfig(inputs=(interlaced,), out=out, workers=0), progress=False)
+    summary = write_overlay(interlaced, out, tmp_path / "overlay.mp4")
+    assert summary.frames == 60 and summary.annotated == 60  # every frame's face matched by its time
+    drawn, _, _, _ = _decoded(tmp_path / "overlay.mp4", deinterlace=False)
+    stored, _, _, _ = _decoded(interlaced, deinterlace=False)
+    assert np.mean([combing(f) for f in drawn]) < 0.6 * np.mean([combing(f) for f in stored])
