@@ -257,8 +257,8 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         config = on_cluster(config)
     split = on_ray and config.resolved_decoder() == "pyav"
     items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
-    # Videos done, with a split video's finished segments as fractions of it: one long video
-    # moves the bar (and its time left) as its segments come in.
+    # Videos done, in hundredths: each table of rows counts the part of its video it finishes
+    # (annotator.collect.PartCollector.add), so a long video moves the bar and its time left.
     bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.6g}/{total_fmt} videos [{elapsed}<{remaining}{postfix}]")

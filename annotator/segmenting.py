@@ -174,7 +174,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             reports.append(_report(facts))
             table = pq.read_table(part).cast(SCHEMA)
             rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
-            lost_before, decoded_before = segment.first_frame - decoded_before, decoded_before + reports[-1].frames_decoded
+            lost_before = segment.first_frame - decoded_before  # undecodable frames of the segments before
+            decoded_before += reports[-1].frames_decoded
             if rows.num_rows == 0:
                 continue
             if lost_before > 0:
