@@ -230,6 +230,16 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     return summary
 
 
+def advance_bar(bar: tqdm, videos: float) -> None:
+    """Move the bar by ``videos`` (fractions of videos), never past its total.
+
+    A video's fractions add up to 1 only up to float rounding (0.1 thirty times is
+    3.0000000000000013), so over many videos the sum can pass the total by a hair, and tqdm then
+    warns and shows a negative time left.
+    """
+    bar.update(min(videos, max(bar.total - bar.n, 0)))
+
+
 @contextmanager
 def _writing(where: Path, then: str) -> Iterator[None]:
     """A write that fails (a full disk) is one line saying what is kept, not a traceback."""
@@ -270,7 +280,7 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
         for table in (stream if items else ()):
             with writing():
-                bar.update(collector.add(table))
+                advance_bar(bar, collector.add(table))
             rate = collector.frames / (time.perf_counter() - start)
             bar.set_postfix(fps=f"{rate:.1f}", faces=collector.faces, failed=collector.failed, refresh=False)
     finally:

@@ -215,3 +215,23 @@ def test_the_driver_never_imports_torch():
             "annotator.commands.run; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_the_progress_bar_never_passes_its_total():
+    # Thirty tenths of videos are 3.0000000000000013 in floats: tqdm would warn "clamping frac"
+    # and show a negative time left on the last video of a run.
+    import io
+    import warnings
+
+    from tqdm import tqdm
+
+    from annotator.run import advance_bar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bar = tqdm(total=3, file=io.StringIO())
+        for _ in range(30):
+            advance_bar(bar, 0.1)
+        bar.close()
+    assert bar.n == pytest.approx(3) and bar.n <= 3
+    assert "-00:00" not in bar.fp.getvalue()
