@@ -26,6 +26,7 @@ import pyarrow.dataset as ds
 
 from annotator.results import Results, open_results
 from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
+from engines.decoders import DecodeError, video_stream
 from engines.decoders.deinterlace import deinterlaced
 
 #: Box colours by track id (matplotlib's tab10, RGB), so a face keeps its colour while tracked.
@@ -164,9 +165,10 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
     written = annotated = 0
     try:
         with source:
-            if not source.streams.video:
-                raise OverlayError(f"{video}: no video stream")
-            stream = source.streams.video[0]
+            try:
+                stream = video_stream(source, video)  # as annotate run chose it: not a cover
+            except DecodeError as exc:
+                raise OverlayError(str(exc)) from None
             stream.thread_type = "AUTO"
             if start_s:
                 source.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)

@@ -7,6 +7,7 @@ damaged or marked: packets overwritten in the middle, a cut-off tail, a display 
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -128,6 +129,39 @@ def trim_by_edit_list(src: Path, dst: Path, frames: int) -> Path:
     data[media_time:media_time + 4] = (int.from_bytes(data[media_time:media_time + 4], "big")
                                        + frames * ticks).to_bytes(4, "big")
     dst.write_bytes(bytes(data))
+    return dst
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def add_cover_art(src: Path, dst: Path, picture: np.ndarray, before_tracks: bool = True) -> Path:
+    """A copy of an MP4 (its ``moov`` last, as FFmpeg writes it) with ``picture`` as its cover
+    art: the iTunes ``covr`` tag (``moov/udta/meta/ilst``), as yt-dlp's ``--embed-thumbnail`` and
+    iTunes write it. FFmpeg lists it as a one-frame video stream flagged "attached picture";
+    ``before_tracks`` puts the tags right after ``mvhd``, so that stream is stream 0.
+
+    The media data comes before ``moov``, so no chunk offset moves.
+    """
+    data = src.read_bytes()
+    at, boxes = 0, []
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        boxes.append((kind, at, size))
+        at += size
+    kind, moov_at, moov_size = boxes[-1]
+    assert kind == b"moov", "an MP4 with its index last expected"
+    moov = data[moov_at + 8:moov_at + moov_size]
+    assert moov[4:8] == b"mvhd"
+    jpeg = io.BytesIO()
+    av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24").to_image().save(jpeg, format="JPEG")
+    handler = _box(b"hdlr", bytes(8) + b"mdir" + b"appl" + bytes(8) + b"\0")
+    cover = _box(b"covr", _box(b"data", struct.pack(">II", 13, 0) + jpeg.getvalue()))  # 13: JPEG
+    tags = _box(b"udta", _box(b"meta", bytes(4) + handler + _box(b"ilst", cover)))
+    mvhd_end = struct.unpack(">I", moov[:4])[0]
+    inner = moov[:mvhd_end] + tags + moov[mvhd_end:] if before_tracks else moov + tags
+    dst.write_bytes(data[:moov_at] + _box(b"moov", inner))
     return dst
 
 

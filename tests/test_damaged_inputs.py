@@ -28,7 +28,10 @@ from annotator.run import EXIT_SOME_INPUTS_FAILED, run
 from annotator.writer import read_metadata
 from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, Sampling, batch_shape
 from engines.decoders.pyav import decode
-from faults import carphone_frames, overwrite_packets, set_display_rotation, trim_by_edit_list, truncate, write_clip
+from engines.decoders.probe import probe
+from engines.decoders.segments import frame_count
+from faults import (add_cover_art, carphone_frames, overwrite_packets, set_display_rotation, trim_by_edit_list, truncate,
+                    write_clip)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,40 @@ def test_a_cut_off_recording_without_its_index_says_so(frames, tmp_path):
         _decoded(cut)
     assert str(failure.value) == (f"{cut}: no index (moov box) in its {cut.stat().st_size:,} bytes: an MP4/MOV "
                                   "whose recording or copy was cut short; its frames cannot be located")
+
+
+def test_cover_art_is_not_taken_for_the_video(frames, tmp_path):
+    """A download with its thumbnail embedded (yt-dlp --embed-thumbnail, iTunes) has a one-frame
+    "attached picture" stream, stream 0 when the tags come before the tracks. Before, that cover
+    was annotated, as a one-frame video without error, and none of the film."""
+    cover = np.ascontiguousarray(frames[0][::-1])  # a face, so a cover read by mistake has rows
+    video = add_cover_art(write_clip(tmp_path / "film.mp4", frames, 40), tmp_path / "film_cover.mp4", cover)
+    with av.open(str(video)) as container:
+        assert container.streams.video[0].disposition & av.stream.Disposition.attached_pic  # the trap is set
+    batches, report = _decoded(video)
+    assert np.concatenate([b.frame_index for b in batches]).tolist() == list(range(40)) and not report.damaged
+    assert probe(video).codec == "h264" and frame_count(video) == 40
+
+    summary = run(_config([video], tmp_path / "out"), progress=False)
+    table = ds.dataset(tmp_path / "out").to_table()
+    assert summary.failed == 0 and table.num_rows == 40 and table.column("frame_index").to_pylist() == list(range(40))
+
+
+def test_an_audio_file_with_cover_art_is_no_video(tmp_path):
+    """An audio-only MP4 (a podcast, a music download) with its cover: no video to annotate, said so."""
+    audio = tmp_path / "episode.mp4"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(16):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    covered = add_cover_art(audio, tmp_path / "episode_cover.mp4", np.full((64, 64, 3), 128, np.uint8))
+    summary = run(_config([covered], tmp_path / "out"), progress=False)
+    assert summary.failed == 1
+    assert ds.dataset(tmp_path / "out").to_table().column("error").to_pylist() == [
+        f"{covered}: no video stream, only a still picture attached to the file (cover art)"]
 
 
 def test_not_a_video_and_an_empty_file_are_failures_not_crashes(tmp_path):

@@ -20,7 +20,7 @@ from annotator.config import RunConfig
 from annotator.overlay import draw_faces, faces_by_frame
 from annotator.run import run
 from engines.decoders import Sampling
-from faults import carphone_frames, set_display_rotation, write_clip
+from faults import add_cover_art, carphone_frames, set_display_rotation, write_clip
 
 #: Largest per-channel change an undrawn pixel may show: the RGB -> YUV 4:2:0 -> RGB round trip
 #: of a lossless (crf 0) encode rounds, and chroma is shared by 2x2 pixels.
@@ -137,6 +137,19 @@ def test_rotated_video_is_drawn_upright(carphone: Path, tmp_path: Path):
             assert np.abs(picture.astype(int) - displayed).max() <= TOLERANCE
         else:
             assert_drawn_exactly_there(picture, displayed, faces[times[index]])
+
+
+def test_cover_art_is_not_drawn_on(carphone: Path, tmp_path: Path):
+    """A file whose embedded cover is stream 0: the overlay is of the film, as annotate run saw it."""
+    frames = carphone_frames(carphone)[:12]
+    film = add_cover_art(write_clip(tmp_path / "film.mp4", frames, 12), tmp_path / "film_cover.mp4",
+                         np.zeros((90, 160, 3), np.uint8))
+    result = tmp_path / "film.parquet"
+    run(RunConfig(inputs=(film,), out=result, workers=0), progress=False)
+    out = tmp_path / "film_overlay.mp4"
+    line = _overlay(str(film), "--results", str(result), "--out", str(out), "--crf", "0")
+    assert "12 frames, 12 with faces drawn" in line
+    assert [picture.shape for picture in _decode(out)[0]] == [(144, 176, 3)] * 12
 
 
 def test_errors_name_the_file_and_outputs_are_never_clobbered(carphone: Path, carphone_result: Path,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the CLI loads this before torch, so Ray can start while torch loads
+    import av
     import torch
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
@@ -44,6 +45,29 @@ def cannot_open(path: str | Path, exc: Exception) -> DecodeError:
     except OSError:
         reason = None
     return DecodeError(f"{path}: {reason or f'cannot open ({ffmpeg_reason(exc)})'}")
+
+
+def video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
+    """The stream whose frames are the video: the first video stream that is not a still picture.
+
+    FFmpeg lists a file's cover art (an MP4's ``covr``, as yt-dlp's ``--embed-thumbnail`` and
+    iTunes write it; a Matroska image attachment) as a video stream of one frame, flagged
+    "attached picture", and where the tags come before the tracks it is stream 0: taking the
+    first video stream annotated the cover, as a one-frame video, and none of the film.
+
+    Raises:
+        DecodeError: no video stream, or only still pictures (an audio file with its cover).
+    """
+    import av  # here: the CLI imports this module before PyAV is needed
+
+    stills = av.stream.Disposition.attached_pic | av.stream.Disposition.timed_thumbnails
+    streams = container.streams.video
+    moving = [stream for stream in streams if not stream.disposition & stills]
+    if moving:
+        return moving[0]
+    if streams:
+        raise DecodeError(f"{path}: no video stream, only a still picture attached to the file (cover art)")
+    raise DecodeError(f"{path}: no video stream")
 
 
 def _mp4_without_index(path: Path, size: int) -> str | None:

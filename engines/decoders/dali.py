@@ -36,7 +36,7 @@ import av
 import numpy as np
 import torch
 
-from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
+from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, video_stream
 from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
 from engines.decoders.probe import StreamInfo, probe
 
@@ -105,12 +105,12 @@ def video_graph(device: DaliDevice, sequence_length: int) -> Any:
 
 
 def packet_times(path: Path) -> np.ndarray:
-    """Presentation times (s, float64, ascending) of the first video stream's frames, by demuxing.
+    """Presentation times (s, float64, ascending) of the video stream's frames (not a cover's), by demuxing.
 
     One per packet that carries data; a stream without timestamps gets ``index / rate``.
     """
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         pts = [p.pts for p in container.demux(stream) if p.size and not p.is_discard]  # edit lists: segments.presented
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         if not pts or any(t is None for t in pts):

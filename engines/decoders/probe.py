@@ -13,13 +13,13 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import DecodeError, cannot_open
+from engines.decoders import DecodeError, cannot_open, video_stream
 from engines.decoders.deinterlace import is_interlaced
 
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """The first video stream of a file, as its header describes it.
+    """The video stream of a file (not its cover art), as its header describes it.
 
     ``rotation_turns`` is counterclockwise quarter turns that show frames upright (from the
     first frame's display matrix).
@@ -63,9 +63,7 @@ def probe(path: str | Path) -> StreamInfo:
         raise DecodeError(f"{path}: no such file")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, path)
             context = stream.codec_context
             fmt = context.format
             bit_depth = fmt.components[0].bits if fmt is not None and fmt.components else 8

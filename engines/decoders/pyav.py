@@ -18,7 +18,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
-                              cannot_open, ffmpeg_reason)
+                              cannot_open, ffmpeg_reason, video_stream)
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.segments import Segment, header_frames, presented
 
@@ -26,7 +26,7 @@ from engines.decoders.segments import Segment, header_frames, presented
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
            report: DecodeReport | None = None, threads: int = 0, convert_threads: int | None = None,
            segment: Segment | None = None, deinterlace: bool = True) -> Iterator[FrameBatch]:
-    """Yield sampled frames of the first video stream, as displayed, in batches.
+    """Yield sampled frames of the video stream (:func:`~engines.decoders.video_stream`), as displayed, in batches.
 
     A batch holds up to ``batch_size`` frames and at most ``max_pixels`` pixels (see
     :func:`engines.decoders.batch_shape`). Damaged packets are skipped and counted in ``report``.
@@ -48,9 +48,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None
     with container:
-        if not container.streams.video:
-            raise DecodeError(f"{path}: no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         # Frame threading decodes several frames at once; 'AUTO' adds slice threading.
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
@@ -286,7 +284,7 @@ def _expected_frames(stream: av.video.stream.VideoStream, piece: Segment) -> int
 
 
 def probe(path: str | Path) -> tuple[int, int, float]:
-    """(width, height, average fps) of the first video stream, for benchmarks and reports."""
+    """(width, height, average fps) of the video stream, for benchmarks and reports."""
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         return stream.width, stream.height, float(stream.average_rate or 0)

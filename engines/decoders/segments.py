@@ -16,6 +16,8 @@ from pathlib import Path
 
 import av
 
+from engines.decoders import video_stream
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -43,9 +45,9 @@ class Segment:
 
 
 def frame_count(path: Path) -> int:
-    """Frames of the first video stream as the header says (0 when it does not say)."""
+    """Frames of the video stream (not a cover) as the header says (0 when it does not say)."""
     with av.open(str(path)) as container:
-        return header_frames(container.streams.video[0])
+        return header_frames(video_stream(container, path))
 
 
 def header_frames(stream: av.video.stream.VideoStream) -> int:
@@ -81,11 +83,12 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
     Fewer segments come back when keyframes are too sparse; one segment when ``pieces`` <= 1.
 
     Raises:
-        av.error.FFmpegError, OSError: the file cannot be read (the caller annotates it whole,
-            and the decode then reports the problem as usual).
+        av.error.FFmpegError, OSError, engines.decoders.DecodeError: the file cannot be read, or
+            has no video stream (the caller annotates it whole, and the decode then reports the
+            problem as usual).
     """
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)]
         time_base = float(stream.time_base or 0)
     if pieces <= 1 or not packets:
