@@ -1,9 +1,9 @@
 """``annotate overlay``: a video re-encoded with its annotations drawn on, to trust what the rows say.
 
-Each frame is decoded with PyAV, turned upright exactly as the annotator's PyAV decoder turns it
-(the rows' boxes are pixels of the frame as displayed), drawn on with OpenCV, and encoded as
-H.264 with the source's time base and each frame's own pts, so the overlay lines up with the
-``pts_s`` column frame for frame. The output is upright and carries no rotation matrix; audio
+Each frame is decoded with PyAV, turned upright and given square pixels exactly as the
+annotator's PyAV decoder does it (the rows' boxes are pixels of the frame as displayed), drawn on
+with OpenCV, and encoded as H.264 with the source's time base and each frame's own pts, so the
+overlay lines up with the ``pts_s`` column frame for frame. The output is upright and carries no rotation matrix; audio
 is not copied. Frames are matched to rows by presentation time (by decoded-frame index where a
 frame has no pts), which stays right after a seek to ``start_s``.
 """
@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 
 from annotator.results import Results, open_results
 from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
-from engines.decoders import DecodeError, video_stream
+from engines.decoders import DecodeError, display_size, sample_aspect, video_stream
 from engines.decoders.deinterlace import deinterlaced
 
 #: Box colours by track id (matplotlib's tab10, RGB), so a face keeps its colour while tracked.
@@ -167,6 +167,7 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
         with source:
             try:
                 stream = video_stream(source, video)  # as annotate run chose it: not a cover
+                aspect = sample_aspect(stream)
             except DecodeError as exc:
                 raise OverlayError(str(exc)) from None
             stream.thread_type = "AUTO"
@@ -175,7 +176,7 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
             with av.open(str(tmp), "w", format="mp4") as sink:
                 encoder: av.video.stream.VideoStream | None = None
                 for index, frame in _frames_in_range(source, stream, start_s, end_s, every_n):
-                    rgb = _upright(frame)
+                    rgb = _upright(frame, aspect)
                     if frame.pts is not None:
                         faces = faces_at.get(_micros(frame.time), [])
                     else:
@@ -218,9 +219,11 @@ def _frames_in_range(source: av.container.InputContainer, stream: av.video.strea
         kept += 1
 
 
-def _upright(frame: av.VideoFrame) -> np.ndarray:
-    """RGB as displayed: the same quarter turns as engines.decoders.pyav (the rows' pixel frame)."""
-    rgb = frame.to_ndarray(format="rgb24")
+def _upright(frame: av.VideoFrame, aspect: float = 1.0) -> np.ndarray:
+    """RGB as displayed: square pixels and the same quarter turns as engines.decoders.pyav (the
+    rows' pixel frame)."""
+    width, height = display_size(frame.width, frame.height, aspect)
+    rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
     turns = round((frame.rotation or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 

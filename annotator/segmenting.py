@@ -242,6 +242,7 @@ def _combine(reports: list[DecodeReport]) -> DecodeReport:
     first_bad = [r.first_bad_s for r in reports if r.first_bad_s is not None]
     return DecodeReport(
         rotation_cw_deg=reports[0].rotation_cw_deg, width=reports[0].width, height=reports[0].height,
+        sample_aspect=reports[0].sample_aspect,
         frames_decoded=sum(r.frames_decoded for r in reports), frames_lost=sum(r.frames_lost for r in reports),
         bad_packets=sum(r.bad_packets for r in reports), first_bad_s=min(first_bad) if first_bad else None,
         stopped_early=next((r.stopped_early for r in reports if r.stopped_early), None),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 
@@ -80,6 +82,24 @@ def write_interlaced_clip(path: Path, frames: list[np.ndarray], n: int, fps: int
             frame = scaled[(2 * k) % len(scaled)].copy()
             frame[1::2] = scaled[(2 * k + 1) % len(scaled)][1::2]
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def write_anamorphic_clip(path: Path, frames: list[np.ndarray], n: int, aspect: Fraction, fps: int = 30) -> Path:
+    """``frames`` (square pixels) stored as DVD, DV, HDV and SD broadcast store them: squeezed to
+    ``1 / aspect`` of their width (INTER_AREA) and tagged with that sample aspect ratio, so a
+    player shows the original shape. H.264 MP4; the ratio goes in the bitstream and the ``pasp`` box.
+    """
+    height, width = frames[0].shape[:2]
+    stored = round(width / aspect)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = stored, height, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = aspect
+        for i in range(n):
+            squeezed = cv2.resize(frames[i % len(frames)], (stored, height), interpolation=cv2.INTER_AREA)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(squeezed, format="rgb24")))
         out.mux(stream.encode())
     return path
 

@@ -120,7 +120,7 @@ def test_a_lost_face_brings_the_next_keyframe_forward(detector, carphone_frames)
     assert tracker.cuts == 0  # a face hidden is not a new shot
 
 
-def _shot(image: np.ndarray, frames: int, height: int = 144, width: int = 176) -> torch.Tensor:
+def _shot(image: np.ndarray, frames: int, height: int, width: int) -> torch.Tensor:
     """``frames`` frames of a still photograph, cut to the clip's aspect and size, drifting 1 px a frame."""
     import cv2
 
@@ -134,7 +134,7 @@ def test_a_cut_ends_every_track_and_finds_the_new_shots_faces_on_its_first_frame
     under a new id, though the last keyframe was 5 frames before and the next due 5 after."""
     from skimage import data
 
-    frames = torch.cat([carphone_frames[:15], _shot(data.astronaut(), 10)])
+    frames = torch.cat([carphone_frames[:15], _shot(data.astronaut(), 10, *carphone_frames.shape[1:3])])
     tracker = FaceTracker(detector, detect_every=10)
     tracker.start(det_size=176, min_face=20)
     faces = [face for start in range(0, len(frames), 8) for face in tracker(frames[start:start + 8])]
@@ -188,7 +188,8 @@ def test_shot_signatures_separate_motion_a_loop_and_a_cut(carphone_frames):
 
     assert changes(carphone_frames).max() < 5  # 3.5 measured
     assert changes(carphone_frames[-1:], carphone_frames[:1])[0] < CUT_THRESHOLD
-    assert changes(carphone_frames[-1:], _shot(data.astronaut(), 1))[0] > 2 * CUT_THRESHOLD  # 67.5 measured
+    cut = _shot(data.astronaut(), 1, *carphone_frames.shape[1:3])
+    assert changes(carphone_frames[-1:], cut)[0] > 2 * CUT_THRESHOLD  # 67.5 measured
 
 
 def test_capped_floor_says_what_the_det_size_cap_costs():

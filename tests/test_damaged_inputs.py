@@ -30,8 +30,8 @@ from engines.decoders import CPU_BATCH_PIXELS, DecodeError, DecodeReport, Sampli
 from engines.decoders.pyav import decode
 from engines.decoders.probe import probe
 from engines.decoders.segments import frame_count
-from faults import (add_cover_art, carphone_frames, overwrite_packets, set_display_rotation, trim_by_edit_list, truncate,
-                    write_clip)
+from faults import (add_cover_art, carphone_frames, overwrite_packets, set_display_rotation, trim_by_edit_list,
+                    truncate, write_clip)
 
 
 @pytest.fixture(scope="module")
@@ -254,15 +254,15 @@ def test_batches_are_bounded_by_pixels_not_frames():
 
 
 def test_a_frame_over_the_budget_is_decoded_smaller_and_boxes_stay_in_source_pixels(carphone):
-    budget = 176 * 144 // 4
+    budget = 192 * 144 // 4  # carphone as displayed (128:117 pixels): 192x144
     batches, report = _decoded(carphone, Sampling(every_n=10), max_pixels=budget)
     assert all(len(b) == 1 and b.frames.shape[1] * b.frames.shape[2] <= budget for b in batches)
-    assert batches[0].scale == pytest.approx(2.0, rel=0.03) and (report.width, report.height) == (176, 144)
+    assert batches[0].scale == pytest.approx(2.0, rel=0.03) and (report.width, report.height) == (192, 144)
 
     config = _config([carphone], carphone.with_suffix(".unused.parquet"), sampling=Sampling(every_n=10), min_face=10)
     pipeline = VideoPipeline(config)
     full = pa_rows(pipeline.annotate(carphone))
-    pipeline._decode = functools.partial(decode, max_pixels=176 * 144 // 2)  # 1.41x smaller frames
+    pipeline._decode = functools.partial(decode, max_pixels=192 * 144 // 2)  # 1.41x smaller frames
     small = pa_rows(pipeline.annotate(carphone))
     assert full["frame_index"] == small["frame_index"]
     for c in ("x1", "y1", "x2", "y2", "nose_x", "nose_y"):

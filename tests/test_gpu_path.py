@@ -29,7 +29,7 @@ from annotator.worker import worker_device
 from engines.cache import Artifacts
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders import pyav as pyav_decoder
-from engines.decoders.choice import choose_decoder, gpu_family, pipelines_per_gpu
+from engines.decoders.choice import DecoderChoice, choose_decoder, gpu_family, pipelines_per_gpu
 from engines.decoders.probe import StreamInfo, probe
 from engines.registry import get_entry
 from engines.runtimes import derived
@@ -247,6 +247,9 @@ def test_decoder_choice_reasons_name_the_cause(clips: dict[str, Path]) -> None:
     assert choose_decoder(probe(clips["h264"]), "auto", "cuda", h100, False).reason.startswith("NVIDIA DALI is not installed")
     odd = StreamInfo(Path("x.ts"), "h264", "High", "yuv420p", 8, "mpegts", 64, 48)
     assert "container mpegts" in choose_decoder(odd, "auto", "cuda", h100, True).reason
+    dvd = StreamInfo(Path("dvd.mkv"), "h264", "High", "yuv420p", 8, "matroska,webm", 720, 576, sample_aspect=64 / 45)
+    assert choose_decoder(dvd, "auto", "cuda", h100, True) == DecoderChoice(
+        "pyav", "non-square pixels (sample aspect 1.42): PyAV shows them square, DALI decodes them as stored")
 
 
 @pytest.mark.parametrize(("name", "family"), [

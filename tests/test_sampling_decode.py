@@ -23,7 +23,8 @@ def test_every_frame_decoded_with_increasing_timestamps(carphone):
     assert index.tolist() == list(range(120))
     assert np.all(np.diff(pts) > 0)
     np.testing.assert_allclose(pts, index / CARPHONE_FPS, atol=1e-6)
-    assert frames[0].dtype == torch.uint8 and frames[0].shape[1:] == (144, 176, 3)
+    # 176x144 stored, shown 192x144: carphone's pixels are 128:117 (engines.decoders.sample_aspect)
+    assert frames[0].dtype == torch.uint8 and frames[0].shape[1:] == (144, 192, 3)
     assert [len(f) for f in frames] == [16] * 7 + [8]
 
 
@@ -62,7 +63,7 @@ def test_not_a_video_is_a_one_line_error(tmp_path):
     assert str(bad) in message and "\n" not in message
 
 
-@pytest.mark.parametrize("max_pixels", [None, 176 * 144 // 2])  # as stored, and scaled down to a budget
+@pytest.mark.parametrize("max_pixels", [None, 192 * 144 // 2])  # as displayed, and scaled down to a budget
 def test_a_workers_thread_share_gives_the_same_pixels(carphone, max_pixels):
     """Conversions stay on the worker's share of the cores (``threads``, also passed to PyAV 17's
     multithreaded reformatter) and give the very pixels of FFmpeg's own choice of threads."""
@@ -73,7 +74,7 @@ def test_a_workers_thread_share_gives_the_same_pixels(carphone, max_pixels):
     one, auto = frames(1), frames(0)
     assert one.shape == auto.shape and len(one) == 120
     if max_pixels is not None:
-        assert one.shape[1:3] == (100, 124)  # scaled to the budget (engines.decoders.batch_shape)
+        assert one.shape[1:3] == (100, 134)  # scaled to the budget (engines.decoders.batch_shape)
     np.testing.assert_array_equal(one, auto)
 
 
@@ -100,5 +101,7 @@ def test_one_conversion_context_per_video_with_the_pixels_of_a_fresh_one_per_fra
     frames = np.concatenate([b.frames.numpy() for b in decode(carphone, Sampling(every_n=2), 8, threads=2)])
     assert len(made) == 1 and made[0].calls == 60
     with av.open(str(carphone)) as container:
-        fresh = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i % 2 == 0]
+        # Shown 192 wide (128:117 pixels): one conversion stretches and converts, as here.
+        fresh = [f.to_ndarray(format="rgb24", width=192, height=144)
+                 for i, f in enumerate(container.decode(video=0)) if i % 2 == 0]
     np.testing.assert_array_equal(frames, np.stack(fresh))

@@ -114,6 +114,31 @@ def batch_shape(width: int, height: int, batch_size: int, max_pixels: int | None
     return 1, max(2, int(width * shrink) // 2 * 2), max(2, int(height * shrink) // 2 * 2)
 
 
+#: Sample aspect ratios outside this range are taken for a broken header, not a picture.
+_PLAUSIBLE_SAR = (0.25, 4.0)
+
+
+def sample_aspect(stream: av.video.stream.VideoStream) -> float:
+    """Width of the stream's pixels over their height, as a player shows them (1: square pixels).
+
+    DVD, DV, HDV and SD broadcast store frames narrower or wider than they are shown: 16:9 PAL is
+    stored 720x576 and shown 1024x576 (sample aspect 64:45). The container's value comes first,
+    then the bitstream's, as FFmpeg's players take them; a missing or absurd one counts as 1.
+    """
+    for value in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if value and _PLAUSIBLE_SAR[0] <= float(value) <= _PLAUSIBLE_SAR[1]:
+            return float(value)
+    return 1.0
+
+
+def display_size(width: int, height: int, aspect: float) -> tuple[int, int]:
+    """The stored ``width`` x ``height`` as shown with pixels of ``aspect`` (width over height):
+    the width follows the aspect, the height stays, as FFmpeg's players do (``iw*sar``). A
+    stretched width is rounded to an even number (what a 4:2:0 encoder of the overlay needs):
+    carphone's 176 pixels of 128:117 are shown 192 wide, 4:3."""
+    return (width if aspect == 1.0 else max(2, round(width * aspect / 2) * 2)), height
+
+
 @dataclass(frozen=True)
 class FrameBatch:
     """Sampled frames of one video, in presentation order.
@@ -146,8 +171,9 @@ class DecodeReport:
     """
 
     rotation_cw_deg: int = 0  # clockwise turn applied to show frames as displayed: 0, 90, 180, 270
-    width: int = 0  # as displayed, in source pixels
+    width: int = 0  # as displayed: upright, square pixels, in source pixels
     height: int = 0
+    sample_aspect: float = 1.0  # the stored pixels' width over height (:func:`sample_aspect`), shown square
     frames_decoded: int = 0
     frames_lost: int = 0  # frames the container holds that did not decode
     bad_packets: int = 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import DecodeError, cannot_open, video_stream
+from engines.decoders import DecodeError, cannot_open, sample_aspect, video_stream
 from engines.decoders.deinterlace import is_interlaced
 
 
@@ -35,6 +35,7 @@ class StreamInfo:
     height: int
     rotation_turns: int = 0
     interlaced: bool = False  # the first frame (or the header's field order) says its fields are interlaced
+    sample_aspect: float = 1.0  # width over height of a pixel as shown (engines.decoders.sample_aspect)
 
     @property
     def chroma(self) -> str:
@@ -83,6 +84,7 @@ def probe(path: str | Path) -> StreamInfo:
                 height=stream.height,
                 rotation_turns=turns,
                 interlaced=is_interlaced(stream, first),
+                sample_aspect=sample_aspect(stream),
             )
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None

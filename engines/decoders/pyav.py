@@ -18,14 +18,15 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
-                              cannot_open, ffmpeg_reason, video_stream)
+                              cannot_open, display_size, ffmpeg_reason, sample_aspect, video_stream)
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.segments import Segment, header_frames, presented
 
 
 def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels: int | None = CPU_BATCH_PIXELS,
            report: DecodeReport | None = None, threads: int = 0, convert_threads: int | None = None,
-           segment: Segment | None = None, deinterlace: bool = True) -> Iterator[FrameBatch]:
+           segment: Segment | None = None, deinterlace: bool = True,
+           square_pixels: bool = True) -> Iterator[FrameBatch]:
     """Yield sampled frames of the video stream (:func:`~engines.decoders.video_stream`), as displayed, in batches.
 
     A batch holds up to ``batch_size`` frames and at most ``max_pixels`` pixels (see
@@ -36,6 +37,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
     ``segment``: decode only that piece (seek to its keyframe, stop at its end); frame indices
     and sampling stay those of the whole video. ``deinterlace``: interlaced frames are made
     progressive (:mod:`engines.decoders.deinterlace`); progressive video is untouched either way.
+    ``square_pixels``: frames stored with non-square pixels are scaled to their displayed shape
+    (:func:`~engines.decoders.sample_aspect`); False keeps them as stored.
 
     Raises:
         DecodeError: the file cannot be opened, has no video stream, or no frame decodes.
@@ -68,7 +71,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
                 continue
             if batcher is None:
                 batcher = _Batcher(frame, batch_size, max_pixels, report,
-                                   threads if convert_threads is None else convert_threads)
+                                   threads if convert_threads is None else convert_threads,
+                                   sample_aspect(stream) if square_pixels else 1.0)
             if (batch := batcher.add(frame, index, pts_s)) is not None:
                 yield batch
         report.frames_decoded = count
@@ -219,19 +223,23 @@ class _Batcher:
     """
 
     def __init__(self, first: av.VideoFrame, batch_size: int, max_pixels: int | None, report: DecodeReport,
-                 threads: int = 0) -> None:
+                 threads: int = 0, aspect: float = 1.0) -> None:
         # PyAV 17 converts on a thread per CPU unless told: a worker's conversions stay on its
         # own share of the cores, as its decoding does (0: FFmpeg's choice).
         self.convert_options = {"threads": threads} if _CONVERTS_ON_THREADS else {}
         self.reformatter = VideoReformatter()
         self.turns = round((first.rotation or 0) / 90) % 4  # counterclockwise quarter turns
-        width, height = (first.height, first.width) if self.turns % 2 else (first.width, first.height)
+        # Non-square pixels (DVD, DV, HDV, SD broadcast) are scaled to square ones: a face must
+        # have its true shape to be detected and aligned, and coordinates are the player's.
+        shown_w, shown_h = display_size(first.width, first.height, aspect)
+        width, height = (shown_h, shown_w) if self.turns % 2 else (shown_w, shown_h)
         report.rotation_cw_deg, report.width, report.height = (4 - self.turns) % 4 * 90, width, height
+        report.sample_aspect = aspect
         self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
         self.scale = width / out_w
         # The frame as stored, at the working size: the rotation comes after the conversion.
         self.stored_size = (out_h, out_w) if self.turns % 2 else (out_w, out_h)
-        self.interpolation = "AREA" if self.scale > 1 else None
+        self.interpolation = "AREA" if self.scale > 1 else None  # None: bilinear (a wider pixel's stretch)
         self.shape = (out_h, out_w, 3)
         self._buffers: list[np.ndarray] = []
         self._start()
