@@ -28,6 +28,7 @@ from annotator.results import Results, open_results
 from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
 from engines.decoders import DecodeError, display_size, sample_aspect, video_stream
 from engines.decoders.deinterlace import deinterlaced
+from engines.decoders.orientation import orientation
 
 #: Box colours by track id (matplotlib's tab10, RGB), so a face keeps its colour while tracked.
 TRACK_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -220,12 +221,11 @@ def _frames_in_range(source: av.container.InputContainer, stream: av.video.strea
 
 
 def _upright(frame: av.VideoFrame, aspect: float = 1.0) -> np.ndarray:
-    """RGB as displayed: square pixels and the same quarter turns as engines.decoders.pyav (the
+    """RGB as displayed: square pixels and the same turn or mirror as engines.decoders.pyav (the
     rows' pixel frame)."""
     width, height = display_size(frame.width, frame.height, aspect)
     rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
-    turns = round((frame.rotation or 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    return np.ascontiguousarray(orientation(frame).show(rgb))
 
 
 def _even(rgb: np.ndarray) -> np.ndarray:

@@ -241,7 +241,8 @@ def _combine(reports: list[DecodeReport]) -> DecodeReport:
     """One video's report from its segments' (in order)."""
     first_bad = [r.first_bad_s for r in reports if r.first_bad_s is not None]
     return DecodeReport(
-        rotation_cw_deg=reports[0].rotation_cw_deg, width=reports[0].width, height=reports[0].height,
+        rotation_cw_deg=reports[0].rotation_cw_deg, mirrored=reports[0].mirrored,
+        width=reports[0].width, height=reports[0].height,
         sample_aspect=reports[0].sample_aspect,
         frames_decoded=sum(r.frames_decoded for r in reports), frames_lost=sum(r.frames_lost for r in reports),
         bad_packets=sum(r.bad_packets for r in reports), first_bad_s=min(first_bad) if first_bad else None,

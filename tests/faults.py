@@ -190,13 +190,19 @@ def set_display_rotation(src: Path, dst: Path, clockwise_deg: int) -> Path:
 
     Phones store sensor-oriented frames and this matrix (ISO 14496-12 ``tkhd``), exactly as here.
     """
+    one = 0x10000
+    turn = {90: (0, one, -one, 0), 180: (-one, 0, 0, -one), 270: (0, -one, one, 0)}[clockwise_deg]
+    return set_display_matrix(src, dst, *turn)
+
+
+def set_display_matrix(src: Path, dst: Path, a: int, b: int, c: int, d: int) -> Path:
+    """A copy of an MP4 whose track header's display matrix has the 2x2 part ``a b c d`` (16.16
+    fixed point): stored pixel (x, y) is shown at (a x + c y, b x + d y). A turn, or a mirror, as
+    some cameras and apps store front-camera video."""
     data = bytearray(src.read_bytes())
     at = data.find(b"tkhd")
     version = data[at + 4]
     matrix_at = at + 8 + (32 if version == 1 else 20) + 8 + 8  # times and ids, reserved, layer..volume
-    one, zero = 0x10000, 0
-    turn = {90: (zero, one, -one, zero), 180: (-one, zero, zero, -one), 270: (zero, -one, one, zero)}[clockwise_deg]
-    a, b, c, d = turn
     data[matrix_at:matrix_at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
     dst.write_bytes(bytes(data))
     return dst

@@ -171,6 +171,7 @@ class DecodeReport:
     """
 
     rotation_cw_deg: int = 0  # clockwise turn applied to show frames as displayed: 0, 90, 180, 270
+    mirrored: bool = False  # the display matrix mirrors the frame too (applied before the turn)
     width: int = 0  # as displayed: upright, square pixels, in source pixels
     height: int = 0
     sample_aspect: float = 1.0  # the stored pixels' width over height (:func:`sample_aspect`), shown square

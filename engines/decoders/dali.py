@@ -38,6 +38,7 @@ import torch
 
 from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, video_stream
 from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
+from engines.decoders.orientation import UPRIGHT, Orientation
 from engines.decoders.probe import StreamInfo, probe
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,9 @@ class DaliVideoDecoder:
             supported = ", ".join(sorted(SUPPORTED_CODECS[self.device]))
             raise DecodeError(f"{path}: codec {info.codec} is not decoded by DALI's {self.device} reader "
                               f"(supported: {supported})")
-        turns = info.rotation_turns
-        report.rotation_cw_deg = (4 - turns) % 4 * 90
-        report.width, report.height = (info.height, info.width) if turns % 2 else (info.width, info.height)
+        shown = info.orientation
+        report.rotation_cw_deg, report.mirrored = shown.described()
+        report.width, report.height = (info.height, info.width) if shown.swaps_sides else (info.width, info.height)
         times = packet_times(path)
         if not len(times):
             raise DecodeError(f"{path}: no frames decoded")
@@ -196,7 +197,7 @@ class DaliVideoDecoder:
         try:
             for batch in _rebatch(self._sequences(pipe, path, sampling, times), self.batch_size):
                 report.frames_decoded = int(batch.frame_index[-1]) + 1
-                yield _upright(batch, turns)
+                yield _upright(batch, shown)
         except BaseException:
             self.reset()  # the operator may still hold the rest of this file
             raise
@@ -242,11 +243,11 @@ def decode_cpu(path: str | Path, sampling: Sampling, batch_size: int, *,
     return DaliVideoDecoder("cpu", batch_size).decode(path, sampling, report=report)
 
 
-def _upright(batch: FrameBatch, turns: int) -> FrameBatch:
-    """Turn frames as the display matrix says (DALI returns them as stored)."""
-    if not turns:
+def _upright(batch: FrameBatch, shown: Orientation) -> FrameBatch:
+    """Turn (or mirror) frames as the display matrix says (DALI returns them as stored)."""
+    if shown == UPRIGHT:
         return batch
-    return FrameBatch(torch.rot90(batch.frames, turns, dims=(1, 2)).contiguous(), batch.frame_index, batch.pts_s, batch.scale)
+    return FrameBatch(shown.show_batch(batch.frames), batch.frame_index, batch.pts_s, batch.scale)
 
 
 def _select_frames(tensor_list: Any, keep: np.ndarray) -> torch.Tensor:

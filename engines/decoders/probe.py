@@ -15,14 +15,14 @@ import av
 
 from engines.decoders import DecodeError, cannot_open, sample_aspect, video_stream
 from engines.decoders.deinterlace import is_interlaced
+from engines.decoders.orientation import UPRIGHT, Orientation, orientation
 
 
 @dataclass(frozen=True)
 class StreamInfo:
     """The video stream of a file (not its cover art), as its header describes it.
 
-    ``rotation_turns`` is counterclockwise quarter turns that show frames upright (from the
-    first frame's display matrix).
+    ``orientation`` shows frames upright (the first frame's display matrix: a turn, or a mirror).
     """
 
     path: Path
@@ -33,7 +33,7 @@ class StreamInfo:
     container: str  # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"
     width: int
     height: int
-    rotation_turns: int = 0
+    orientation: Orientation = UPRIGHT
     interlaced: bool = False  # the first frame (or the header's field order) says its fields are interlaced
     sample_aspect: float = 1.0  # width over height of a pixel as shown (engines.decoders.sample_aspect)
 
@@ -72,7 +72,6 @@ def probe(path: str | Path) -> StreamInfo:
                 first = next(container.decode(stream), None)
             except av.error.FFmpegError:
                 first = None  # a damaged start: the decoder finds out; the probe only describes
-            turns = round(((first.rotation or 0) if first is not None else 0) / 90) % 4
             return StreamInfo(
                 path=path,
                 codec=context.codec.canonical_name,
@@ -82,7 +81,7 @@ def probe(path: str | Path) -> StreamInfo:
                 container=container.format.name,
                 width=stream.width,
                 height=stream.height,
-                rotation_turns=turns,
+                orientation=orientation(first) if first is not None else UPRIGHT,
                 interlaced=is_interlaced(stream, first),
                 sample_aspect=sample_aspect(stream),
             )

@@ -20,6 +20,7 @@ from av.video.reformatter import VideoReformatter
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
                               cannot_open, display_size, ffmpeg_reason, sample_aspect, video_stream)
 from engines.decoders.deinterlace import deinterlaced
+from engines.decoders.orientation import orientation
 from engines.decoders.segments import Segment, header_frames, presented
 
 
@@ -228,17 +229,18 @@ class _Batcher:
         # own share of the cores, as its decoding does (0: FFmpeg's choice).
         self.convert_options = {"threads": threads} if _CONVERTS_ON_THREADS else {}
         self.reformatter = VideoReformatter()
-        self.turns = round((first.rotation or 0) / 90) % 4  # counterclockwise quarter turns
+        self.orientation = orientation(first)  # the display matrix's turn or mirror
         # Non-square pixels (DVD, DV, HDV, SD broadcast) are scaled to square ones: a face must
         # have its true shape to be detected and aligned, and coordinates are the player's.
         shown_w, shown_h = display_size(first.width, first.height, aspect)
-        width, height = (shown_h, shown_w) if self.turns % 2 else (shown_w, shown_h)
-        report.rotation_cw_deg, report.width, report.height = (4 - self.turns) % 4 * 90, width, height
+        width, height = (shown_h, shown_w) if self.orientation.swaps_sides else (shown_w, shown_h)
+        report.rotation_cw_deg, report.mirrored = self.orientation.described()
+        report.width, report.height = width, height
         report.sample_aspect = aspect
         self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
         self.scale = width / out_w
         # The frame as stored, at the working size: the rotation comes after the conversion.
-        self.stored_size = (out_h, out_w) if self.turns % 2 else (out_w, out_h)
+        self.stored_size = (out_h, out_w) if self.orientation.swaps_sides else (out_w, out_h)
         self.interpolation = "AREA" if self.scale > 1 else None  # None: bilinear (a wider pixel's stretch)
         self.shape = (out_h, out_w, 3)
         self._buffers: list[np.ndarray] = []
@@ -261,7 +263,7 @@ class _Batcher:
         width, height = self.stored_size
         rgb = self.reformatter.reformat(frame, format="rgb24", width=width, height=height,
                                         interpolation=self.interpolation, **self.convert_options).to_ndarray()
-        self.frames[self.count] = np.rot90(rgb, self.turns) if self.turns else rgb
+        self.frames[self.count] = self.orientation.show(rgb)
         self.index[self.count], self.pts[self.count] = index, pts_s
         self.count += 1
         return self.flush() if self.count == self.size else None
