@@ -92,8 +92,8 @@ def from_matrix(a: float, b: float, c: float, d: float) -> Orientation:
 def _display_matrix(frame: av.VideoFrame) -> tuple[float, float, float, float] | None:
     from av.sidedata.sidedata import Type
 
-    for data in frame.side_data:
-        if data.type == Type.DISPLAYMATRIX:
-            values = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, FFmpeg's native int32
-            return values[0], values[1], values[3], values[4]
-    return None
+    data = frame.side_data.get(Type.DISPLAYMATRIX)  # a Mapping (iterating it gives PyAV 19 the keys)
+    if data is None:
+        return None
+    values = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, FFmpeg's native int32
+    return values[0], values[1], values[3], values[4]
