@@ -239,7 +239,7 @@ class _Batcher:
         report.sample_aspect = aspect
         self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
         self.scale = width / out_w
-        # The frame as stored, at the working size: the rotation comes after the conversion.
+        # The frame as stored, at the working size: the turn or mirror comes after the conversion.
         self.stored_size = (out_h, out_w) if self.orientation.swaps_sides else (out_w, out_h)
         self.interpolation = "AREA" if self.scale > 1 else None  # None: bilinear (a wider pixel's stretch)
         self.shape = (out_h, out_w, 3)
