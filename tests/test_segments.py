@@ -166,14 +166,17 @@ def test_a_matroska_video_is_counted_and_split_like_an_mp4(long_mkv, tmp_path):
     assert report.frames_expected == 600
 
 
-def test_a_capture_that_starts_inside_a_gop_is_numbered_as_when_annotated_whole(carphone, tmp_path):
-    """A recording whose first 20 frames cannot be decoded (it starts inside a GOP): segments
-    number their frames from their place in the stream, which counts those 20; the stitched
-    video's frame_index counts decoded frames, as the whole video's does, with no gap of 20 at
-    the boundary."""
+@pytest.mark.parametrize(("sampling", "kept"), [(Sampling(every_n=10), 66), (Sampling(every_n=7), 95),
+                                              (Sampling(fps=4), 88)])
+def test_a_capture_that_starts_inside_a_gop_is_numbered_and_sampled_as_when_annotated_whole(
+        carphone, tmp_path, sampling, kept):
+    """A recording whose first 20 frames cannot be decoded (it starts inside a GOP). The stitched
+    video's frame_index counts decoded frames, as the whole video's does: before, a gap of 20 at
+    the boundary. And the segments sample the frames a whole run samples: before, they counted
+    --every-n from the stream's first frame and --sample-fps ticks from its time, both undecodable,
+    and kept other frames (unless 20 was a multiple of n, as with every 10th)."""
     recording = write_clip(tmp_path / "recording.ts", carphone_frames(carphone), 720, keyint=60)
     clip = start_inside_a_gop(recording, tmp_path / "capture.ts", 20)  # 680 frames from frame 40
-    sampling = Sampling(every_n=10)
     whole = run(RunConfig(inputs=(clip,), out=tmp_path / "whole.parquet", workers=0, sampling=sampling), progress=False)
     reference = pq.read_table(tmp_path / "whole.parquet")
     out = tmp_path / "split"
@@ -191,7 +194,7 @@ def test_a_capture_that_starts_inside_a_gop_is_numbered_as_when_annotated_whole(
     assert len(items) == 2 and whole.damaged == collector.damaged == 1  # the 20 frames are lost, and said so
     frames = [c.column("frame_index").drop_null().to_pylist() for c in (reference, split)]
     times = [c.column("pts_s").drop_null().to_pylist() for c in (reference, split)]
-    assert frames[1] == frames[0] and times[1] == pytest.approx(times[0]) and len(frames[0]) == 66  # 660 decoded
+    assert frames[1] == frames[0] and times[1] == pytest.approx(times[0]) and len(frames[0]) == kept  # of 660
 
 
 def test_decoders_know_how_many_frames_each_piece_holds(long_clip):

@@ -27,9 +27,10 @@ class Segment:
     count: int  # segments of this video
     start_pts: int | None  # None: the video's start
     end_pts: int | None  # None: the video's end
-    first_frame: int  # frame_index of the first frame of the segment
+    first_frame: int  # frame_index of the first frame of the segment (frames that cannot decode at the
+    # video's start not counted, as a whole decode does not count them; plans before that counted them)
     previous_s: float | None  # time of the frame just before the segment (fps sampling needs it)
-    video_start_s: float | None = None  # time of the video's first frame (fps sampling counts from it)
+    video_start_s: float | None = None  # time of the video's first frame that decodes (fps sampling counts from it)
     end_frame: int | None = None  # frame_index just after the segment (None: a plan from before it was kept)
 
     @property
@@ -95,11 +96,17 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         return [Segment(0, 1, None, None, 0, None)]
     times = sorted(pts for pts, _ in packets)  # presentation order
     keyframes = sorted(pts for pts, key in packets if key)
+    # A capture that starts inside a GOP shows nothing before its first keyframe. A whole decode
+    # counts (frame_index) and samples (--sample-fps ticks, --every-n) from the first frame that
+    # decodes, so the segments do too: else a split run kept other frames than a whole one.
+    shown = first_decoded_pts(path)
+    shown = times[0] if shown is None or shown < times[0] else shown
+    hidden = _count_before(times, shown)  # frames before it: lost at the start, never numbered
     cuts: list[int] = []
     for k in range(1, pieces):
         wanted = times[len(times) * k // pieces]
         nearest = min(keyframes, key=lambda pts: abs(pts - wanted))
-        if nearest > times[0] and nearest not in cuts and (not cuts or nearest > cuts[-1]):
+        if nearest > shown and nearest not in cuts and (not cuts or nearest > cuts[-1]):
             cuts.append(nearest)
     bounds = [None, *cuts, None]
     segments = []
@@ -107,8 +114,33 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         first = 0 if start is None else _count_before(times, start)
         after = len(times) if end is None else _count_before(times, end)
         previous = None if start is None else times[first - 1] * time_base
-        segments.append(Segment(i, len(bounds) - 1, start, end, first, previous, times[0] * time_base, after))
+        segments.append(Segment(i, len(bounds) - 1, start, end, max(first - hidden, 0), previous, shown * time_base,
+                                after - hidden))
     return segments
+
+
+#: Packets decoded at most to find a video's first frame that decodes (past them: its first packet).
+_FIRST_FRAME_PACKETS = 1000
+
+
+def first_decoded_pts(path: Path) -> int | None:
+    """Presentation time (stream time base) of the first frame that decodes; None if none does
+    within the first :data:`_FIRST_FRAME_PACKETS` packets. Slice threading only, so the first frame
+    comes out at its own packet, not a few packets later."""
+    with av.open(str(path)) as container:
+        stream = video_stream(container, path)
+        stream.thread_type = "SLICE"
+        for count, packet in enumerate(container.demux(stream)):
+            if count >= _FIRST_FRAME_PACKETS:
+                return None
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for frame in frames:
+                if frame.pts is not None:
+                    return frame.pts
+    return None
 
 
 def _count_before(sorted_times: list[int], pts: int) -> int:
