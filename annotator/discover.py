@@ -19,7 +19,6 @@ from annotator.wording import counted
 from engines.decoders import VIDEO_EXTENSIONS
 
 
-
 @dataclass
 class Discovery:
     """What the inputs hold."""

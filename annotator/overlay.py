@@ -3,9 +3,9 @@
 Each frame is decoded with PyAV, turned upright and given square pixels exactly as the
 annotator's PyAV decoder does it (the rows' boxes are pixels of the frame as displayed), drawn on
 with OpenCV, and encoded as H.264 with the source's time base and each frame's own pts, so the
-overlay lines up with the ``pts_s`` column frame for frame. The output is upright and carries no rotation matrix; audio
-is not copied. Frames are matched to rows by presentation time (by decoded-frame index where a
-frame has no pts), which stays right after a seek to ``start_s``.
+overlay lines up with the ``pts_s`` column frame for frame. The output is upright and carries no
+rotation matrix; audio is not copied. Frames are matched to rows by presentation time (by
+decoded-frame index where a frame has no pts), which stays right after a seek to ``start_s``.
 """
 
 from __future__ import annotations

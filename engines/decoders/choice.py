@@ -109,7 +109,8 @@ def choose_decoder(info: StreamInfo, requested: str, device: str, gpu_name: str 
     if info.bit_depth != 8 or info.chroma != "420":
         return DecoderChoice("pyav", f"{info.bit_depth}-bit {info.chroma}: DALI decodes 8-bit 4:2:0 only")
     if deinterlace and info.interlaced:
-        return DecoderChoice("pyav", "interlaced: PyAV makes it progressive (bwdif), DALI cannot (--no-deinterlace: DALI)")
+        return DecoderChoice("pyav", "interlaced: PyAV makes it progressive (bwdif), DALI cannot "
+                                     "(--no-deinterlace: DALI)")
     if info.sample_aspect != 1.0:
         return DecoderChoice("pyav", f"non-square pixels (sample aspect {info.sample_aspect:.3g}): PyAV shows them "
                                      "square, DALI decodes them as stored")

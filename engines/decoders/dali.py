@@ -187,7 +187,7 @@ class DaliVideoDecoder:
                               f"(supported: {supported})")
         shown = info.orientation
         report.rotation_cw_deg, report.mirrored = shown.described()
-        report.width, report.height = (info.height, info.width) if shown.swaps_sides else (info.width, info.height)
+        report.width, report.height = (info.height, info.width) if shown.transpose else (info.width, info.height)
         times = packet_times(path)
         if not len(times):
             raise DecodeError(f"{path}: no frames decoded")

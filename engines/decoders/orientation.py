@@ -30,14 +30,9 @@ if TYPE_CHECKING:
 class Orientation:
     """Stored → shown: transpose (swap rows and columns) first, then reverse rows, then columns."""
 
-    transpose: bool = False
+    transpose: bool = False  # the shown frame's width is the stored frame's height
     flip_rows: bool = False
     flip_columns: bool = False
-
-    @property
-    def swaps_sides(self) -> bool:
-        """Whether the shown frame's width is the stored frame's height."""
-        return self.transpose
 
     def show(self, rgb: np.ndarray) -> np.ndarray:
         """``rgb`` (H, W, C) as shown: a view, no copy."""

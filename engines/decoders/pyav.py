@@ -233,14 +233,14 @@ class _Batcher:
         # Non-square pixels (DVD, DV, HDV, SD broadcast) are scaled to square ones: a face must
         # have its true shape to be detected and aligned, and coordinates are the player's.
         shown_w, shown_h = display_size(first.width, first.height, aspect)
-        width, height = (shown_h, shown_w) if self.orientation.swaps_sides else (shown_w, shown_h)
+        width, height = (shown_h, shown_w) if self.orientation.transpose else (shown_w, shown_h)
         report.rotation_cw_deg, report.mirrored = self.orientation.described()
         report.width, report.height = width, height
         report.sample_aspect = aspect
         self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
         self.scale = width / out_w
         # The frame as stored, at the working size: the turn or mirror comes after the conversion.
-        self.stored_size = (out_h, out_w) if self.orientation.swaps_sides else (out_w, out_h)
+        self.stored_size = (out_h, out_w) if self.orientation.transpose else (out_w, out_h)
         self.interpolation = "AREA" if self.scale > 1 else None  # None: bilinear (a wider pixel's stretch)
         self.shape = (out_h, out_w, 3)
         self._buffers: list[np.ndarray] = []
