@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 #: Tables one actor may yield before the driver has taken them (Ray then pauses the generator).
 BACKPRESSURE = 4
+#: Deaths of its worker after which an item is given up: one retry, for a node lost or an OOM kill
+#: caused by a neighbour; a file that kills its worker twice is taken to be the cause.
+TRIES = 2
 _WAIT_S = 5.0
 _WARN_AFTER_S = 60.0
 
 
-def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate") -> Iterator[Any]:
+def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate", *,
+                     replace: Callable[[], Any] | None = None,
+                     gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -37,16 +42,27 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     actors are killed when the stream ends, is closed early or fails, so no model-holding
     process outlives the run.
 
+    An actor that dies on an item (a native crash on a hostile file, the OOM killer, its node
+    lost) is replaced by ``replace()``, and the item is given to the next free actor, from its
+    start: the consumer sees its results again from the first (the collector starts its part
+    over). After ``tries`` deaths on one item, the stream yields ``gave_up(item, reason)`` in its
+    place and goes on: one file that kills its worker every time must not end a week-long run
+    at the same place on every resume. (Where every item kills its worker, a broken node or
+    driver, every item ends that way, each with its reason: the run ends, its failures listed.)
+
     Raises:
-        ray.exceptions.RayError: an actor died (its node went away, it ran out of memory) or
-            could not be built; the caller turns it into one line for the user.
+        ray.exceptions.RayError: an actor could not be built, or one died and ``replace`` is None
+            (or on an item's last try, and ``gave_up`` is None); the caller turns it into one
+            line for the user.
     """
     import ray
 
     queue = deque(items)
     starting = {actor.__ray_ready__.remote(): actor for actor in actors}  # Ray's "constructor done" call
+    pool = list(actors)  # alive, or not yet known dead: killed at the end
     idle: list[Any] = []
-    running: dict[Any, Any] = {}  # ObjectRefGenerator → the actor producing it
+    running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
+    deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
     waited = 0.0
     try:
         while queue or running:
@@ -54,7 +70,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 actor = idle.pop()
                 call = getattr(actor, method).options(num_returns="streaming",
                                                       _generator_backpressure_num_objects=BACKPRESSURE)
-                running[call.remote(queue.popleft())] = actor
+                item = queue.popleft()
+                running[call.remote(item)] = (actor, item)
             # A generator is "ready" when its next table is, or when it has ended.
             ready, _ = ray.wait([*running, *(starting if queue else ())], num_returns=1, timeout=_WAIT_S)
             if not ready:
@@ -70,11 +87,39 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     idle.append(starting.pop(ready_one))
                     continue
                 try:
-                    ref = next(ready_one)
+                    result = ray.get(next(ready_one))
                 except StopIteration:
-                    idle.append(running.pop(ready_one))
+                    idle.append(running.pop(ready_one)[0])
                     continue
-                yield ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    if replace is None:
+                        raise
+                    actor, item = running.pop(ready_one)
+                    ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
+                    pool.remove(actor)
+                    fresh = replace()
+                    pool.append(fresh)
+                    starting[fresh.__ray_ready__.remote()] = fresh
+                    deaths[id(item)] = deaths.get(id(item), 0) + 1
+                    reason = death_reason(exc)
+                    name = getattr(item, "path", item)
+                    if deaths[id(item)] < tries:
+                        log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
+                        queue.appendleft(item)
+                        continue
+                    if gave_up is None:
+                        raise
+                    log.warning("%s: its worker died %d times on it (%s); skipped", name, tries, reason)
+                    result = gave_up(item, reason)
+                yield result
     finally:
-        for actor in actors:
+        for actor in pool:
             ray.kill(actor)
+
+
+def death_reason(exc: Exception) -> str:
+    """What killed an actor, in a few words, from Ray's long message about it (which lists the
+    usual causes whatever the cause was, so only its memory monitor's own words are told apart)."""
+    if "running low on memory" in str(exc):
+        return "Ray's memory monitor killed it, the node running low on memory"
+    return "its process crashed or was killed: a native crash, the kernel's OOM killer, or its node lost"

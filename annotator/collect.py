@@ -2,8 +2,8 @@
 
 Workers tag every table with its video's part key and a status (see annotator.worker). A part
 is committed only on ``done`` (with the video's facts in its footer); a ``failed`` video gets an
-error part; a video that Ray re-runs from the start (its actor died and was restarted) has its
-open part started over, so no row is ever written twice.
+error part; a video started again from its first frame (its worker died: see
+annotator.actor_pool) has its open part started over, so no row is ever written twice.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class PartCollector:
                 continue
             first = rows.column("frame_index")[0].as_py()  # null on a damaged video's closing row
             if tag in self._writers and first is not None and first <= self._last_frame[tag]:
-                log.warning("%s: video restarted by Ray, rewriting its part", tag)
+                log.warning("%s: started again on a new worker, rewriting its part", tag)
                 self._drop(tag)
             if tag not in self._writers:
                 self._writers[tag] = PartWriter(self._path(tag), self.schema)
@@ -126,7 +126,7 @@ class PartCollector:
         return finished
 
     def _advance(self, key: str, tag: str, progress: float) -> float:
-        """Count work item ``tag`` as ``progress`` done (never backwards: a video Ray restarts
+        """Count work item ``tag`` as ``progress`` done (never backwards: a video started again
         keeps its count), in hundredths of a video rounded down, so a video's segments never
         add up to more than its stitching would."""
         share = 1.0 if tag == key else 1.0 / self._plan_size(key)

@@ -292,7 +292,7 @@ def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary
         else:
             rows = rows.select(HARVEST_SCHEMA.names)
             if rows.num_rows and writer.restarts(key, rows.column("frame_index")[0].as_py()):
-                log.warning("%s: video restarted by Ray, harvesting it again", videos[key])
+                log.warning("%s: started again on a new worker, harvesting it again", videos[key])
                 frames, faces = writer.abandon(key)
                 summary.frames, summary.faces = summary.frames - frames, summary.faces - faces
             frames = len(pc.unique(rows.column("frame_index").drop_null()))

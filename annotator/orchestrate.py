@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from annotator.cluster import ClusterError, init_ray
 from annotator.config import ConfigError, RunConfig
-from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged
+from annotator.actor_pool import TRIES
+from annotator.schema import error_row
+from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged, tag_table
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,12 @@ def cluster_workers(config: RunConfig) -> int:
     return pool_size(config, videos=1 << 30)
 
 
+def worker_died(item: WorkItem, reason: str) -> pa.Table:
+    """The failed row of a work item whose worker died on it every time it was tried."""
+    message = f"{item.path}: its worker died on it {TRIES} times ({reason}); skipped"
+    return tag_table(error_row(str(item.path), message), item.tag, "failed")
+
+
 def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:
     """Tagged tables from a pool of Ray actors (see :func:`pool_size`), as they are produced.
 
@@ -208,7 +216,8 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     )
     actors = [actor_class.remote(config, threads) for _ in range(workers)]
     try:
-        yield from stream_from_pool(actors, items)
+        yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(config, threads),
+                                    gave_up=worker_died)
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows); this is the cluster failing.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,6 +1,7 @@
 """The actor pool that spreads work items over Ray actors (annotator/actor_pool.py), on a real
 local Ray instance: every item's results arrive once and in order, items interleave across
-actors, an actor's death surfaces as a Ray error, and no actor outlives the stream."""
+actors, an actor that dies is replaced and its item tried again, then given up, and no actor
+outlives the stream."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ class Yielder:
         self.steps = steps
 
     def annotate(self, item: str) -> Iterator[tuple[str, int, int]]:
-        if item == "die":
+        first_time = item.startswith("die-once:") and not os.path.exists(item.split(":", 1)[1])
+        if item == "die" or first_time:
+            if first_time:
+                open(item.split(":", 1)[1], "w").close()
             yield (item, 0, os.getpid())
             os._exit(1)  # the process goes, as when a node is lost or the OOM killer strikes
         for step in range(self.steps):
@@ -88,12 +92,40 @@ def test_actors_are_gone_when_the_stream_ends_or_is_closed(local_ray: None) -> N
     assert dies_soon(pool[0])
 
 
-def test_an_actor_dying_mid_item_is_a_ray_error(local_ray: None) -> None:
+def test_an_actor_dying_mid_item_is_a_ray_error_without_replacements(local_ray: None) -> None:
     got = []
     with pytest.raises(ray.exceptions.RayError):
         for result in stream_from_pool(actors(1), ["die", "after"]):
             got.append(result)
     assert all(name == "die" for name, _, _ in got)  # "after" never ran: the pool's only actor is gone
+
+
+def _replacement():
+    return ray.remote(Yielder).options(num_cpus=0.5).remote(3)
+
+
+def test_an_item_whose_actor_dies_starts_again_on_a_new_actor(local_ray: None, tmp_path) -> None:
+    item = f"die-once:{tmp_path / 'died'}"
+    got = list(stream_from_pool(actors(1, steps=3), [item, "after"], replace=_replacement,
+                                gave_up=lambda item, reason: ("gave up", item)))
+    assert (tmp_path / "died").exists()  # its first actor died on it
+    # (What that actor yielded just before dying may or may not have reached the driver.)
+    again = [result for result in got if result[0] == item][-3:]
+    assert [step for _, step, _ in again] == [0, 1, 2] and len({pid for *_, pid in again}) == 1  # from its start
+    assert [step for name, step, _ in got if name == "after"] == [0, 1, 2]
+
+
+def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(local_ray: None) -> None:
+    reasons = []
+
+    def gave_up(item, reason):
+        reasons.append(reason)
+        return ("gave up", item)
+
+    got = list(stream_from_pool(actors(1, steps=3), ["die", "after"], replace=_replacement, gave_up=gave_up))
+    assert len([r for r in got if r[0] == "die"]) <= 2  # tried twice (a dying actor's last yield may be lost)
+    assert ("gave up", "die") in got and len(reasons) == 1 and "crashed or was killed" in reasons[0]
+    assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
 
 
 def test_an_actor_ray_cannot_place_holds_nothing_up(local_ray: None) -> None:

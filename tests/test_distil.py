@@ -252,7 +252,7 @@ def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, t
 
 
 def test_a_video_ray_restarts_is_harvested_once(carphone: Path, tmp_path: Path):
-    """Ray re-runs a video from its first frame when its actor dies: the shard then holds each
+    """A video starts again from its first frame when its worker dies: the shard then holds each
     frame once and the counts are those of one pass (as annotate run's PartCollector does)."""
     from tqdm import tqdm
 

@@ -1,0 +1,113 @@
+"""A Ray worker that dies on a video (a native crash on a hostile file, the OOM killer, a lost
+node): the video starts again on a new worker, and a video that kills its worker every time
+becomes a failed row while the run goes on. Workers are killed for real, with SIGKILL, by a
+watcher that finds the Ray worker process holding the video open."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("ray")
+
+from annotator.config import RunConfig  # noqa: E402
+from annotator.run import EXIT_SOME_INPUTS_FAILED, run  # noqa: E402
+from engines.decoders import Sampling  # noqa: E402
+from faults import carphone_frames, write_clip  # noqa: E402
+
+
+def _workers_reading(path: Path) -> Iterator[int]:
+    """Pids of Ray video workers that have ``path`` open."""
+    target = str(path)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"RayVideoWorker" not in (entry / "cmdline").read_bytes():
+                continue
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                yield int(entry.name)
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+
+
+@contextmanager
+def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3) -> Iterator[list[int]]:
+    """SIGKILL (up to ``times`` times) each Ray worker that has held ``path`` open ``after_s``
+    (0: as soon as it opens it)."""
+    killed: list[int] = []
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and len(killed) < times:
+            now = time.monotonic()
+            for pid in _workers_reading(path):
+                if now - seen.setdefault(pid, now) >= after_s and pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()
+
+
+@pytest.fixture(scope="module")
+def clip_360(carphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """360 frames of carphone: a video that takes its worker a second or two."""
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", carphone_frames(carphone), 360)
+
+
+@pytest.fixture
+def videos(clip_360: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        shutil.copy(clip_360, folder / name)
+    return folder
+
+
+def _config(videos: Path, out: Path) -> RunConfig:
+    return RunConfig(inputs=(videos,), out=out, workers=1, sampling=Sampling(every_n=2))
+
+
+def test_a_video_whose_worker_dies_is_annotated_again_on_a_new_one(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    with killing_workers_that_read(videos / "b.mp4", times=1, after_s=0.5) as killed:
+        summary = run(_config(videos, out), progress=False)
+    assert len(killed) == 1
+    assert summary.failed == 0 and summary.frames == 2 * 180
+    table = pq.read_table(out)
+    for name in ("a.mp4", "b.mp4"):
+        frames = table.filter(pc.equal(table["video_path"], str(videos / name)))["frame_index"].to_pylist()
+        assert frames == list(range(0, 360, 2))  # each frame once, in order: the first try's rows dropped
+
+
+def test_a_video_that_kills_every_worker_is_a_failed_row_and_the_run_goes_on(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    poison = videos / "a.mp4"
+    with killing_workers_that_read(poison, times=5, after_s=0.0) as killed:
+        summary = run(_config(videos, out), progress=False)
+    assert len(killed) == 2  # tried twice, then given up
+    assert summary.failed == 1 and summary.exit_code == EXIT_SOME_INPUTS_FAILED
+    table = pq.read_table(out)
+    failed = table.filter(pc.equal(table["video_path"], str(poison)))
+    assert failed.num_rows == 1 and failed["frame_index"][0].as_py() is None
+    assert failed["error"][0].as_py() == (f"{poison}: its worker died on it 2 times (its process crashed or was "
+                                          "killed: a native crash, the kernel's OOM killer, or its node lost); skipped")
+    assert table.filter(pc.equal(table["video_path"], str(videos / "b.mp4"))).num_rows == 180
