@@ -219,6 +219,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
         yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(config, threads),
                                     gave_up=worker_died)
     except ray.exceptions.RayError as exc:
-        # Bad videos never get here (workers report them as rows); this is the cluster failing.
+        # Bad videos never get here (workers report them as rows, and a video that kills its worker
+        # twice becomes one too): this is the cluster failing.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"the Ray run failed ({reason}); finished videos are kept, re-run to resume") from exc
