@@ -16,6 +16,7 @@ nothing a video-per-call pool needs. What is kept from it:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -33,7 +34,8 @@ _WARN_AFTER_S = 60.0
 
 def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate", *,
                      replace: Callable[[], Any] | None = None,
-                     gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES) -> Iterator[Any]:
+                     gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES,
+                     stall_s: float = 0.0) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -49,6 +51,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     place and goes on: one file that kills its worker every time must not end a week-long run
     at the same place on every resume. (Where every item kills its worker, a broken node or
     driver, every item ends that way, each with its reason: the run ends, its failures listed.)
+    ``stall_s``: the workers' stall timeout (:mod:`annotator.watchdog`; 0: none), so that a
+    death that long after an item's last result is told as the hang it most likely was.
 
     Raises:
         ray.exceptions.RayError: an actor could not be built, or one died and ``replace`` is None
@@ -63,6 +67,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     idle: list[Any] = []
     running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
     deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
+    heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
     waited = 0.0
     try:
         while queue or running:
@@ -71,7 +76,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 call = getattr(actor, method).options(num_returns="streaming",
                                                       _generator_backpressure_num_objects=BACKPRESSURE)
                 item = queue.popleft()
-                running[call.remote(item)] = (actor, item)
+                generator = call.remote(item)
+                running[generator], heard[generator] = (actor, item), time.monotonic()
             # A generator is "ready" when its next table is, or when it has ended.
             ready, _ = ray.wait([*running, *(starting if queue else ())], num_returns=1, timeout=_WAIT_S)
             if not ready:
@@ -88,8 +94,10 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     continue
                 try:
                     result = ray.get(next(ready_one))
+                    heard[ready_one] = time.monotonic()
                 except StopIteration:
                     idle.append(running.pop(ready_one)[0])
+                    del heard[ready_one]
                     continue
                 except ray.exceptions.RayActorError as exc:
                     if replace is None:
@@ -101,7 +109,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     pool.append(fresh)
                     starting[fresh.__ray_ready__.remote()] = fresh
                     deaths[id(item)] = deaths.get(id(item), 0) + 1
-                    reason = death_reason(exc)
+                    silent_s = time.monotonic() - heard.pop(ready_one)
+                    reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
+                              if 0 < stall_s <= silent_s else death_reason(exc))
                     name = getattr(item, "path", item)
                     if deaths[id(item)] < tries:
                         log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)

@@ -43,6 +43,10 @@ DEFAULT_SCAN_EVERY = 300
 #: A scan looks at the frame this many times larger than --det-size at most (1280 at the default
 #: 640: a 720p frame at full size; 1080p at two thirds, so faces from 48 px).
 SCAN_SIZE_FACTOR = 2
+#: Seconds without progress after which a Ray worker ends itself (annotator.watchdog): no single
+#: step takes near this long (one batch's inference, one frame's decoding, one seek, hashing
+#: 16 MiB of the file), while frames decoded count as progress however sparse the sampling.
+DEFAULT_STALL_TIMEOUT_S = 600.0
 
 
 #: More pipelines than this on one GPU only queue on its NVDEC engines (7 on an H100, the most of any).
@@ -87,6 +91,7 @@ class RunConfig:
     overwrite: bool = False
     pipelines_per_gpu: int | None = None  # None: one per NVDEC engine of the GPU, where known
     temporal: bool = False  # the scorer directory's CNN + GRU head over each face track (annotator.temporal)
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # a Ray worker with no progress this long ends (annotator.watchdog)
 
 
     def __post_init__(self) -> None:
@@ -104,6 +109,8 @@ class RunConfig:
             raise ConfigError(f"--detect-every must be >= 1, got {self.detect_every}")
         if self.scan_every < 0:
             raise ConfigError(f"--scan-every must be >= 0, got {self.scan_every}")
+        if not self.stall_timeout >= 0:
+            raise ConfigError(f"--stall-timeout must be >= 0 seconds, got {self.stall_timeout}")
         if self.pipelines_per_gpu is not None and not 1 <= self.pipelines_per_gpu <= MAX_PIPELINES_PER_GPU:
             raise ConfigError(f"--pipelines-per-gpu must be in [1, {MAX_PIPELINES_PER_GPU}], got {self.pipelines_per_gpu}")
         # --decoder dali is allowed without a GPU: DALI's CPU reader takes VP8/VP9/MJPEG and every

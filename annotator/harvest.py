@@ -138,8 +138,11 @@ class RayHarvestWorker(RayVideoWorker):
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
         from annotator.worker import resolve_in_worker
 
+        from annotator.watchdog import StallWatchdog
+
         logging.basicConfig(level=logging.WARNING)
         self.pipeline = HarvestPipeline(resolve_in_worker(config), threads=threads)
+        self.watchdog = StallWatchdog(config.stall_timeout)
 
 
 @dataclass

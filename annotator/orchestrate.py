@@ -217,7 +217,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     actors = [actor_class.remote(config, threads) for _ in range(workers)]
     try:
         yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(config, threads),
-                                    gave_up=worker_died)
+                                    gave_up=worker_died, stall_s=config.stall_timeout)
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows, and a video that kills its worker
         # twice becomes one too): this is the cluster failing.

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from annotator.config import RunConfig
 from annotator.schema import constant_column, error_row
+from annotator.watchdog import StallWatchdog
 from engines.decoders import DecodeError, DecodeReport
 from engines.decoders.segments import Segment
 
@@ -88,12 +89,15 @@ def video_facts(path: Path, report: DecodeReport) -> dict[str, object]:
             "damage": report.describe() if report.damaged else None}
 
 
-def annotate_tagged(pipeline: VideoPipeline, item: WorkItem) -> Iterator[pa.Table]:
-    """Tagged tables of one work item; never raises for a bad video, it reports it as a row."""
+def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeReport | None = None) -> Iterator[pa.Table]:
+    """Tagged tables of one work item; never raises for a bad video, it reports it as a row.
+
+    ``report``: filled in as decoding goes (frames decoded so far, damage), for a watcher.
+    """
     path, part = item.path, item.tag
     first_frame = item.segment.first_frame if item.segment is not None else 0
     pending: pa.RecordBatch | None = None
-    report = DecodeReport()
+    report = report if report is not None else DecodeReport()
     try:
         for batch in pipeline.annotate(path, report, item.segment):
             if pending is not None:
@@ -164,7 +168,19 @@ class RayVideoWorker:
 
         logging.basicConfig(level=logging.WARNING)
         self.pipeline = VideoPipeline(resolve_in_worker(config), threads=threads)
+        self.watchdog = StallWatchdog(config.stall_timeout)
 
     def annotate(self, item: WorkItem) -> Iterator[pa.Table]:
-        """The item's tagged tables, streamed to the driver as they are made."""
-        yield from annotate_tagged(self.pipeline, item)
+        """The item's tagged tables, streamed to the driver as they are made.
+
+        A worker that makes no progress on the item for ``--stall-timeout`` seconds ends itself
+        (:mod:`annotator.watchdog`): the driver then gives the item to a new worker, and after
+        a second time records it as failed. Frames decoded count as progress; waiting for the
+        driver to take a table does not count against it.
+        """
+        report = DecodeReport()
+        tables = annotate_tagged(self.pipeline, item, report)
+        with self.watchdog.watching(lambda: (report.frames_decoded, report.bad_packets)) as watch:
+            for table in tables:
+                with watch.paused():
+                    yield table

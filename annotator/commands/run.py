@@ -16,6 +16,7 @@ from annotator.config import (
     DEFAULT_MIN_FACE,
     DEFAULT_SCAN_EVERY,
     DEFAULT_SCORER,
+    DEFAULT_STALL_TIMEOUT_S,
     MAX_PIPELINES_PER_GPU,
     ConfigError,
     RunConfig,
@@ -93,6 +94,11 @@ _PROBLEMS_SHOWN = 10
 @click.option("--temporal", is_flag=True,
               help="Score each face track with the model's temporal head (CNN features -> bidirectional GRU over "
                    "32-frame windows, PAPER.md); needs a --model directory exported with one.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0), default=DEFAULT_STALL_TIMEOUT_S, show_default=True,
+              metavar="SECONDS",
+              help="A Ray worker that decodes no frame and yields no row for this long (a file that hangs "
+                   "its decoder, a read that never returns) ends itself; its video is tried once more on a new "
+                   "worker, then recorded as failed. 0: never.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")

@@ -66,6 +66,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
         if deinterlace:
             frames = deinterlaced(frames, stream, str(path))
         for count, frame in enumerate(frames, start=1):
+            report.frames_decoded = count  # as it goes: a worker's stall watchdog reads it
             index = piece.first_frame + count - 1
             pts_s = frame.time if frame.time is not None else index / fallback_rate
             if not selector.keep(index, pts_s):
