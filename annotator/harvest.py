@@ -136,9 +136,8 @@ class RayHarvestWorker(RayVideoWorker):
     """The Ray pool's callable class for the harvest: the teacher loads once per actor."""
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
-        from annotator.worker import resolve_in_worker
-
         from annotator.watchdog import StallWatchdog
+        from annotator.worker import resolve_in_worker
 
         logging.basicConfig(level=logging.WARNING)
         self.pipeline = HarvestPipeline(resolve_in_worker(config), threads=threads)
