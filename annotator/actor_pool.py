@@ -28,6 +28,9 @@ BACKPRESSURE = 4
 #: Deaths of its worker after which an item is given up: one retry, for a node lost or an OOM kill
 #: caused by a neighbour; a file that kills its worker twice is taken to be the cause.
 TRIES = 2
+#: Workers (per worker of the pool) that may die while starting, one after another, before the
+#: run stops: one that dies loading its models every time (too little memory) must not loop.
+START_DEATHS = 3
 _WAIT_S = 5.0
 _WARN_AFTER_S = 60.0
 
@@ -54,9 +57,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     ``stall_s``: the workers' stall timeout (:mod:`annotator.watchdog`; 0: none), so that a
     death that long after an item's last result is told as the hang it most likely was.
 
+    A worker that dies while starting (its node lost, the OOM killer) is replaced too; one whose
+    constructor raises is not, as every worker's would.
+
     Raises:
-        ray.exceptions.RayError: an actor could not be built, or one died and ``replace`` is None
-            (or on an item's last try, and ``gave_up`` is None); the caller turns it into one
+        ray.exceptions.RayError: an actor's constructor raised; actors died starting
+            :data:`START_DEATHS` times per worker in a row; or one died and ``replace`` is None
+            (or on an item's last try, and ``gave_up`` is None). The caller turns it into one
             line for the user.
     """
     import ray
@@ -68,7 +75,16 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
     deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
+    start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
     waited = 0.0
+
+    def replace_dead(actor: Any) -> None:
+        ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
+        pool.remove(actor)
+        fresh = replace()
+        pool.append(fresh)
+        starting[fresh.__ray_ready__.remote()] = fresh
+
     try:
         while queue or running:
             while queue and idle:
@@ -89,8 +105,21 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 continue
             for ready_one in ready:
                 if ready_one in starting:
-                    ray.get(ready_one)  # raises if the constructor failed
-                    idle.append(starting.pop(ready_one))
+                    actor = starting.pop(ready_one)
+                    try:
+                        ray.get(ready_one)
+                    except ray.exceptions.RayActorError as exc:
+                        # Its constructor raised (the models do not load): every worker's would.
+                        # Else it died starting (its node lost, the OOM killer): start another.
+                        start_deaths += 1
+                        if (replace is None or getattr(exc, "actor_init_failed", False)
+                                or start_deaths > START_DEATHS * len(actors)):
+                            raise
+                        log.warning("a worker died while starting (%s); starting another", death_reason(exc))
+                        replace_dead(actor)
+                        continue
+                    start_deaths = 0
+                    idle.append(actor)
                     continue
                 try:
                     result = ray.get(next(ready_one))
@@ -103,11 +132,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     if replace is None:
                         raise
                     actor, item = running.pop(ready_one)
-                    ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
-                    pool.remove(actor)
-                    fresh = replace()
-                    pool.append(fresh)
-                    starting[fresh.__ray_ready__.remote()] = fresh
+                    replace_dead(actor)
                     deaths[id(item)] = deaths.get(id(item), 0) + 1
                     silent_s = time.monotonic() - heard.pop(ready_one)
                     reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
@@ -132,4 +157,6 @@ def death_reason(exc: Exception) -> str:
     usual causes whatever the cause was, so only its memory monitor's own words are told apart)."""
     if "running low on memory" in str(exc):
         return "Ray's memory monitor killed it, the node running low on memory"
+    if "because its node has died" in str(exc):
+        return "its node was lost"
     return "its process crashed or was killed: a native crash, the kernel's OOM killer, or its node lost"

@@ -40,6 +40,20 @@ class Yielder:
         return os.getpid()
 
 
+class DiesStarting:
+    """A worker whose process goes while it loads (its node lost, the OOM killer)."""
+
+    def __init__(self) -> None:
+        os._exit(1)
+
+
+class CannotStart:
+    """A worker whose constructor raises (its models do not load): every worker's would."""
+
+    def __init__(self) -> None:
+        raise ValueError("no such model")
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     init_ray(RunConfig(inputs=(), out=tmp_path_factory.mktemp("out") / "x.parquet", workers=2))
@@ -126,6 +140,32 @@ def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(l
     assert len([r for r in got if r[0] == "die"]) <= 2  # tried twice (a dying actor's last yield may be lost)
     assert ("gave up", "die") in got and len(reasons) == 1 and "crashed or was killed" in reasons[0]
     assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
+
+
+def test_an_actor_that_dies_starting_is_replaced(local_ray: None) -> None:
+    doomed = ray.remote(DiesStarting).options(num_cpus=0.5).remote()
+    got = list(stream_from_pool([doomed], ["a", "b"], replace=_replacement,
+                                gave_up=lambda item, reason: ("gave up", item)))
+    assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in "ab" for s in range(3)]
+
+
+def test_an_actor_whose_constructor_raises_ends_the_stream(local_ray: None) -> None:
+    broken = ray.remote(CannotStart).options(num_cpus=0.5).remote()
+    with pytest.raises(ray.exceptions.RayActorError, match="no such model"):
+        list(stream_from_pool([broken], ["a"], replace=_replacement))
+
+
+def test_actors_that_die_starting_again_and_again_end_the_stream(local_ray: None) -> None:
+    """Three in a row per worker (one that dies loading its models every time must not loop)."""
+    made = []
+
+    def doomed():
+        made.append(ray.remote(DiesStarting).options(num_cpus=0.5).remote())
+        return made[-1]
+
+    with pytest.raises(ray.exceptions.RayActorError):
+        list(stream_from_pool([doomed()], ["a"], replace=doomed))
+    assert len(made) == 4  # the first and three replacements
 
 
 def test_an_actor_ray_cannot_place_holds_nothing_up(local_ray: None) -> None:
