@@ -251,14 +251,14 @@ def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, t
         attach_labels(corpus, tmp_path / "labels")
 
 
-def test_a_video_ray_restarts_is_harvested_once(carphone: Path, tmp_path: Path):
+def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(carphone: Path, tmp_path: Path):
     """A video starts again from its first frame when its worker dies: the shard then holds each
     frame once and the counts are those of one pass (as annotate run's PartCollector does)."""
     from tqdm import tqdm
 
     from annotator.config import RunConfig
     from annotator.harvest import HarvestPipeline, HarvestSummary, _ShardWriter, _take
-    from annotator.orchestrate import stream_in_process
+    from annotator.orchestrate import stream_in_process, worker_died
     from annotator.worker import WorkItem
     from engines.decoders import Sampling
 
@@ -267,19 +267,24 @@ def test_a_video_ray_restarts_is_harvested_once(carphone: Path, tmp_path: Path):
     tables = list(stream_in_process(config, [WorkItem(carphone, "k")], HarvestPipeline))
     assert len(tables) >= 3  # several batches of rows, then the closing one
 
-    def harvest(stream: list) -> tuple[HarvestSummary, pq.ParquetFile]:
+    def harvest(stream: list) -> tuple[HarvestSummary, pq.ParquetFile | None]:
         out = tmp_path / f"shards{len(stream)}"
         out.mkdir()
         writer, summary = _ShardWriter(out, "print"), HarvestSummary(videos=1)
         for table in stream:
             _take(table, writer, {"k": str(carphone)}, summary, tqdm(disable=True))
-        return summary, pq.read_table(out / "k.parquet")
+        shard = out / "k.parquet"
+        return summary, pq.read_table(shard) if shard.exists() else None
 
     clean, clean_rows = harvest(tables)
     restarted, rows = harvest(tables[:2] + tables)  # two batches in, the actor died, Ray starts over
     assert clean.frames == 30 and clean.faces == 30
     assert (restarted.frames, restarted.faces) == (clean.frames, clean.faces)
     assert rows.column("frame_index").to_pylist() == clean_rows.column("frame_index").to_pylist()
+    # Its worker died on it a second time: the pool's failed row; nothing of it is kept or counted.
+    given_up, none = harvest(tables[:2] + [worker_died(WorkItem(carphone, "k"), "its node was lost")])
+    assert none is None and (given_up.frames, given_up.faces) == (0, 0)
+    assert given_up.failed == [f"{carphone}: its worker died on it 2 times (its node was lost); skipped"]
 
 
 def test_overwrite_removes_only_what_distil_wrote(tmp_path: Path):
