@@ -135,13 +135,8 @@ def _rows(batch: FrameBatch, path: str, vid: str, counts: np.ndarray, tracks: np
 class RayHarvestWorker(RayVideoWorker):
     """The Ray pool's callable class for the harvest: the teacher loads once per actor."""
 
-    def __init__(self, config: RunConfig, threads: int = 0) -> None:
-        from annotator.watchdog import StallWatchdog
-        from annotator.worker import resolve_in_worker
-
-        logging.basicConfig(level=logging.WARNING)
-        self.pipeline = HarvestPipeline(resolve_in_worker(config), threads=threads)
-        self.watchdog = StallWatchdog(config.stall_timeout)
+    def build_pipeline(self, config: RunConfig, threads: int) -> HarvestPipeline:
+        return HarvestPipeline(config, threads=threads)
 
 
 @dataclass

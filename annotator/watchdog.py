@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+
 class StallWatchdog:
     """:meth:`watching` an item ends this process once ``seconds`` pass without progress.
 

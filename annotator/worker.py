@@ -164,11 +164,15 @@ class RayVideoWorker:
     """The Ray actor of a run's pool: models load once in ``__init__``, one work item per call."""
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        self.pipeline = self.build_pipeline(resolve_in_worker(config), threads)
+        self.watchdog = StallWatchdog(config.stall_timeout)
+
+    def build_pipeline(self, config: RunConfig, threads: int) -> VideoPipeline:
+        """This worker's pipeline (``annotate distil``'s harvest worker builds its own)."""
         from annotator.pipeline import VideoPipeline  # torch and the models: in the worker only
 
-        logging.basicConfig(level=logging.WARNING)
-        self.pipeline = VideoPipeline(resolve_in_worker(config), threads=threads)
-        self.watchdog = StallWatchdog(config.stall_timeout)
+        return VideoPipeline(config, threads=threads)
 
     def annotate(self, item: WorkItem) -> Iterator[pa.Table]:
         """The item's tagged tables, streamed to the driver as they are made.
