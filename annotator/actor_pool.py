@@ -11,6 +11,11 @@ nothing a video-per-call pool needs. What is kept from it:
 - results stream back with Ray's streaming generators, and each actor may run at most
   :data:`BACKPRESSURE` tables ahead of the driver, so memory stays flat however large the corpus;
 - models load once per actor (the actor class's constructor).
+
+With a stall timeout, a busy actor is also asked whether it is alive (:class:`LivenessChecks`):
+the worker's own watchdog (:mod:`annotator.watchdog`) cannot end a process that is frozen
+whole (stopped by a signal or a paused container, or stuck in the kernel on a read from a dead
+mount), and Ray does not notice one either, as its sockets stay open.
 """
 
 from __future__ import annotations
@@ -31,8 +36,61 @@ TRIES = 2
 #: Workers (per worker of the pool) that may die while starting, one after another, before the
 #: run stops: one that dies loading its models every time (too little memory) must not loop.
 START_DEATHS = 3
+#: The actors' concurrency group (``ray.remote(concurrency_groups={HEALTH_GROUP: 1})``) and
+#: method that answer the driver's liveness checks while the default group runs an item.
+HEALTH_GROUP = "health"
+ALIVE_METHOD = "alive"
 _WAIT_S = 5.0
 _WARN_AFTER_S = 60.0
+_CHECK_EVERY_S = 30.0
+
+
+class LivenessChecks:
+    """Asks each busy actor, every little while, whether it is alive, and tells which have not
+    answered for ``stall_s`` seconds: their processes are frozen, not merely slow.
+
+    Why an answer means alive: the actor answers on a thread of its own (its
+    :data:`HEALTH_GROUP`), so a busy item does not delay it; a process that is stopped, or stuck
+    in the kernel, answers nothing. A process that runs but holds the GIL for ``stall_s`` is
+    ended by its own watchdog first. A check is one small call per actor every
+    ``min(30, stall_s / 4)`` seconds.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.every_s = min(_CHECK_EVERY_S, stall_s / 4)
+        self._asked: dict[Any, tuple[Any, float]] = {}  # key → (the pending answer, when it was asked)
+        self._answered: dict[Any, float] = {}  # key → when it last answered (or started its item)
+
+    def start(self, key: Any) -> None:
+        """``key`` (the item's generator) has started on an actor: check from now on."""
+        self._answered[key] = time.monotonic()
+
+    def stop(self, key: Any) -> None:
+        """``key`` is over (finished, or its actor died): no more checks."""
+        self._asked.pop(key, None)
+        self._answered.pop(key, None)
+
+    def frozen(self, actors: dict[Any, Any]) -> list[Any]:
+        """The keys of ``actors`` (key → actor) that have not answered for ``stall_s``; asks the
+        others that are due a check."""
+        import ray
+
+        pending = [answer for answer, _ in self._asked.values()]
+        answered = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else set()
+        now, frozen = time.monotonic(), []
+        for key, actor in actors.items():
+            answer, asked_at = self._asked.get(key, (None, now))
+            if answer is not None and answer in answered:  # alive (or dead: its item's generator says so)
+                del self._asked[key]
+                self._answered[key], answer = now, None
+            if answer is not None:
+                if now - asked_at >= self.stall_s:
+                    frozen.append(key)
+            elif now - self._answered.get(key, now) >= self.every_s:
+                method = getattr(actor, ALIVE_METHOD).options(concurrency_group=HEALTH_GROUP)
+                self._asked[key] = (method.remote(), now)
+        return frozen
 
 
 def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate", *,
@@ -55,7 +113,10 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     at the same place on every resume. (Where every item kills its worker, a broken node or
     driver, every item ends that way, each with its reason: the run ends, its failures listed.)
     ``stall_s``: the workers' stall timeout (:mod:`annotator.watchdog`; 0: none), so that a
-    death that long after an item's last result is told as the hang it most likely was.
+    death that long after an item's last result is told as the hang it most likely was; and a
+    busy actor that does not answer :class:`LivenessChecks` for that long is killed, which counts
+    as its death on the item. The actors then need the :data:`ALIVE_METHOD`, in their
+    :data:`HEALTH_GROUP`.
 
     A worker that dies while starting (its node lost, the OOM killer) is replaced too; one whose
     constructor raises is not, as every worker's would.
@@ -77,6 +138,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
     start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
     waited = 0.0
+    # A frozen actor is killed: only where it can be replaced and its item given up.
+    checks = LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None else None
+    wait_s = min(_WAIT_S, checks.every_s) if checks is not None else _WAIT_S
 
     def replace_dead(actor: Any) -> None:
         ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
@@ -84,6 +148,22 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         fresh = replace()
         pool.append(fresh)
         starting[fresh.__ray_ready__.remote()] = fresh
+
+    def died(generator: Any, reason: str) -> tuple[bool, Any]:
+        """The item of ``generator``, whose actor is dead (replaced now): tried again, or given
+        up: (True, what ``gave_up`` made of it) after its last try."""
+        actor, item = running.pop(generator)
+        if checks is not None:
+            checks.stop(generator)
+        replace_dead(actor)
+        deaths[id(item)] = deaths.get(id(item), 0) + 1
+        name = getattr(item, "path", item)
+        if deaths[id(item)] < tries:
+            log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
+            queue.appendleft(item)
+            return False, None
+        log.warning("%s: its worker died %d times on it (%s); skipped", name, tries, reason)
+        return True, gave_up(item, reason)  # type: ignore[misc]  (checked by the caller)
 
     try:
         while queue or running:
@@ -94,10 +174,21 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 item = queue.popleft()
                 generator = call.remote(item)
                 running[generator], heard[generator] = (actor, item), time.monotonic()
+                if checks is not None:
+                    checks.start(generator)
+            if checks is not None:
+                for generator in checks.frozen({key: actor for key, (actor, _) in running.items()}):
+                    ray.kill(running[generator][0])  # SIGKILL ends even a stopped process
+                    del heard[generator]
+                    gave, result = died(generator, f"it did not answer for {stall_s:g} s (--stall-timeout): "
+                                                   "its process was frozen (stopped, or stuck in the kernel "
+                                                   "on a read) and was killed")
+                    if gave:
+                        yield result
             # A generator is "ready" when its next table is, or when it has ended.
-            ready, _ = ray.wait([*running, *(starting if queue else ())], num_returns=1, timeout=_WAIT_S)
+            ready, _ = ray.wait([*running, *(starting if queue else ())], num_returns=1, timeout=wait_s)
             if not ready:
-                waited += _WAIT_S
+                waited += wait_s
                 if not running and waited >= _WARN_AFTER_S:
                     log.warning("no worker has started after %.0f s: Ray cannot place them yet "
                                 "(see its resource messages above); waiting", waited)
@@ -127,25 +218,19 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 except StopIteration:
                     idle.append(running.pop(ready_one)[0])
                     del heard[ready_one]
+                    if checks is not None:
+                        checks.stop(ready_one)
                     continue
                 except ray.exceptions.RayActorError as exc:
-                    if replace is None:
+                    _, item = running[ready_one]
+                    if replace is None or (gave_up is None and deaths.get(id(item), 0) + 1 >= tries):
                         raise
-                    actor, item = running.pop(ready_one)
-                    replace_dead(actor)
-                    deaths[id(item)] = deaths.get(id(item), 0) + 1
                     silent_s = time.monotonic() - heard.pop(ready_one)
                     reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
                               if 0 < stall_s <= silent_s else death_reason(exc))
-                    name = getattr(item, "path", item)
-                    if deaths[id(item)] < tries:
-                        log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
-                        queue.appendleft(item)
+                    gave, result = died(ready_one, reason)
+                    if not gave:
                         continue
-                    if gave_up is None:
-                        raise
-                    log.warning("%s: its worker died %d times on it (%s); skipped", name, tries, reason)
-                    result = gave_up(item, reason)
                 yield result
     finally:
         for actor in pool:

@@ -199,7 +199,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
     import ray
 
-    from annotator.actor_pool import stream_from_pool
+    from annotator.actor_pool import HEALTH_GROUP, stream_from_pool
 
     workers = pool_size(config, len(items))
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
@@ -208,7 +208,9 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
 
         log.info("%d GPU workers, %d per GPU; estimated %s at 1080p", workers, round(1 / num_gpus),
                  actor_memory(config.resolved_batch_size(), config.scan_size).describe())
-    actor_class = ray.remote(worker).options(
+    # The health group answers the pool's liveness checks on a thread of its own while the
+    # default group (one thread: one item at a time) annotates.
+    actor_class = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(worker).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         # Ray reserves each CPU actor's memory, so no node gets more workers than it can hold.

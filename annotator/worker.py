@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,18 +147,25 @@ def worker_device(requested: str, gpu_ids: list[int | str], visible_devices: str
     return "cuda", visible.index(assigned) if assigned in visible else int(assigned)
 
 
-def resolve_in_worker(config: RunConfig) -> RunConfig:
-    """``config`` with its device set from this Ray worker's own resources (see :func:`worker_device`)."""
-    import os
-
+def resolve_in_worker(config: RunConfig) -> tuple[RunConfig, int | None]:
+    """``config`` with its device set from this Ray worker's own resources (see
+    :func:`worker_device`), and the local index of its GPU (None: none)."""
     import ray
 
     device, index = worker_device(config.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    use_gpu(index)
+    return dataclasses.replace(config, device=device), index  # type: ignore[arg-type]
+
+
+def use_gpu(index: int | None) -> None:
+    """Make "cuda" (engines, DALI, tensors) mean GPU ``index`` on the calling thread: the current
+    device is per thread, and Ray may run an actor's calls on another thread than its
+    constructor's (it has two groups of them, see :data:`annotator.actor_pool.HEALTH_GROUP`).
+    None: this worker has no GPU."""
     if index is not None:
         import torch
 
-        torch.cuda.set_device(index)  # "cuda" below (engines, DALI, tensors) means this GPU
-    return dataclasses.replace(config, device=device)  # type: ignore[arg-type]
+        torch.cuda.set_device(index)
 
 
 class RayVideoWorker:
@@ -165,7 +173,8 @@ class RayVideoWorker:
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.pipeline = self.build_pipeline(resolve_in_worker(config), threads)
+        config, self.gpu = resolve_in_worker(config)
+        self.pipeline = self.build_pipeline(config, threads)
         self.watchdog = StallWatchdog(config.stall_timeout)
 
     def build_pipeline(self, config: RunConfig, threads: int) -> VideoPipeline:
@@ -180,11 +189,19 @@ class RayVideoWorker:
         A worker that makes no progress on the item for ``--stall-timeout`` seconds ends itself
         (:mod:`annotator.watchdog`): the driver then gives the item to a new worker, and after
         a second time records it as failed. Frames decoded count as progress; waiting for the
-        driver to take a table does not count against it.
+        driver to take a table does not count against it. A process frozen whole (stopped, or
+        stuck in the kernel) cannot end itself: the driver kills it when :meth:`alive` goes
+        unanswered as long.
         """
+        use_gpu(self.gpu)
         report = DecodeReport()
         tables = annotate_tagged(self.pipeline, item, report)
         with self.watchdog.watching(lambda: (report.frames_decoded, report.bad_packets)) as watch:
             for table in tables:
                 with watch.paused():
                     yield table
+
+    def alive(self) -> int:
+        """Answers the driver's liveness checks (:class:`annotator.actor_pool.LivenessChecks`),
+        on a thread of its own while an item runs: this process's id."""
+        return os.getpid()

@@ -6,6 +6,7 @@ outlives the stream."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -14,13 +15,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from annotator.actor_pool import stream_from_pool  # noqa: E402
+from annotator.actor_pool import HEALTH_GROUP, stream_from_pool  # noqa: E402
 from annotator.cluster import init_ray  # noqa: E402
 from annotator.config import RunConfig  # noqa: E402
 
 
 class Yielder:
-    """Yields (item, step, pid) ``steps`` times, a little apart, so two actors overlap."""
+    """Yields (item, step, pid) ``steps`` times, a little apart (2.5 s for item ``slow``), so
+    two actors overlap."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
@@ -33,10 +35,13 @@ class Yielder:
             yield (item, 0, os.getpid())
             os._exit(1)  # the process goes, as when a node is lost or the OOM killer strikes
         for step in range(self.steps):
-            time.sleep(0.1)
+            time.sleep(2.5 if item == "slow" else 0.1)
             yield (item, step, os.getpid())
 
     def ping(self) -> int:
+        return os.getpid()
+
+    def alive(self) -> int:  # the pool's liveness checks, in the health group
         return os.getpid()
 
 
@@ -175,3 +180,45 @@ def test_an_actor_ray_cannot_place_holds_nothing_up(local_ray: None) -> None:
     never = ray.remote(Yielder).options(num_cpus=64).remote(2)
     got = list(stream_from_pool([never, placeable], ["a", "b", "c"]))
     assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in "abc" for s in range(2)]
+
+
+def _checked(steps: int):
+    """An actor that answers liveness checks on a thread of its own, as the run's workers do."""
+    return ray.remote(concurrency_groups={HEALTH_GROUP: 1})(Yielder).options(num_cpus=0.5).remote(steps)
+
+
+def test_a_frozen_actor_is_killed_and_its_item_starts_again(local_ray: None) -> None:
+    """A process stopped whole (SIGSTOP: a paused container; a read stuck in the kernel) cannot
+    end itself and Ray does not see it: the pool's liveness checks go unanswered, and after
+    ``stall_s`` the actor is killed and replaced, its item done again from the start."""
+    stream = stream_from_pool([_checked(steps=30)], ["a", "b"], replace=lambda: _checked(steps=3),
+                              gave_up=lambda item, reason: ("gave up", item, reason), stall_s=2.0)
+    name, step, pid = next(stream)
+    assert (name, step) == ("a", 0)
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    rest = list(stream)
+    assert 2.0 <= time.monotonic() - started < 30
+    assert [(n, s) for n, s, _ in rest] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert pid not in {p for *_, p in rest}
+    assert not _exists(pid, within_s=30)  # killed, stopped as it was
+
+
+def test_a_busy_actor_that_answers_is_not_killed(local_ray: None) -> None:
+    """An item that yields nothing for longer than ``stall_s`` on a live actor (a long stretch
+    without faces, sparse sampling) is not taken for a frozen one."""
+    got = list(stream_from_pool([_checked(steps=3)], ["slow"], replace=lambda: _checked(steps=3),
+                                gave_up=lambda item, reason: ("gave up", item, reason), stall_s=1.0))
+    assert [step for _, step, _ in got] == [0, 1, 2] and len({pid for *_, pid in got}) == 1
+
+
+def _exists(pid: int, within_s: float) -> bool:
+    """Whether process ``pid`` still exists after ``within_s`` (False as soon as it is gone)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True

@@ -1,10 +1,12 @@
 """A Ray worker that dies on a video (a native crash on a hostile file, the OOM killer, a lost
-node): the video starts again on a new worker, and a video that kills its worker every time
-becomes a failed row while the run goes on. Workers are killed for real, with SIGKILL, by a
-watcher that finds the Ray worker process holding the video open."""
+node) or freezes (a stopped container, a read stuck in the kernel): the video starts again on a
+new worker, and a video that kills its worker every time becomes a failed row while the run
+goes on. Workers are killed (SIGKILL) or frozen (SIGSTOP) for real by a watcher that finds the
+Ray worker process holding the video open."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -42,9 +44,10 @@ def _workers_reading(path: Path) -> Iterator[int]:
 
 
 @contextmanager
-def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3) -> Iterator[list[int]]:
-    """SIGKILL (up to ``times`` times) each Ray worker that has held ``path`` open ``after_s``
-    (0: as soon as it opens it)."""
+def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3,
+                              sig: signal.Signals = signal.SIGKILL) -> Iterator[list[int]]:
+    """SIGKILL (or ``sig``; up to ``times`` times) each Ray worker that has held ``path`` open
+    ``after_s`` (0: as soon as it opens it)."""
     killed: list[int] = []
     seen: dict[int, float] = {}
     stop = threading.Event()
@@ -54,7 +57,7 @@ def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3) -> I
             now = time.monotonic()
             for pid in _workers_reading(path):
                 if now - seen.setdefault(pid, now) >= after_s and pid not in killed:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, sig)
                     killed.append(pid)
             time.sleep(0.01)
 
@@ -111,3 +114,24 @@ def test_a_video_that_kills_every_worker_is_a_failed_row_and_the_run_goes_on(vid
     assert failed["error"][0].as_py() == (f"{poison}: its worker died on it 2 times (its process crashed or was "
                                           "killed: a native crash, the kernel's OOM killer, or its node lost); skipped")
     assert table.filter(pc.equal(table["video_path"], str(videos / "b.mp4"))).num_rows == 180
+
+
+def test_a_frozen_worker_is_killed_by_the_driver_and_its_video_annotated_again(
+        videos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGSTOP: the worker's own watchdog cannot fire in a stopped process; the driver's liveness
+    checks go unanswered for ``--stall-timeout`` and it kills the worker."""
+    out = tmp_path / "out.parquet"
+    config = dataclasses.replace(_config(videos, out), stall_timeout=3.0)
+    with killing_workers_that_read(videos / "b.mp4", times=1, after_s=0.5, sig=signal.SIGSTOP) as stopped:
+        summary = run(config, progress=False)
+    assert len(stopped) == 1
+    assert summary.failed == 0 and summary.frames == 2 * 180
+    table = pq.read_table(out)
+    frames = table.filter(pc.equal(table["video_path"], str(videos / "b.mp4")))["frame_index"].to_pylist()
+    assert frames == list(range(0, 360, 2))
+    assert f"{videos / 'b.mp4'}: its worker died (it did not answer for 3 s (--stall-timeout): its process " \
+           "was frozen (stopped, or stuck in the kernel on a read) and was killed)" in caplog.text
+    with pytest.raises(ProcessLookupError):  # killed, stopped as it was
+        for _ in range(100):
+            os.kill(stopped[0], 0)
+            time.sleep(0.2)

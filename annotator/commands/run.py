@@ -97,8 +97,9 @@ _PROBLEMS_SHOWN = 10
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=DEFAULT_STALL_TIMEOUT_S, show_default=True,
               metavar="SECONDS",
               help="A Ray worker that decodes no frame and yields no row for this long (a file that hangs "
-                   "its decoder, a read that never returns) ends itself; its video is tried once more on a new "
-                   "worker, then recorded as failed. 0: never.")
+                   "its decoder, a read that never returns) ends itself, and one frozen whole (stopped, stuck "
+                   "in the kernel) that answers no liveness check for this long is killed; its video is tried "
+                   "once more on a new worker, then recorded as failed. 0: never.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
