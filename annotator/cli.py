@@ -16,6 +16,7 @@ from annotator.commands.overlay import overlay
 from annotator.commands.report import report
 from annotator.commands.run import run_command
 from annotator.commands.train import eval_cmd, export, train
+from annotator.stopping import EXIT_TERMINATED, Terminated, stop_on_sigterm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -49,7 +50,9 @@ cli.add_command(distil_command)
 
 def main() -> None:
     """Entry point: errors print as one line (``annotate: error: …``); usage errors exit 2,
-    failures 1, and a command's own result (``annotate run``: 3 when inputs failed) passes through."""
+    failures 1, and a command's own result (``annotate run``: 3 when inputs failed) passes through.
+    Ctrl-C exits 130 and SIGTERM 143, each with one line (:mod:`annotator.stopping`)."""
+    stop_on_sigterm()
     try:
         code = cli.main(prog_name="annotate", standalone_mode=False)
     except click.UsageError as exc:
@@ -58,7 +61,10 @@ def main() -> None:
     except click.ClickException as exc:
         click.echo(f"annotate: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:  # click's form of KeyboardInterrupt
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("annotate: stopped (SIGTERM)", err=True)
+            sys.exit(EXIT_TERMINATED)
         click.echo("annotate: aborted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from annotator.config import RunConfig
+from annotator.stopping import stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def init_ray(config: RunConfig) -> None:
         where = f"join the Ray cluster at {config.address}" if config.address else "start a local Ray instance"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"cannot {where}: {reason}") from None
+    stop_on_sigterm()  # Ray's handler replaced ours: a SIGTERM now ends the run cleanly again
 
 
 def release_ray() -> None:

@@ -130,6 +130,9 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
         raise click.UsageError(str(exc)) from None
     except (FetchError, ClusterError, OutputWriteError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (annotator.stopping): main() ends with one line
+        click.echo(f"{out}: finished videos are kept; run the same command again to resume", err=True)
+        raise
     click.echo(summary.line())
     for problem in summary.problems[:_PROBLEMS_SHOWN]:
         click.echo(f"  {problem}", err=True)
