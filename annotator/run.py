@@ -36,6 +36,7 @@ from annotator.writer import (
     part_key,
     read_metadata,
     schema_with_metadata,
+    video_stamp,
 )
 from engines.cache import Artifacts, resolve
 from engines.factory import lookup, model_id
@@ -249,11 +250,30 @@ def _writing(where: Path, then: str) -> Iterator[None]:
         raise OutputWriteError(f"{where}: cannot write ({reason(exc)}); {then}") from None
 
 
+def _forget_changed(layout: OutputLayout, existing: ExistingParts, keys: dict[Path, str]) -> None:
+    """Remove the parts of videos that changed since they were annotated (another size or
+    modification time than their part records: replaced, re-encoded, or still being copied
+    then), so that they are annotated again rather than keep rows of what they no longer hold.
+    The parts are annotate's own; parts written before stamps were recorded are kept."""
+    changed = [video for video, key in keys.items()
+               if key in existing.done and key in existing.stamps and existing.stamps[key] != video_stamp(video)]
+    for video in changed:
+        key = keys[video]
+        layout.part_path(key).unlink(missing_ok=True)
+        existing.done.discard(key)
+        existing.damaged.pop(key, None)
+    if changed:
+        names = ", ".join(str(v) for v in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        log.warning("%d video(s) changed since they were annotated (size or modification time), "
+                    "annotated again: %s", len(changed), names)
+
+
 def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,
               schema: pa.Schema, progress: bool, start: float) -> RunSummary:
     """Stream every video not yet done into its part; return what happened."""
     videos = found.videos
     keys = {v: part_key(v) for v in videos}
+    _forget_changed(layout, existing, keys)
     pending = [(v, key) for v, key in keys.items() if key not in existing.done]
     collector = PartCollector(layout, schema)
     for key in existing.damaged.keys() & set(keys.values()):

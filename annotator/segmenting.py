@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from annotator.continuity import associate, is_cut
 from annotator.schema import SCHEMA, error_row
 from annotator.worker import WorkItem
-from annotator.writer import OutputLayout, PartWriter, read_metadata
+from annotator.writer import OutputLayout, PartWriter, read_metadata, recorded_stamp, video_stamp
 from engines.decoders import DecodeReport
 from engines.decoders.segments import Segment, frame_count, plan_segments
 
@@ -41,14 +41,16 @@ ITEMS_PER_WORKER = 4
 def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: int) -> list[WorkItem]:
     """The items of a run: whole videos, and the missing segments of videos worth splitting.
 
-    A video split by an earlier run keeps its plan. Otherwise a video is cut into about as many
+    A video split by an earlier run keeps its plan, unless the file changed since (another size
+    or modification time, :func:`annotator.writer.video_stamp`). Otherwise a video is cut into about as many
     pieces as its share of the run's work is worth in items of :data:`ITEMS_PER_WORKER` per
     worker (:func:`_pieces`): all of them where there are fewer than two videos per worker, and
     in a larger corpus the few long ones (a film among short clips) that would otherwise run on
     one worker after the rest are done. Segments are handed out first, so the whole videos fill
     the workers' last gaps.
     """
-    plans = {key: plan for _, key in videos if (plan := load_plan(layout, key)) is not None}
+    stamps = {key: video_stamp(path) for path, key in videos}
+    plans = {key: plan for path, key in videos if (plan := load_plan(layout, key, stamps[key], path)) is not None}
     fresh = [(path, key) for path, key in videos if key not in plans]
     pieces = _pieces(fresh, workers, few=len(videos) < 2 * workers) if workers > 1 and fresh else {}
     segments: list[WorkItem] = []
@@ -58,11 +60,11 @@ def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: in
         if plan is None and pieces.get(key, 1) > 1:
             plan = _plan(path, pieces[key])
             if len(plan) > 1:
-                save_plan(layout, key, plan)
+                save_plan(layout, key, plan, stamps[key])
         if plan is None or len(plan) == 1:
-            wholes.append(WorkItem(path, key))
+            wholes.append(WorkItem(path, key, stamp=stamps[key]))
             continue
-        segments += [WorkItem(path, key, s) for s in plan if not layout.segment_done(key, s.index)]
+        segments += [WorkItem(path, key, s, stamps[key]) for s in plan if not layout.segment_done(key, s.index)]
     return segments + wholes
 
 
@@ -115,27 +117,43 @@ def _plan(path: Path, pieces: int) -> list[Segment]:
         return [Segment(0, 1, None, None, 0, None)]
 
 
-def load_plan(layout: OutputLayout, key: str) -> list[Segment] | None:
+def load_plan(layout: OutputLayout, key: str, stamp: tuple[int, int] | None = None,
+              video: Path | None = None) -> list[Segment] | None:
+    """A video's plan, as an earlier run saved it; None (its segments removed) where it cannot be
+    read or where ``stamp`` (the file's now) is not the one the plan was made for. ``video``:
+    its path, for the warning."""
     path = layout.plan_path(key)
     if not path.is_file():
         return None
     try:
-        return [Segment.from_json(s) for s in json.loads(path.read_text())["segments"]]
+        saved = json.loads(path.read_text())
+        plan = [Segment.from_json(s) for s in saved["segments"]]
+        planned_for = tuple(saved["stamp"]) if saved.get("stamp") is not None else None
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: unreadable segment plan, the video is planned again", path)
-        for index in range(10_000):
-            if not layout.segment_path(key, index).exists():
-                break
-            layout.segment_path(key, index).unlink()
-        path.unlink(missing_ok=True)
+        _drop_plan(layout, key)
         return None
+    if stamp is not None and planned_for is not None and planned_for != stamp:
+        log.warning("%s: changed since it was split (size or modification time): its segments are "
+                    "annotated again", video or key)
+        _drop_plan(layout, key)
+        return None
+    return plan
 
 
-def save_plan(layout: OutputLayout, key: str, plan: list[Segment]) -> None:
+def _drop_plan(layout: OutputLayout, key: str) -> None:
+    """Remove a video's plan and its segment parts (all written by annotate)."""
+    for part in layout.parts_dir.glob(layout.segment_path(key, 0).name.replace(".seg0000.", ".seg*.")):
+        part.unlink(missing_ok=True)
+    layout.plan_path(key).unlink(missing_ok=True)
+
+
+def save_plan(layout: OutputLayout, key: str, plan: list[Segment], stamp: tuple[int, int] | None = None) -> None:
+    """Save a video's plan (write, fsync, rename), with the file's stamp it was made for."""
     path = layout.plan_path(key)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump({"segments": [s.to_json() for s in plan]}, fh)
+        json.dump({"segments": [s.to_json() for s in plan], "stamp": stamp}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -162,6 +180,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     assert plan is not None, key
     writer = PartWriter(layout.part_path(key), schema)
     reports, path, video_id = [], "", None
+    stamps = set()  # the file's stamp each segment was annotated for (one: the plan was checked)
     previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
@@ -171,6 +190,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             part = layout.segment_path(key, segment.index)
             facts = read_metadata(part)["video"]
             path = facts["video_path"]
+            stamps.add(recorded_stamp(facts))
             reports.append(_report(facts))
             table = pq.read_table(part).cast(SCHEMA)
             rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
@@ -195,6 +215,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             writer.write(error_row(path, f"{path}: {report.describe()}", video_id=video_id))
         facts = {"video_path": path, **dataclasses.asdict(report),
                  "damage": report.describe() if report.damaged else None, "segments": len(plan)}
+        if len(stamps) == 1 and (stamp := stamps.pop()) is not None:
+            facts["file_size"], facts["file_mtime_ns"] = stamp
         writer.commit(json.dumps(facts))
     except BaseException:
         writer.abort()

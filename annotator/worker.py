@@ -76,6 +76,7 @@ class WorkItem:
     path: Path
     key: str  # the video's part key (annotator.writer.part_key)
     segment: Segment | None = None
+    stamp: tuple[int, int] | None = None  # the file's (size, mtime_ns) when planned (annotator.writer.video_stamp)
 
     @property
     def tag(self) -> str:
@@ -83,11 +84,15 @@ class WorkItem:
         return self.key if self.segment is None else f"{self.key}#{self.segment.index}"
 
 
-def video_facts(path: Path, report: DecodeReport) -> dict[str, object]:
+def video_facts(path: Path, report: DecodeReport, stamp: tuple[int, int] | None = None) -> dict[str, object]:
     """What the part's file metadata records about its video: size, rotation applied, damage
-    (with the report's fields, so the segments of a video can be summed up)."""
-    return {"video_path": str(path), **dataclasses.asdict(report),
-            "damage": report.describe() if report.damaged else None}
+    (with the report's fields, so the segments of a video can be summed up), and the file's
+    size and modification time (``stamp``), by which a re-run tells a changed video."""
+    facts = {"video_path": str(path), **dataclasses.asdict(report),
+             "damage": report.describe() if report.damaged else None}
+    if stamp is not None:
+        facts["file_size"], facts["file_mtime_ns"] = stamp
+    return facts
 
 
 def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeReport | None = None) -> Iterator[pa.Table]:
@@ -119,7 +124,7 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         log.info("%s: %s", path, report.describe())
         yield tag_table(pending, part, "rows", progress=rows_progress(pending, first_frame, report.frames_expected))
         pending = error_row(str(path), f"{path}: {report.describe()}", video_id=pending.column("video_id")[0].as_py())
-    facts = video_facts(path, report)
+    facts = video_facts(path, report, item.stamp)
     if item.segment is not None:  # the driver looks for a cut between this segment and the last
         facts["shot_ends"] = pipeline.tracker.shot_ends()
     yield tag_table(pending, part, "done", json.dumps(facts))

@@ -45,6 +45,18 @@ def part_key(video: Path) -> str:
     return hashlib.sha1(os.path.realpath(video).encode()).hexdigest()[:16]
 
 
+def video_stamp(video: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a video file, as its part records them: a re-run that
+    finds other values annotates the video again, as ``make`` and ``rsync`` decide what changed.
+    Why: a video replaced, re-encoded or still being copied when it was first annotated would
+    otherwise keep its old rows for ever. None: the file cannot be read (its error row says why)."""
+    try:
+        stat = os.stat(video)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 @dataclass
 class ExistingParts:
     """What an output already holds, checked part by part."""
@@ -53,6 +65,7 @@ class ExistingParts:
     damaged: dict[str, dict] = field(default_factory=dict)  # key -> facts of a done video that was damaged
     fingerprints: set[str] = field(default_factory=set)
     unreadable: list[Path] = field(default_factory=list)  # removed: their videos are redone
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> its video's stamp when annotated
 
 
 class OutputLayout:
@@ -112,10 +125,18 @@ class OutputLayout:
                 found.done.add(key)
                 if (facts := meta.get("video") or {}).get("damage"):
                     found.damaged[key] = facts
+                if (stamp := recorded_stamp(facts)) is not None:  # parts from before stamps have none
+                    found.stamps[key] = stamp
         return found
 
     def parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+
+
+def recorded_stamp(facts: dict) -> tuple[int, int] | None:
+    """The :func:`video_stamp` a part's video facts record (None: a part written before stamps)."""
+    size, mtime_ns = facts.get("file_size"), facts.get("file_mtime_ns")
+    return (size, mtime_ns) if size is not None and mtime_ns is not None else None
 
 
 def schema_with_metadata(metadata: dict[str, object]) -> pa.Schema:

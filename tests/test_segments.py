@@ -4,6 +4,9 @@ stitched back with continuous track ids, resumed segment by segment."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +22,7 @@ from annotator.run import run, run_metadata
 from annotator.schema import frame_rows
 from annotator.segmenting import _continuous_ids, load_plan, work_items
 from annotator.worker import PROGRESS_COLUMN, STATUS_COLUMN, WorkItem, annotate_tagged
-from annotator.writer import OutputLayout, part_key, schema_with_metadata
+from annotator.writer import OutputLayout, part_key, recorded_stamp, schema_with_metadata, video_stamp
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
 from engines.decoders.segments import frame_count, plan_segments
@@ -126,6 +129,7 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
     assert faces.num_rows >= 0.97 * 200 and set(faces.column("track_id").to_pylist()) == {0}  # one person, one id
     facts = pq.read_metadata(layout.part_path(key)).metadata[b"annotator.video"]
     assert b'"segments": 2' in facts and b'"frames_decoded": 600' in facts
+    assert recorded_stamp(json.loads(facts)) == video_stamp(long_clip)  # a re-run tells a changed file by it
     # The same rows as one worker on the whole video (segments start with a full detection, so
     # boxes differ by the tracker's jitter only).
     whole = run(RunConfig(inputs=(long_clip,), out=tmp_path / "whole.parquet", workers=0, sampling=Sampling(every_n=3)),
@@ -135,6 +139,28 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
     for c in ("x1", "y2"):
         assert np.median(np.abs(reference.column(c).to_numpy(zero_copy_only=False)
                                 - table.column(c).to_numpy(zero_copy_only=False))) < 2.0
+
+
+def test_a_split_video_that_changed_is_planned_again(long_clip, tmp_path):
+    """A plan and its finished segments are for the file as it was (size, modification time):
+    rewritten since, its segments would stitch rows of two different files."""
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(long_clip, clip)
+    out = tmp_path / "results"
+    layout, key = OutputLayout(out), part_key(clip)
+    config = RunConfig(inputs=(clip,), out=out, workers=0, sampling=Sampling(every_n=30))
+    with OutputClaim(out):
+        items = work_items(layout, [(clip, key)], workers=2)
+        assert [i.segment.index for i in items] == [0, 1] and items[0].stamp == video_stamp(clip)
+        collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
+        for table in annotate_tagged(VideoPipeline(config), items[0]):
+            collector.add(table)
+        assert layout.segment_done(key, 0)
+        assert [i.segment.index for i in work_items(layout, [(clip, key)], workers=2)] == [1]  # unchanged: resumed
+        mtime_ns = clip.stat().st_mtime_ns
+        os.utime(clip, ns=(mtime_ns, mtime_ns + 10**9))  # rewritten in place
+        assert [i.segment.index for i in work_items(layout, [(clip, key)], workers=2)] == [0, 1]
+        assert not layout.segment_path(key, 0).exists()
 
 
 def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
@@ -239,13 +265,15 @@ def test_a_film_among_short_clips_is_cut_and_handed_out_first(carphone, long_cli
         items = work_items(layout, videos, workers=2)
         segments = [item for item in items if item.segment is not None]
         assert [item.path for item in segments] == [long_clip] * len(segments) and len(segments) >= 2
-        assert items[len(segments):] == [WorkItem(path, key) for path, key in videos[:4]]  # then the short ones, whole
+        # then the short ones, whole
+        assert items[len(segments):] == [WorkItem(path, key, stamp=video_stamp(path)) for path, key in videos[:4]]
         assert all(item.segment.first_frame % 60 == 0 for item in segments)  # at keyframes
         # Its plan is kept: a re-run hands out the same segments, not a new cut.
         assert work_items(layout, videos, workers=2) == items
     # Equal clips, many a worker: none is worth cutting.
     equal = [(path, part_key(path)) for path in clips]
-    assert work_items(OutputLayout(tmp_path / "out2"), equal, workers=2) == [WorkItem(p, k) for p, k in equal]
+    assert work_items(OutputLayout(tmp_path / "out2"), equal, workers=2) == [WorkItem(p, k, stamp=video_stamp(p))
+                                                                          for p, k in equal]
 
 
 def test_stitching_imports_no_torch():
