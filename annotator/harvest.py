@@ -36,6 +36,7 @@ from annotator.config import ConfigError, RunConfig
 from annotator.discover import find_videos
 from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
 from annotator.pipeline import VideoPipeline
+from annotator.schema import utf8_text
 from annotator.stages import FaceBatch
 from annotator.collect import split_runs
 from annotator.wording import counted
@@ -120,7 +121,7 @@ def _rows(batch: FrameBatch, path: str, vid: str, counts: np.ndarray, tracks: np
 
     pngs = [encode_png(image) for image in images]
     return pa.RecordBatch.from_pydict({
-        "video_path": [path] * n,
+        "video_path": [utf8_text(path)] * n,
         "video_id": [vid] * n,
         "frame_index": batch.frame_index[frame_rows].astype(np.int64),
         "pts_s": batch.pts_s[frame_rows].astype(np.float64),
@@ -191,7 +192,7 @@ class _ShardWriter:
     def _writer(self, key: str, video: str) -> pq.ParquetWriter:
         if key not in self.open:
             tmp = self.directory / f".{key}.parquet.tmp"
-            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(), VIDEO_KEY: video.encode()})
+            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(), VIDEO_KEY: utf8_text(video).encode()})
             self.open[key] = (pq.ParquetWriter(tmp, schema), tmp)
         return self.open[key][0]
 

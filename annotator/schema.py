@@ -44,11 +44,23 @@ SCHEMA = pa.schema(
 _EXPRESSION_NAMES = pa.array(EXPRESSIONS, pa.string())
 
 
+def utf8_text(value: str) -> str:
+    """``value`` as valid UTF-8 for a string column: a file name that is not UTF-8 (Linux names
+    are bytes; Python carries the stray ones as lone surrogates) keeps those bytes as ``\\xNN``,
+    e.g. ``caf\\xe9.mp4`` for Latin-1 ``café.mp4``. Why: Arrow refuses lone surrogates, and one
+    such name among thousands must not stop a run."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def constant_column(value: str | None, n: int) -> pa.Array:
     """``n`` copies of one string (or nulls), built by Arrow rather than per-row Python objects."""
     if value is None:
         return pa.nulls(n, pa.string())
-    return pc.take(pa.array([value], pa.string()), pa.array(np.zeros(n, np.int32)))
+    return pc.take(pa.array([utf8_text(value)], pa.string()), pa.array(np.zeros(n, np.int32)))
 
 
 def _scatter(values: np.ndarray, face_rows: np.ndarray, n_rows: int, dtype: pa.DataType) -> pa.Array:
@@ -130,7 +142,7 @@ def _scatter_strings(value: str, face_rows: np.ndarray, n_rows: int) -> pa.Array
 def error_row(video_path: str, message: str, video_id: str | None = None) -> pa.RecordBatch:
     """The single row that records a failed video."""
     columns = {f.name: pa.nulls(1, f.type) for f in SCHEMA}
-    columns["video_path"] = pa.array([video_path], pa.string())
+    columns["video_path"] = pa.array([utf8_text(video_path)], pa.string())
     columns["video_id"] = pa.array([video_id], pa.string())
-    columns["error"] = pa.array([message], pa.string())
+    columns["error"] = pa.array([utf8_text(message)], pa.string())
     return pa.RecordBatch.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)

@@ -42,7 +42,7 @@ def part_key(video: Path) -> str:
     ``os.path.realpath`` rather than ``Path.resolve``: it never raises, so a symlink loop among
     the inputs becomes that video's error row, not a crash of the run.
     """
-    return hashlib.sha1(os.path.realpath(video).encode()).hexdigest()[:16]
+    return hashlib.sha1(os.fsencode(os.path.realpath(video))).hexdigest()[:16]
 
 
 def video_stamp(video: Path) -> tuple[int, int] | None:

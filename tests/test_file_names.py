@@ -1,0 +1,47 @@
+"""File names that are not UTF-8 (Linux names are bytes: Latin-1 names from old archives and
+cameras are common in corpora). Before, one such name anywhere in the inputs stopped the whole
+run at its start (``'utf-8' codec can't encode character '\\udce9'``); now its video is annotated
+like any other, and its path is written with the stray bytes as ``\\xNN``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from annotator.config import RunConfig
+from annotator.run import run
+from annotator.schema import utf8_text
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)  # how Python carries a name that is not UTF-8: lone surrogates
+
+
+def test_utf8_text_keeps_valid_text_and_escapes_stray_bytes() -> None:
+    assert utf8_text("café/日本.mp4") == "café/日本.mp4"
+    assert utf8_text(_name(b"caf\xe9.mp4")) == "caf\\xe9.mp4"
+
+
+def test_videos_with_names_that_are_not_utf8_are_annotated_and_resumed(carphone: Path, tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    latin1 = videos / _name(b"caf\xe9.mp4")
+    shutil.copy(carphone, latin1)
+    shutil.copy(carphone, videos / "ok.mp4")
+    (videos / _name(b"broken\xff.mp4")).write_bytes(b"not a video" * 100)
+    out = tmp_path / "results"
+    config = RunConfig(inputs=(videos,), out=out, workers=0)
+    summary = run(config, progress=False)
+    assert (summary.videos, summary.failed, summary.frames) == (3, 1, 240)
+    table = pq.read_table(out)
+    paths = table.group_by("video_path").aggregate([("frame_index", "count")]).to_pylist()
+    assert sorted((p["video_path"], p["frame_index_count"]) for p in paths) == [
+        (f"{videos}/broken\\xff.mp4", 0), (f"{videos}/caf\\xe9.mp4", 120), (f"{videos}/ok.mp4", 120)]
+    errors = table.filter(pc.is_valid(table["error"]))["error"].to_pylist()
+    assert errors == [f"{videos}/broken\\xff.mp4: cannot open (Invalid data found when processing input)"]
+    again = run(config, progress=False)  # the two done are skipped, the broken one tried again
+    assert (again.skipped, again.failed, again.frames) == (2, 1, 0)
