@@ -91,7 +91,8 @@ class RunConfig:
     overwrite: bool = False
     pipelines_per_gpu: int | None = None  # None: one per NVDEC engine of the GPU, where known
     temporal: bool = False  # the scorer directory's CNN + GRU head over each face track (annotator.temporal)
-    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # a Ray worker with no progress this long ends (annotator.watchdog); one frozen is killed (actor_pool)
+    # A Ray worker with no progress this long ends (annotator.watchdog); one frozen is killed (actor_pool).
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S
 
 
     def __post_init__(self) -> None:

@@ -192,7 +192,8 @@ class _ShardWriter:
     def _writer(self, key: str, video: str) -> pq.ParquetWriter:
         if key not in self.open:
             tmp = self.directory / f".{key}.parquet.tmp"
-            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(), VIDEO_KEY: utf8_text(video).encode()})
+            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(),
+                                                   VIDEO_KEY: utf8_text(video).encode()})
             self.open[key] = (pq.ParquetWriter(tmp, schema), tmp)
         return self.open[key][0]
 
