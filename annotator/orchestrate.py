@@ -20,7 +20,7 @@ from annotator.cluster import ClusterError, init_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.actor_pool import TRIES
 from annotator.schema import error_row
-from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged, tag_table
+from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged, return_freed_memory, tag_table
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def stream_in_process(config: RunConfig, items: list[WorkItem], pipeline_class: 
     pipeline = (pipeline_class or VideoPipeline)(config)
     for item in items:
         yield from annotate_tagged(pipeline, item)
+        return_freed_memory()
 
 
 # One CPU worker's memory, measured on this project's 2-core VM (ONNX Runtime, 2026-11-25): a

@@ -15,6 +15,7 @@ says what was lost (see :meth:`engines.decoders.DecodeReport.describe`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -173,6 +174,28 @@ def use_gpu(index: int | None) -> None:
         torch.cuda.set_device(index)
 
 
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system once a work item is done (glibc's
+    ``malloc_trim``; nothing where the C library has none, as musl or macOS).
+
+    Why: videos of different sizes leave the heap of a long-lived worker fragmented, and glibc
+    keeps what was freed. Measured with one pipeline on ten resolutions in turn (176x144 to
+    1080x1920): its RSS wandered between 743 and 937 MB over 200-400 videos, against 697-712 MB
+    with a trim after each video, which took 2 ms (videos of one size: flat either way). Over a
+    week of varied inputs that margin is what stands between a worker and Ray's memory monitor.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> object:
+    import ctypes
+
+    return ctypes.CDLL(None)  # the symbols the process already has: its C library's among them
+
+
 class RayVideoWorker:
     """The Ray actor of a run's pool: models load once in ``__init__``, one work item per call."""
 
@@ -201,10 +224,13 @@ class RayVideoWorker:
         use_gpu(self.gpu)
         report = DecodeReport()
         tables = annotate_tagged(self.pipeline, item, report)
-        with self.watchdog.watching(lambda: (report.frames_decoded, report.bad_packets)) as watch:
-            for table in tables:
-                with watch.paused():
-                    yield table
+        try:
+            with self.watchdog.watching(lambda: (report.frames_decoded, report.bad_packets)) as watch:
+                for table in tables:
+                    with watch.paused():
+                        yield table
+        finally:
+            return_freed_memory()
 
     def alive(self) -> int:
         """Answers the driver's liveness checks (:class:`annotator.actor_pool.LivenessChecks`),
