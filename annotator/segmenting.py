@@ -42,12 +42,12 @@ def work_items(layout: OutputLayout, videos: list[tuple[Path, str]], workers: in
     """The items of a run: whole videos, and the missing segments of videos worth splitting.
 
     A video split by an earlier run keeps its plan, unless the file changed since (another size
-    or modification time, :func:`annotator.writer.video_stamp`). Otherwise a video is cut into about as many
-    pieces as its share of the run's work is worth in items of :data:`ITEMS_PER_WORKER` per
-    worker (:func:`_pieces`): all of them where there are fewer than two videos per worker, and
-    in a larger corpus the few long ones (a film among short clips) that would otherwise run on
-    one worker after the rest are done. Segments are handed out first, so the whole videos fill
-    the workers' last gaps.
+    or modification time, :func:`annotator.writer.video_stamp`). Otherwise a video is cut into
+    about as many pieces as its share of the run's work is worth in items of
+    :data:`ITEMS_PER_WORKER` per worker (:func:`_pieces`): all of them where there are fewer
+    than two videos per worker, and in a larger corpus the few long ones (a film among short
+    clips) that would otherwise run on one worker after the rest are done. Segments are handed
+    out first, so the whole videos fill the workers' last gaps.
     """
     stamps = {key: video_stamp(path) for path, key in videos}
     plans = {key: plan for path, key in videos if (plan := load_plan(layout, key, stamps[key], path)) is not None}
