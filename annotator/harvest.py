@@ -41,7 +41,7 @@ from annotator.stages import FaceBatch
 from annotator.collect import split_runs
 from annotator.wording import counted
 from annotator.worker import RayVideoWorker, WorkItem
-from annotator.writer import part_key
+from annotator.writer import part_key, video_stamp
 from engines.align import CropGeometry
 from engines.decoders import FrameBatch
 
@@ -51,6 +51,8 @@ SHARDS = "shards"
 #: Shard file metadata key: what made the rows (teacher, sampling, detector), checked on resume.
 FINGERPRINT_KEY = b"distil_fingerprint"
 VIDEO_KEY = b"distil_video"
+#: The video file's (size, mtime_ns) when harvested: a rerun harvests a changed video again.
+STAMP_KEY = b"distil_stamp"
 
 HARVEST_SCHEMA = pa.schema([
     ("video_path", pa.string()),
@@ -166,20 +168,31 @@ def fingerprint(config: RunConfig, teacher_id: str) -> str:
 
 def shard_fingerprint(path: Path) -> str | None:
     """The fingerprint a shard was written with (None: not a shard of ours)."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return None
-    value = metadata.get(FINGERPRINT_KEY)
+    value = _shard_metadata(path).get(FINGERPRINT_KEY)
     return value.decode() if value is not None else None
+
+
+def shard_stamp(path: Path) -> tuple[int, int] | None:
+    """Its video's :func:`annotator.writer.video_stamp` when the shard was harvested (None: a
+    shard from before stamps)."""
+    value = _shard_metadata(path).get(STAMP_KEY)
+    return tuple(json.loads(value)) if value is not None else None  # type: ignore[return-value]
+
+
+def _shard_metadata(path: Path) -> dict[bytes, bytes]:
+    try:
+        return pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return {}
 
 
 class _ShardWriter:
     """Rows of the videos in flight, each to its hidden temporary shard, renamed when done."""
 
-    def __init__(self, directory: Path, print_: str) -> None:
+    def __init__(self, directory: Path, print_: str, stamps: dict[str, tuple[int, int] | None] | None = None) -> None:
         self.directory = directory
         self.fingerprint = print_
+        self.stamps = stamps or {}  # key -> its video's stamp (annotator.writer.video_stamp)
         self.open: dict[str, tuple[pq.ParquetWriter, Path]] = {}
         self.last_frame: dict[str, int] = {}  # of each shard in flight
         self.counted: dict[str, tuple[int, int]] = {}  # frames, faces of each shard in flight
@@ -192,8 +205,10 @@ class _ShardWriter:
     def _writer(self, key: str, video: str) -> pq.ParquetWriter:
         if key not in self.open:
             tmp = self.directory / f".{key}.parquet.tmp"
-            schema = HARVEST_SCHEMA.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(),
-                                                   VIDEO_KEY: utf8_text(video).encode()})
+            metadata = {FINGERPRINT_KEY: self.fingerprint.encode(), VIDEO_KEY: utf8_text(video).encode()}
+            if self.stamps.get(key) is not None:
+                metadata[STAMP_KEY] = json.dumps(self.stamps[key]).encode()
+            schema = HARVEST_SCHEMA.with_metadata(metadata)
             self.open[key] = (pq.ParquetWriter(tmp, schema), tmp)
         return self.open[key][0]
 
@@ -230,8 +245,10 @@ class _ShardWriter:
 def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True) -> HarvestSummary:
     """Teacher outputs and crops of every video of ``config.inputs`` into ``out/shards/``.
 
-    ``config.scorer`` is the teacher. Videos with a shard of the same fingerprint are skipped;
-    a shard of another teacher or sampling is a configuration error (``--overwrite`` starts over).
+    ``config.scorer`` is the teacher. Videos with a shard of the same fingerprint are skipped,
+    unless the file changed since (another size or modification time: its shard is harvested
+    again, and training, whose corpus then differs, starts afresh); a shard of another teacher or
+    sampling is a configuration error (``--overwrite`` starts over).
 
     Raises:
         ConfigError: no video in the inputs, or shards from another teacher or sampling.
@@ -246,18 +263,25 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
     print_ = fingerprint(config, teacher_id)
     summary = HarvestSummary(videos=len(found.videos), failed=[f"{p}: {why}" for p, why in found.problems])
     pending: list[WorkItem] = []
+    changed: list[Path] = []
     for video in found.videos:
-        key = part_key(video)
+        key, stamp = part_key(video), video_stamp(video)
         shard = directory / f"{key}.parquet"
         if shard.is_file():
             if shard_fingerprint(shard) != print_:
                 raise ConfigError(f"{shard}: was harvested with another teacher or sampling "
                                   "(pass --overwrite, or choose another --out)")
-            summary.skipped += 1
-        else:
-            pending.append(WorkItem(video, key))
+            if shard_stamp(shard) in (None, stamp):
+                summary.skipped += 1
+                continue
+            shard.unlink()  # ours (our fingerprint): its video changed since
+            changed.append(video)
+        pending.append(WorkItem(video, key, stamp=stamp))
+    if changed:
+        log.warning("%d video(s) changed since they were harvested (size or modification time), harvested "
+                    "again: %s", len(changed), ", ".join(map(str, changed[:3])) + (" ..." if len(changed) > 3 else ""))
     videos = {item.key: str(item.path) for item in pending}
-    writer = _ShardWriter(directory, print_)
+    writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
     bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",
                disable=not progress, dynamic_ncols=True)
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -358,3 +359,36 @@ def test_cosine_lr_starts_at_the_base_and_falls_towards_zero():
         assert all(a > b for a, b in zip(rates, rates[1:]))
         assert 0 < rates[-1] <= 1e-3
     assert cosine_lr(1e-3, 19, 20) < 1e-5
+
+
+def test_a_video_changed_since_its_harvest_is_harvested_again(carphone: Path, tmp_path: Path) -> None:
+    """A shard records its video's size and modification time: replaced since, the video is
+    harvested again (and training, whose corpus then differs, starts afresh); unchanged, skipped."""
+    import shutil
+
+    from annotator.config import RunConfig
+    from annotator.harvest import harvest
+    from engines.decoders import Sampling
+    from faults import carphone_frames, write_clip
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(carphone, videos / "a.mp4")
+    shutil.copy(carphone, videos / "b.mp4")
+    config = RunConfig(inputs=(videos,), out=tmp_path / "unused", workers=0, scorer="fer-minixception",
+                       sampling=Sampling(every_n=8))
+    out = tmp_path / "distilled"
+    first = harvest(config, "fer-minixception", out, progress=False)
+    assert (first.skipped, first.frames) == (0, 30)
+    shard_a = next(p for p in (out / SHARDS).glob("*.parquet") if str(videos / "a.mp4") in
+                   pq.read_table(p).column("video_path").to_pylist())
+    written = shard_a.stat().st_mtime_ns
+    write_clip(tmp_path / "shorter.mp4", carphone_frames(carphone), 45)
+    (tmp_path / "shorter.mp4").replace(videos / "b.mp4")  # b is another recording now
+    again = harvest(config, "fer-minixception", out, progress=False)
+    assert (again.skipped, again.frames) == (1, 6)  # frames 0, 8, ..., 40 of the new b
+    assert shard_a.stat().st_mtime_ns == written
+    rows = pq.read_table(out / SHARDS)
+    of_b = rows.filter(pc.equal(rows.column("video_path"), str(videos / "b.mp4")))
+    assert sorted(of_b.column("frame_index").to_pylist()) == list(range(0, 45, 8))
+    assert harvest(config, "fer-minixception", out, progress=False).skipped == 2
