@@ -245,15 +245,15 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema) -> int:
     """Concatenate part files (in the given order) into one Parquet file, atomically.
 
     Streams row group by row group, so memory stays flat however large the result. The facts
-    of videos that were turned or mirrored, stretched to square pixels or damaged are gathered into
-    the file's metadata.
+    of videos that were turned or mirrored, stretched to square pixels, shown as SDR (HDR
+    sources) or damaged are gathered into the file's metadata.
 
     Returns:
         The number of rows written.
     """
     notable = [v for v in (read_metadata(p).get("video") for p in parts)
                if v and (v.get("rotation_cw_deg") or v.get("mirrored") or v.get("sample_aspect", 1.0) != 1.0
-                         or v.get("damage"))]
+                         or v.get("damage") or v.get("tone_mapped"))]
     run = json.loads(schema.metadata[METADATA_KEY])
     schema = schema_with_metadata({**run, "videos": notable})
     tmp = out.with_name(f".{out.name}.tmp")

@@ -250,6 +250,10 @@ def test_decoder_choice_reasons_name_the_cause(clips: dict[str, Path]) -> None:
     dvd = StreamInfo(Path("dvd.mkv"), "h264", "High", "yuv420p", 8, "matroska,webm", 720, 576, sample_aspect=64 / 45)
     assert choose_decoder(dvd, "auto", "cuda", h100, True) == DecoderChoice(
         "pyav", "non-square pixels (sample aspect 1.42): PyAV shows them square, DALI decodes them as stored")
+    hlg = StreamInfo(Path("phone.mov"), "hevc", "Main", "yuv420p", 8, "mov,mp4,m4a,3gp,3g2,mj2", 1920, 1080,
+                     hdr="HLG BT.2020 mapped to SDR BT.709")  # 8-bit HLG: DALI could decode it, but not map it
+    assert choose_decoder(hlg, "auto", "cuda", h100, True) == DecoderChoice(
+        "pyav", "HDR: PyAV shows it as SDR (HLG BT.2020 mapped to SDR BT.709), DALI cannot")
 
 
 @pytest.mark.parametrize(("name", "family"), [

@@ -181,6 +181,7 @@ class DecodeReport:
     first_bad_s: float | None = None  # presentation time of the first lost frame
     stopped_early: str | None = None  # why the container stopped before its end, if it did
     frames_expected: int = 0  # frames the header says the decoded piece holds (0: it does not say); for progress
+    tone_mapped: str | None = None  # HDR shown as SDR, e.g. "PQ BT.2020 mapped to SDR BT.709" (decoders.tonemap)
 
     @property
     def damaged(self) -> bool:

@@ -108,6 +108,8 @@ def choose_decoder(info: StreamInfo, requested: str, device: str, gpu_name: str 
         return DecoderChoice("pyav", f"container {info.container.split(',')[0]} is not one DALI reads (mp4/mov, mkv/webm, avi)")
     if info.bit_depth != 8 or info.chroma != "420":
         return DecoderChoice("pyav", f"{info.bit_depth}-bit {info.chroma}: DALI decodes 8-bit 4:2:0 only")
+    if info.hdr:
+        return DecoderChoice("pyav", f"HDR: PyAV shows it as SDR ({info.hdr}), DALI cannot")
     if deinterlace and info.interlaced:
         return DecoderChoice("pyav", "interlaced: PyAV makes it progressive (bwdif), DALI cannot "
                                      "(--no-deinterlace: DALI)")

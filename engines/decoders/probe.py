@@ -16,6 +16,7 @@ import av
 from engines.decoders import DecodeError, cannot_open, sample_aspect, video_stream
 from engines.decoders.deinterlace import is_interlaced
 from engines.decoders.orientation import UPRIGHT, Orientation, orientation
+from engines.decoders.tonemap import sdr_conversion
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StreamInfo:
     orientation: Orientation = UPRIGHT
     interlaced: bool = False  # the first frame (or the header's field order) says its fields are interlaced
     sample_aspect: float = 1.0  # width over height of a pixel as shown (engines.decoders.sample_aspect)
+    hdr: str | None = None  # how the first frame's HDR colours are mapped to SDR (decoders.tonemap); None: SDR
 
     @property
     def chroma(self) -> str:
@@ -84,6 +86,7 @@ def probe(path: str | Path) -> StreamInfo:
                 orientation=orientation(first) if first is not None else UPRIGHT,
                 interlaced=is_interlaced(stream, first),
                 sample_aspect=sample_aspect(stream),
+                hdr=sdr_conversion(first)[1] if first is not None else None,
             )
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None
