@@ -39,9 +39,9 @@ from annotator.pipeline import VideoPipeline
 from annotator.schema import utf8_text
 from annotator.stages import FaceBatch
 from annotator.collect import split_runs
-from annotator.wording import counted
+from annotator.wording import counted, listed
 from annotator.worker import RayVideoWorker, WorkItem
-from annotator.writer import part_key, video_stamp
+from annotator.writer import changed_since, part_key, video_stamp
 from engines.align import CropGeometry
 from engines.decoders import FrameBatch
 
@@ -271,15 +271,15 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
             if shard_fingerprint(shard) != print_:
                 raise ConfigError(f"{shard}: was harvested with another teacher or sampling "
                                   "(pass --overwrite, or choose another --out)")
-            if shard_stamp(shard) in (None, stamp):
+            if not changed_since(shard_stamp(shard), stamp):
                 summary.skipped += 1
                 continue
             shard.unlink()  # ours (our fingerprint): its video changed since
             changed.append(video)
         pending.append(WorkItem(video, key, stamp=stamp))
     if changed:
-        log.warning("%d video(s) changed since they were harvested (size or modification time), harvested "
-                    "again: %s", len(changed), ", ".join(map(str, changed[:3])) + (" ..." if len(changed) > 3 else ""))
+        log.warning("%s changed since harvested (size or modification time), harvested again: %s",
+                    counted(len(changed), "video"), listed(changed))
     videos = {item.key: str(item.path) for item in pending}
     writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
     bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from annotator.config import ConfigError
+from annotator.wording import listed
 
 MANIFEST_NAME = ".annotator-output.json"
 LOCK_NAME = ".annotator.lock"
@@ -114,9 +115,8 @@ class OutputClaim:
         except OSError as exc:
             raise ConfigError(f"{self.directory}: cannot read the output directory ({reason(exc)})") from None
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise ConfigError(
-                f"{self.directory}: holds files annotate did not write ({shown}); "
+                f"{self.directory}: holds files annotate did not write ({listed(foreign)}); "
                 "give an empty or new directory as --out"
             )
 

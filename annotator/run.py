@@ -28,10 +28,11 @@ from annotator.orchestrate import cluster_workers, on_cluster, require_device, s
 from annotator.ownership import OutputClaim, OutputWriteError, reason
 from annotator.schema import error_row
 from annotator.temporal_card import temporal_card, temporal_record
-from annotator.wording import counted
+from annotator.wording import counted, listed
 from annotator.writer import (
     ExistingParts,
     OutputLayout,
+    changed_since,
     merge_parts,
     part_key,
     read_metadata,
@@ -256,16 +257,15 @@ def _forget_changed(layout: OutputLayout, existing: ExistingParts, keys: dict[Pa
     then), so that they are annotated again rather than keep rows of what they no longer hold.
     The parts are annotate's own; parts written before stamps were recorded are kept."""
     changed = [video for video, key in keys.items()
-               if key in existing.done and key in existing.stamps and existing.stamps[key] != video_stamp(video)]
+               if key in existing.done and changed_since(existing.stamps.get(key), video_stamp(video))]
     for video in changed:
         key = keys[video]
         layout.part_path(key).unlink(missing_ok=True)
         existing.done.discard(key)
         existing.damaged.pop(key, None)
     if changed:
-        names = ", ".join(str(v) for v in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        log.warning("%d video(s) changed since they were annotated (size or modification time), "
-                    "annotated again: %s", len(changed), names)
+        log.warning("%s changed since annotated (size or modification time), annotated again: %s",
+                    counted(len(changed), "video"), listed(changed))
 
 
 def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from annotator.continuity import associate, is_cut
 from annotator.schema import SCHEMA, error_row
 from annotator.worker import WorkItem
-from annotator.writer import OutputLayout, PartWriter, read_metadata, recorded_stamp, video_stamp
+from annotator.writer import OutputLayout, PartWriter, changed_since, read_metadata, recorded_stamp, video_stamp
 from engines.decoders import DecodeReport
 from engines.decoders.segments import Segment, frame_count, plan_segments
 
@@ -128,12 +128,12 @@ def load_plan(layout: OutputLayout, key: str, stamp: tuple[int, int] | None = No
     try:
         saved = json.loads(path.read_text())
         plan = [Segment.from_json(s) for s in saved["segments"]]
-        planned_for = tuple(saved["stamp"]) if saved.get("stamp") is not None else None
+        planned_for = saved.get("stamp")
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: unreadable segment plan, the video is planned again", path)
         _drop_plan(layout, key)
         return None
-    if stamp is not None and planned_for is not None and planned_for != stamp:
+    if changed_since(planned_for, stamp):
         log.warning("%s: changed since it was split (size or modification time): its segments are "
                     "annotated again", video or key)
         _drop_plan(layout, key)

@@ -133,6 +133,13 @@ class OutputLayout:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
 
 
+def changed_since(recorded: tuple[int, int] | None, now: tuple[int, int] | None) -> bool:
+    """Whether a video's file changed since ``recorded`` (its :func:`video_stamp` then; None for
+    results written before stamps), ``now`` being its stamp today. Either unknown counts as
+    unchanged: a file that cannot be read for a moment must not cost its results."""
+    return recorded is not None and now is not None and tuple(recorded) != tuple(now)
+
+
 def recorded_stamp(facts: dict) -> tuple[int, int] | None:
     """The :func:`video_stamp` a part's video facts record (None: a part written before stamps)."""
     size, mtime_ns = facts.get("file_size"), facts.get("file_mtime_ns")

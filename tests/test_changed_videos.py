@@ -16,7 +16,7 @@ import pytest
 
 from annotator.config import RunConfig
 from annotator.run import run
-from annotator.writer import OutputLayout, part_key, read_metadata, recorded_stamp, video_stamp
+from annotator.writer import OutputLayout, changed_since, part_key, read_metadata, recorded_stamp, video_stamp
 from faults import carphone_frames, write_clip
 
 
@@ -43,7 +43,7 @@ def test_a_changed_video_is_annotated_again_and_the_others_skipped(carphone: Pat
     with caplog.at_level(logging.WARNING, logger="annotator.run"):
         summary = run(config, progress=False)
     assert summary.skipped == 1 and summary.frames == 45
-    assert f"1 video(s) changed since they were annotated (size or modification time), annotated again: " \
+    assert f"1 video changed since annotated (size or modification time), annotated again: " \
            f"{videos / 'b.mp4'}" in caplog.text
     assert _frames(out, videos / "b.mp4") == list(range(45))  # the old 120 rows are gone
     assert _frames(out, videos / "a.mp4") == list(range(120))
@@ -72,3 +72,11 @@ def test_parts_written_before_stamps_are_kept(carphone: Path, tmp_path: Path) ->
     pq.write_table(table.replace_schema_metadata(raw), part)
     os.utime(videos / "a.mp4")  # a new time, which an unstamped part cannot tell
     assert run(config, progress=False).frames == 0
+
+
+def test_only_a_known_difference_counts_as_a_change() -> None:
+    """A file that cannot be read for a moment (a mount's hiccup) must not cost its results, nor
+    may results from before stamps were recorded."""
+    assert changed_since((10, 5), (11, 5)) and changed_since([10, 5], (10, 6))  # JSON gives lists back
+    assert not changed_since((10, 5), (10, 5)) and not changed_since([10, 5], (10, 5))
+    assert not changed_since((10, 5), None) and not changed_since(None, (10, 5))

@@ -231,7 +231,6 @@ class _Batcher:
         # own share of the cores, as its decoding does (0: FFmpeg's choice).
         self.convert_options = {"threads": threads} if _CONVERTS_ON_THREADS else {}
         self.reformatter = VideoReformatter()
-        self.report = report
         # HDR (PQ, HLG, BT.2020) is shown as SDR BT.709 by the same conversion (decoders.tonemap).
         self.color_options, report.tone_mapped = sdr_conversion(first)
         self.orientation = orientation(first)  # the display matrix's turn or mirror
@@ -266,16 +265,9 @@ class _Batcher:
     def add(self, frame: av.VideoFrame, index: int, pts_s: float) -> FrameBatch | None:
         """Convert one kept frame into the batch; the batch when it is full."""
         width, height = self.stored_size
-        try:
-            rgb = self.reformatter.reformat(frame, format="rgb24", width=width, height=height,
-                                            interpolation=self.interpolation, **self.convert_options,
-                                            **self.color_options).to_ndarray()
-        except (av.error.FFmpegError, TypeError):
-            if not self.color_options:
-                raise
-            # This PyAV or FFmpeg cannot map these colours (its tags, its build): convert as SDR.
-            self.color_options, self.report.tone_mapped = {}, None
-            return self.add(frame, index, pts_s)
+        rgb = self.reformatter.reformat(frame, format="rgb24", width=width, height=height,
+                                        interpolation=self.interpolation, **self.convert_options,
+                                        **self.color_options).to_ndarray()
         self.frames[self.count] = self.orientation.show(rgb)
         self.index[self.count], self.pts[self.count] = index, pts_s
         self.count += 1

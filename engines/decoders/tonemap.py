@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import av
 
+from av.video.reformatter import VideoReformatter
+
 try:
     from av.video.reformatter import ColorPrimaries, ColorTrc
 except ImportError:  # PyAV before 17: no colour management in its reformatter
@@ -30,7 +32,9 @@ _TRANSFERS = {"SMPTE2084": "PQ", "ARIB_STD_B67": "HLG"}
 
 def sdr_conversion(frame: av.VideoFrame) -> tuple[dict[str, object], str | None]:
     """Reformat options that show ``frame``'s video (by its tags) as SDR BT.709, and what they
-    do in words, for the video's facts; ({}, None) for SDR video, or for a PyAV that cannot."""
+    do in words, for the video's facts; ({}, None) for SDR video, or where this PyAV or FFmpeg
+    cannot map its colours (tried once here, on ``frame``, so the per-frame conversion never
+    has to fall back)."""
     if ColorTrc is None:
         return {}, None
     transfer = next((label for name, label in _TRANSFERS.items()
@@ -38,6 +42,10 @@ def sdr_conversion(frame: av.VideoFrame) -> tuple[dict[str, object], str | None]
     wide = frame.color_primaries == int(ColorPrimaries.BT2020)
     if transfer is None and not wide:
         return {}, None
+    options = {"dst_color_trc": ColorTrc.BT709, "dst_color_primaries": ColorPrimaries.BT709}
+    try:
+        VideoReformatter().reformat(frame, format="rgb24", **options)
+    except (TypeError, av.error.FFmpegError):  # a PyAV without the options, tags FFmpeg refuses
+        return {}, None
     source = " ".join(filter(None, (transfer, "BT.2020" if wide else None)))
-    return ({"dst_color_trc": ColorTrc.BT709, "dst_color_primaries": ColorPrimaries.BT709},
-            f"{source} mapped to SDR BT.709")
+    return options, f"{source} mapped to SDR BT.709"
