@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,6 +123,7 @@ class VideoPipeline:
             self.model_id = f"{self.model_id}+{self.temporal.head.model_id}"
         self.rows = BuildRows(self.model_id)
         self.timings = dict.fromkeys(STAGES, 0.0)
+        self._timings_lock = threading.Lock()
         self.frames = 0
         self.faces = 0
         # Per file: DALI where it can decode the file, PyAV otherwise (engines.decoders.routed).
@@ -135,7 +137,9 @@ class VideoPipeline:
     def _timed(self, stage: str):
         start = time.perf_counter()
         yield
-        self.timings[stage] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        with self._timings_lock:  # both threads may add to "align" (see annotate)
+            self.timings[stage] += elapsed
 
     def annotate(self, path: Path, report: DecodeReport | None = None,
                  segment: Segment | None = None) -> Iterator[pa.RecordBatch]:
@@ -164,8 +168,10 @@ class VideoPipeline:
 
         decoded = self._timed_batches(batches)
         # With overlap, faces are found on a thread of their own while this one decodes the next
-        # batches and scores the last (annotator.prefetch); otherwise the stages take turns.
-        found = map_ahead(find, decoded) if self.overlap else map(find, decoded)
+        # batches and scores the last (annotator.prefetch); otherwise the stages take turns. The
+        # face thread also aligns a batch when it is the thread ahead (no decoded batch waits for
+        # it): decoding is the slower work with large frames (1080p), finding faces with smaller.
+        found = map_ahead(find, decoded, spare=self._aligned) if self.overlap else map(find, decoded)
         try:
             yield from self._score_stream(found)
         finally:  # a consumer that stops early releases the thread, then the file, now
@@ -206,13 +212,19 @@ class VideoPipeline:
     def _annotate_faces(self, faces: FaceBatch) -> Iterator[pa.RecordBatch]:
         """One batch's found faces → its rows; with --temporal, the rows of every earlier batch
         now complete instead."""
-        with self._timed("align"):
-            faces = self.align(faces)
+        faces = self._aligned(faces)
         self.frames += len(faces.frames)
         self.faces += int(faces.counts.sum())
         with self._timed("score"):
             ready = [self.score(faces)] if self.temporal is None else self.temporal(faces)
         yield from self._rows(ready)
+
+    def _aligned(self, faces: FaceBatch) -> FaceBatch:
+        """The batch with its faces' crops (cut here unless the face thread has cut them)."""
+        if faces.crops is not None:
+            return faces
+        with self._timed("align"):
+            return self.align(faces)
 
     def _rows(self, scored: list[FaceBatch]) -> Iterator[pa.RecordBatch]:
         for faces in scored:

@@ -31,8 +31,14 @@ class _Failed:
         self.error = error
 
 
-def map_ahead(fn: Callable[[T], U], source: Iterator[T], ahead: int = 3) -> Iterator[U]:
+def map_ahead(fn: Callable[[T], U], source: Iterator[T], ahead: int = 3,
+              spare: Callable[[U], U] | None = None) -> Iterator[U]:
     """``fn(item)`` for each item of ``source``, in order, with ``fn`` on a background thread.
+
+    ``spare``: work the caller would otherwise do on a result, done on the background thread
+    when that thread is the one ahead: no item waits for it, or earlier results still wait for
+    the caller. The two threads so share that work by load; the caller tells done from not done
+    on the result itself.
 
     The caller's thread reads ``source`` (keeping up to ``ahead`` items handed to the thread and
     not yet returned) and does its own work between results, so ``source`` and the caller's work
@@ -49,7 +55,10 @@ def map_ahead(fn: Callable[[T], U], source: Iterator[T], ahead: int = 3) -> Iter
     def work() -> None:
         while (item := inputs.get()) is not _END:
             try:
-                outputs.put(fn(item))
+                result = fn(item)
+                if spare is not None and (inputs.empty() or not outputs.empty()):
+                    result = spare(result)
+                outputs.put(result)
             except BaseException as exc:  # noqa: BLE001 - carried to the caller and raised there
                 outputs.put(_Failed(exc))
                 return

@@ -93,6 +93,38 @@ def test_closing_early_stops_the_thread() -> None:
     assert threading.active_count() == before
 
 
+def _marked(x: int) -> tuple[int, str]:
+    return x, threading.current_thread().name
+
+
+def test_spare_work_is_done_on_the_thread_when_no_item_waits_for_it() -> None:
+    """With one item out at a time, the thread has nothing queued after each: it does the spare
+    work of every result itself."""
+    results = list(map_ahead(lambda x: x * 10, iter(range(5)), ahead=1, spare=_marked))
+    assert results == [(x * 10, "map-ahead") for x in range(5)]
+
+
+def test_spare_work_is_left_to_the_caller_while_items_wait_for_the_thread() -> None:
+    """The thread busy with item 0 while 1 and 2 queue up: item 0 comes back without the spare
+    work (the caller's thread, the one ahead, does it)."""
+    queued = threading.Event()
+
+    def source():
+        yield 0
+        yield 1
+        queued.set()  # item 1 is with the thread's queue; item 2 is about to be
+        yield 2
+
+    def fn(x: int) -> int:
+        if x == 0:
+            assert queued.wait(timeout=5)
+        return x
+
+    results = list(map_ahead(fn, source(), ahead=3, spare=_marked))
+    assert results[0] == 0
+    assert [r if isinstance(r, int) else r[0] for r in results] == [0, 1, 2]
+
+
 def test_ahead_must_be_positive() -> None:
     with pytest.raises(ValueError, match="ahead"):
         next(map_ahead(lambda x: x, iter([1]), ahead=0))
@@ -140,6 +172,41 @@ def test_a_worker_chains_its_stages_on_threads_only_with_a_core_to_spare(carphon
     next(rows)
     rows.close()
     assert threading.active_count() == before
+
+
+def test_faces_are_aligned_once_on_whichever_thread_is_free(carphone, monkeypatch) -> None:
+    """With decoding the slower of the two threads (large frames), the face thread aligns the
+    batches that no decoded batch waits behind; every batch is aligned exactly once, and the
+    rows are those of the stages run one after another."""
+    import time
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from annotator.config import RunConfig
+    from annotator.pipeline import VideoPipeline
+
+    config = RunConfig(inputs=(carphone,), out=Path("unused.parquet"), workers=0, device="cpu", batch_size=8)
+    serial = pa.Table.from_batches(VideoPipeline(config, threads=1).annotate(carphone))
+    two = VideoPipeline(config, threads=2)
+    decode, align = two._decode, two.align
+    aligned_on: list[str] = []
+
+    def slow_decode(*args, **kwargs):
+        for batch in decode(*args, **kwargs):
+            time.sleep(0.05)  # decoding 1080p H.264 on one core: 8 frames in about 50 ms
+            yield batch
+
+    def counted_align(faces):
+        aligned_on.append(threading.current_thread().name)
+        return align(faces)
+
+    monkeypatch.setattr(two, "_decode", slow_decode)
+    monkeypatch.setattr(two, "align", counted_align)
+    chained = pa.Table.from_batches(two.annotate(carphone))
+    assert chained.equals(serial)
+    assert len(aligned_on) == 15  # 120 frames in batches of 8, each aligned once
+    assert "map-ahead" in aligned_on, aligned_on
 
 
 def test_a_failure_in_a_chained_stage_reaches_the_caller(carphone, monkeypatch) -> None:
