@@ -233,8 +233,11 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                         continue
                 yield result
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call
+        # would start a new local instance (a stream closed by the garbage collector at exit).
+        if ray.is_initialized():
+            for actor in pool:
+                ray.kill(actor)
 
 
 def death_reason(exc: Exception) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from annotator.cluster import release_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.harvest import SHARDS, HarvestSummary, harvest
+from annotator.ownership import writing
 from training.distil import DistilOptions
 
 MARKER = "distil.json"
@@ -118,7 +119,9 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
     corpus = load_corpus(out)
     label_counts = attach_labels(corpus, labels) if labels is not None else {"expr": 0, "va": 0}
     started = time.perf_counter()
-    train_student(corpus, out / "train", replace(options, progress=progress), config.cache_dir)
+    kept = "the harvested faces and the last finished epoch are kept, re-run to resume"
+    with writing(out, kept):  # a full disk: one line, and the re-run starts from the last epoch
+        train_student(corpus, out / "train", replace(options, progress=progress), config.cache_dir)
     train_seconds = time.perf_counter() - started
     with_va = corpus.teacher_va is not None
     training_videos, held_videos = split_videos(corpus)
@@ -128,8 +131,9 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                      f"outputs (T^2 KL at T={options.temperature})"
                      + (f", mixed {options.alpha}/{1 - options.alpha:.1f} with {label_counts} labelled faces"
                         if any(label_counts.values()) else ""))
-    card_path = export_student(out / "train" / "last.pt", model_dir, name=name, training_data=training_data,
-                               with_va=with_va)
+    with writing(out, kept):
+        card_path = export_student(out / "train" / "last.pt", model_dir, name=name, training_data=training_data,
+                                   with_va=with_va)
     card = json.loads(card_path.read_text())
     card["description"] = f"student ({options.backbone}) distilled from {teacher['name']} by annotate distil"
     card["valence_arousal"] = ("predicted: distilled from the teacher's valence/arousal through the 20-bin heads"

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import find_videos
 from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
+from annotator.ownership import writing
 from annotator.pipeline import VideoPipeline
 from annotator.schema import utf8_text
 from annotator.stages import FaceBatch
@@ -229,11 +230,15 @@ class _ShardWriter:
         return final
 
     def abandon(self, key: str) -> tuple[int, int]:
-        """Drop the shard in flight; returns the (frames, faces) it had counted."""
+        """Drop the shard in flight; returns the (frames, faces) it had counted. Never raises for
+        a disk that is already failing (closing flushes, which fails there too)."""
         self.last_frame.pop(key, None)
         if key in self.open:
             writer, tmp = self.open.pop(key)
-            writer.close()
+            try:
+                writer.close()
+            except (OSError, pa.ArrowException):
+                pass
             tmp.unlink(missing_ok=True)
         return self.counted.pop(key, (0, 0))
 
@@ -284,6 +289,7 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
     writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
     bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",
                disable=not progress, dynamic_ncols=True)
+    stream: Iterator[pa.Table] = iter(())
     try:
         if pending:
             if config.workers == 0:
@@ -291,8 +297,12 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
             else:
                 stream = stream_with_ray(on_cluster(config), pending, RayHarvestWorker)
             for table in stream:
-                _take(table, writer, videos, summary, bar)
+                with writing(directory, "finished videos are kept, re-run to resume"):
+                    _take(table, writer, videos, summary, bar)
     finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # the workers stop now, while Ray is up (see run._annotate)
+            close()
         writer.close()
         bar.close()
     summary.seconds = time.perf_counter() - start

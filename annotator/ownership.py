@@ -13,13 +13,14 @@ with ``kill -9`` leaves nothing to clean up.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from annotator.config import ConfigError
@@ -47,7 +48,21 @@ class OutputWriteError(RuntimeError):
 
 
 def reason(exc: OSError) -> str:
-    return exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    """The system's words for an OS error ("No space left on device"): pyarrow's own message
+    around the same errno ("Error writing bytes to file. Detail: ...") says it twice."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or type(exc).__name__
+
+
+@contextmanager
+def writing(where: Path, then: str) -> Iterator[None]:
+    """A write that fails (a full disk) is one line naming ``where`` and saying what is kept
+    (``then``), not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"{where}: cannot write ({reason(exc)}); {then}") from None
 
 
 def foreign_entries(directory: Path) -> list[str]:

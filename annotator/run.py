@@ -11,8 +11,6 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from annotator.config import ConfigError, RunConfig
 from annotator.discover import Discovery, find_videos
 from annotator import segmenting
 from annotator.orchestrate import cluster_workers, on_cluster, require_device, stream_in_process, stream_with_ray
-from annotator.ownership import OutputClaim, OutputWriteError, reason
+from annotator.ownership import OutputClaim, writing
 from annotator.schema import error_row
 from annotator.temporal_card import temporal_card, temporal_record
 from annotator.wording import counted, listed
@@ -225,7 +223,7 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
             # frames), for `annotate report`; a parts directory has no single place for it.
             timing = {"started_utc": started_utc, "seconds": round(time.perf_counter() - start, 3),
                       "frames": summary.frames}
-            with _writing(layout.out, "the parts are kept, re-run to merge them"):
+            with writing(layout.out, "the parts are kept, re-run to merge them"):
                 merge_parts([p for p in candidates if p.is_file()], layout.out,
                             schema_with_metadata({**metadata, "timing": timing}))
             claim.dissolve()
@@ -240,15 +238,6 @@ def advance_bar(bar: tqdm, videos: float) -> None:
     warns and shows a negative time left.
     """
     bar.update(min(videos, max(bar.total - bar.n, 0)))
-
-
-@contextmanager
-def _writing(where: Path, then: str) -> Iterator[None]:
-    """A write that fails (a full disk) is one line saying what is kept, not a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputWriteError(f"{where}: cannot write ({reason(exc)}); {then}") from None
 
 
 def _forget_changed(layout: OutputLayout, existing: ExistingParts, keys: dict[Path, str]) -> None:
@@ -292,18 +281,22 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
     bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
                desc="annotate", dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.6g}/{total_fmt} videos [{elapsed}<{remaining}{postfix}]")
-    writing = functools.partial(_writing, layout.parts_dir, "finished videos are kept, re-run to resume")
+    written = functools.partial(writing, layout.parts_dir, "finished videos are kept, re-run to resume")
+    stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
     try:
-        with writing():
+        with written():
             for path, why in found.problems:
                 collector.add_failure(part_key(path), pa.Table.from_batches([error_row(str(path), f"{path}: {why}")]))
-        stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
         for table in (stream if items else ()):
-            with writing():
+            with written():
                 advance_bar(bar, collector.add(table))
             rate = collector.frames / (time.perf_counter() - start)
             bar.set_postfix(fps=f"{rate:.1f}", faces=collector.faces, failed=collector.failed, refresh=False)
     finally:
+        # Stop the workers now, while Ray is up: a stream left to the garbage collector after an
+        # error (a full disk) would run its clean-up after Ray's shutdown, and Ray's calls there
+        # start a new local instance and wait on it for ever.
+        stream.close()
         collector.close()
         bar.close()
     return RunSummary(

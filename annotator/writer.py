@@ -233,7 +233,10 @@ class PartWriter:
             self._writer.close()
         except (OSError, pa.ArrowException):
             pass
-        self._file.close()
+        try:
+            self._file.close()  # flushes what is buffered: on a full disk, that fails too
+        except OSError:
+            pass
         self.tmp_path.unlink(missing_ok=True)
 
 

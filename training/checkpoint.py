@@ -8,6 +8,7 @@ model by selection score, with its metrics and the ``arch`` kwargs of ``build_st
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -25,10 +26,28 @@ LAST = "last.pt"
 BEST = "best.pt"
 
 
+def write_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` into memory, then one plain write of the bytes to ``path``.
+
+    On a full disk torch's own file writer fails with "[enforce fail at inline_container.cc]
+    unexpected pos ...", a RuntimeError that names neither the file nor the cause, and leaves
+    the file half written; a plain write raises OSError (ENOSPC), which the commands report in
+    one line. A file that could not be written whole is removed.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary sibling, then ``os.replace``: a crash never leaves half a file."""
+    """:func:`write_torch` to a temporary sibling, then ``os.replace``: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write_torch(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -65,7 +65,7 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
                       dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
     onnx_path = _replace_into(onnx_tmp, out_dir / "student.onnx")
     pt_tmp = out_dir / "student.pt.tmp"
-    torch.save(model.state_dict(), pt_tmp)
+    checkpoint.write_torch(model.state_dict(), pt_tmp)
     pt_path = _replace_into(pt_tmp, out_dir / "student.pt")
     card: dict[str, Any] = {
         "name": name,

@@ -111,7 +111,7 @@ def export_temporal(student_ckpt: Path, temporal_ckpt: Path, out_dir: Path) -> P
                          DeployedTemporal.OUTPUTS, {0: "batch", 1: "time"})
     _check_parity(deployed, temporal_tmp, sequence, DeployedTemporal.OUTPUTS)
     torch_tmp = out_dir / (TEMPORAL_TORCH + ".tmp")
-    torch.save(gru.state_dict(), torch_tmp)
+    checkpoint.write_torch(gru.state_dict(), torch_tmp)
     for tmp, name in ((features_tmp, FEATURES_ONNX), (temporal_tmp, TEMPORAL_ONNX), (torch_tmp, TEMPORAL_TORCH)):
         os.replace(tmp, out_dir / name)
 
