@@ -98,11 +98,19 @@ def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (hit := cached(entry, cache_dir)) is not None:
             return hit
-        _fetch_and_convert(entry, root, directory)
+        try:
+            _fetch_and_convert(entry, root, directory)
+        except OSError as exc:  # a full or read-only disk: one line, like every FetchError
+            raise FetchError(f"{root}: cannot write the model cache ({_os_reason(exc)}); free space there, "
+                             f"or choose another cache with --cache-dir or ${CACHE_ENV}") from None
     hit = cached(entry, cache_dir)
     if hit is None:
         raise FetchError(f"{directory}: conversion of {entry.name!r} did not verify")
     return hit
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _fetch_and_convert(entry: ModelEntry, root: Path, directory: Path) -> None:
@@ -124,6 +132,7 @@ def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:
     from engines.converters import ConversionError, check_fits, convert
     from engines.export import export_onnx
     from engines.models import build_model
+    from engines.saving import write_torch
 
     log.info("converting %s from %s", entry.name, upstream)
     state_dict = convert(entry.converter, upstream)
@@ -138,7 +147,7 @@ def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:
     except RuntimeError as exc:  # anything check_fits did not foresee: still one line
         raise ConversionError(f"{upstream}: does not fit architecture {entry.architecture!r} "
                               f"({_one_line(exc)})") from None
-    torch.save(module.state_dict(), out_dir / "model.pt")
+    write_torch(module.state_dict(), out_dir / "model.pt")
     try:
         export_onnx(module, entry, out_dir / "model.onnx")
     except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a card's outputs the module lacks

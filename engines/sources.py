@@ -210,8 +210,12 @@ def _extract_member(archive: Path, member: str, dest_dir: Path) -> Path:
         except KeyError:
             raise FetchError(f"{archive}: has no member {member}") from None
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".extract-")
-        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+        except OSError:  # a full disk: no half-extracted file left behind
+            os.unlink(tmp)
+            raise
     os.replace(tmp, target)
     return target

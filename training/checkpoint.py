@@ -8,7 +8,6 @@ model by selection score, with its metrics and the ``arch`` kwargs of ``build_st
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -19,29 +18,12 @@ import numpy as np
 import torch
 
 from engines.models.student import MultitaskNet, build_student
+from engines.saving import write_torch
 
 logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
-
-
-def write_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` into memory, then one plain write of the bytes to ``path``.
-
-    On a full disk torch's own file writer fails with "[enforce fail at inline_container.cc]
-    unexpected pos ...", a RuntimeError that names neither the file nor the cause, and leaves
-    the file half written; a plain write raises OSError (ENOSPC), which the commands report in
-    one line. A file that could not be written whole is removed.
-    """
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    try:
-        with open(path, "wb") as fh:
-            fh.write(buffer.getbuffer())
-    except OSError:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from engines.models.student import EXPR_CLASSES, PREPROCESSING, DeployedStudent
+from engines.saving import write_torch
 from training import checkpoint
 
 OPSET = 17
@@ -65,7 +66,7 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
                       dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
     onnx_path = _replace_into(onnx_tmp, out_dir / "student.onnx")
     pt_tmp = out_dir / "student.pt.tmp"
-    checkpoint.write_torch(model.state_dict(), pt_tmp)
+    write_torch(model.state_dict(), pt_tmp)
     pt_path = _replace_into(pt_tmp, out_dir / "student.pt")
     card: dict[str, Any] = {
         "name": name,

@@ -28,6 +28,7 @@ import torch
 
 from engines.models.temporal import STRIDE, WINDOW, DeployedTemporal, FrameFeatures
 from engines.sources import sha256_file
+from engines.saving import write_torch
 from training import checkpoint
 from training.export import INPUT_SIDE, OPSET
 from training.temporal import load_temporal
@@ -111,7 +112,7 @@ def export_temporal(student_ckpt: Path, temporal_ckpt: Path, out_dir: Path) -> P
                          DeployedTemporal.OUTPUTS, {0: "batch", 1: "time"})
     _check_parity(deployed, temporal_tmp, sequence, DeployedTemporal.OUTPUTS)
     torch_tmp = out_dir / (TEMPORAL_TORCH + ".tmp")
-    checkpoint.write_torch(gru.state_dict(), torch_tmp)
+    write_torch(gru.state_dict(), torch_tmp)
     for tmp, name in ((features_tmp, FEATURES_ONNX), (temporal_tmp, TEMPORAL_ONNX), (torch_tmp, TEMPORAL_TORCH)):
         os.replace(tmp, out_dir / name)
 
