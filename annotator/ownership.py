@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from annotator.config import ConfigError
 from annotator.wording import listed
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".annotator-output.json"
 LOCK_NAME = ".annotator.lock"
@@ -148,6 +151,12 @@ class OutputClaim:
             os.close(fd)
             raise OutputBusy(f"{self.directory}: in use by another annotate run ({_describe_holder(holder)}); "
                              "wait for it to finish or give another --out") from None
+        except OSError as exc:
+            # Some shared filesystems have no locks: NFS without its lock daemon (ENOLCK), FUSE
+            # mounts of object stores (EOPNOTSUPP). Refusing them would refuse a cluster's usual
+            # output; the run goes on, and says what it cannot guard against.
+            log.warning("%s: cannot lock the output (%s): a second annotate run on it would not be "
+                        "stopped, so start only one", self.directory, reason(exc))
         self._lock_fd = fd
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:

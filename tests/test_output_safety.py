@@ -143,6 +143,25 @@ def test_a_second_run_on_the_same_output_fails_at_once_naming_the_holder(carphon
     assert not list(out.glob("part-*"))
 
 
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_an_output_on_a_filesystem_without_locks_is_used_with_a_warning(carphone, tmp_path, monkeypatch, caplog, code):
+    """NFS without its lock daemon and FUSE mounts of object stores refuse flock with these
+    (before: a traceback); the run goes on and says what it cannot guard against."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "results"
+    with caplog.at_level(logging.WARNING, logger="annotator.ownership"):
+        summary = run(_config([carphone], out), progress=False)
+    assert summary.failed == 0 and ds.dataset(out, format="parquet").to_table().num_rows == 12
+    assert f"{out}: cannot lock the output ({os.strerror(getattr(errno, code))}): a second annotate run" in caplog.text
+
+
 def test_two_real_runs_race_one_writes_the_other_stops(carphone, tmp_path):
     """Before: one died with a FileNotFoundError traceback, or a part became unreadable."""
     videos = tmp_path / "videos"
