@@ -95,7 +95,11 @@ def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) 
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Several Ray workers on one node may ask at once: one converts, the others wait and reuse.
     with open(directory.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # a shared cache on a filesystem without locks (NFS without lockd)
+            log.warning("%s: cannot lock the model cache (%s); converting without the lock",
+                        directory.parent, _os_reason(exc))
         if (hit := cached(entry, cache_dir)) is not None:
             return hit
         try:

@@ -376,3 +376,23 @@ def test_a_full_model_cache_is_one_line_and_leaves_no_half_files(tmp_path, mount
     leftovers = [p for p in cache.rglob("*") if p.name.startswith((".extract-", ".convert-")) or p.suffix == ".tmp"]
     assert not leftovers
     assert not list(cache.glob("models/*/*/manifest.json"))  # nothing that claims to be a converted model
+
+
+def test_a_model_cache_without_locks_converts_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A shared cache (ANNOTATOR_CACHE on NFS without its lock daemon) refuses flock with
+    ENOLCK: the model is converted all the same (before: a traceback), and verified as always."""
+    import errno
+    import fcntl
+    import logging
+
+    from engines.cache import resolve
+    from engines.registry import get_entry
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="engines.cache"):
+        artifacts = resolve(get_entry("retinaface-mnv2"), tmp_path / "cache")
+    assert artifacts.onnx.is_file() and artifacts.torch.is_file()
+    assert "cannot lock the model cache (No locks available); converting without the lock" in caplog.text
