@@ -301,10 +301,12 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
                     _take(table, writer, videos, summary, bar)
     finally:
         close = getattr(stream, "close", None)
-        if close is not None:  # the workers stop now, while Ray is up (see run._annotate)
-            close()
-        writer.close()
-        bar.close()
+        try:
+            if close is not None:  # the workers stop now, while Ray is up (see run._annotate)
+                close()
+        finally:
+            writer.close()
+            bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -296,9 +296,11 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
         # Stop the workers now, while Ray is up: a stream left to the garbage collector after an
         # error (a full disk) would run its clean-up after Ray's shutdown, and Ray's calls there
         # start a new local instance and wait on it for ever.
-        stream.close()
-        collector.close()
-        bar.close()
+        try:
+            stream.close()
+        finally:  # whatever stopping the workers raised, no open part is kept
+            collector.close()
+            bar.close()
     return RunSummary(
         config.out, len(videos) + len(found.problems), len(videos) - len(pending), collector.failed,
         collector.frames, collector.faces, time.perf_counter() - start,
