@@ -264,54 +264,35 @@ def test_a_read_only_output_is_refused_before_any_work(carphone, mounted):
     assert "cannot create the output directory (Read-only file system)" in _one_line(done)
 
 
-def test_a_full_disk_is_one_line_leaves_nothing_corrupt_and_the_run_resumes(carphone, tmp_path, mounted):
+# (workers, videos, disk): room for the probe and a few parts (~30 KB each), not all the videos.
+@pytest.mark.parametrize("workers, count, size", [("0", 12, "320k"), ("2", 8, "150k")], ids=["in-process", "ray"])
+def test_a_full_disk_is_one_line_leaves_nothing_corrupt_and_the_run_resumes(carphone, tmp_path, mounted,
+                                                                           workers, count, size):
+    """The run ends with one line, the part open when the disk filled is dropped (even though
+    closing its file fails too), and the same command resumes. Through Ray the error also stops
+    the workers while Ray is up; before, the stream was left to the garbage collector, whose
+    clean-up after Ray's shutdown started a new local Ray instance and waited on it for ever."""
     videos = tmp_path / "videos"
     videos.mkdir()
-    for i in range(12):
+    for i in range(count):
         shutil.copy(carphone, videos / f"clip{i:02d}.mp4")
-    disk = mounted("disk", "size=320k")  # room for the probe and a few parts (~30 KB each), not all twelve
+    disk = mounted("disk", f"size={size}")
     out = disk / "results"
-    full = _annotate("run", str(videos), "--out", str(out), "--workers", "0", "--no-progress")
-    assert full.returncode == 1
-    line = _one_line(full)
-    assert "No space left on device" in line and "re-run to resume" in line
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    done_before = OutputLayout(out).parts()
-    assert 0 < len(done_before) < 12 and all(pq.read_table(p).num_rows == 120 for p in done_before)
-    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
-    resumed = _annotate("run", str(videos), "--out", str(out), "--workers", "0", "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"({len(done_before)} already done, 0 failed)" in resumed.stdout
-    table = ds.dataset(out, format="parquet").to_table()
-    assert table.num_rows >= 12 * 120 and len(set(table.column("video_path").to_pylist())) == 12
-
-
-def test_a_full_disk_through_ray_ends_the_run_at_once_with_one_line(carphone, tmp_path, mounted):
-    """Through Ray, the error that a full disk raises on the driver stops the workers while Ray
-    is up: the run ends with the one line, and does not hang (its stream had been left to the
-    garbage collector, whose clean-up after Ray's shutdown started a new local Ray instance and
-    waited on it for ever). The part open when the disk filled is dropped, even though closing
-    its file fails too."""
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for i in range(8):
-        shutil.copy(carphone, videos / f"clip{i}.mp4")
-    disk = mounted("disk", "size=150k")  # the probe and four parts (~30 KB each), not eight
-    out = disk / "results"
-    full = _annotate("run", str(videos), "--out", str(out), "--workers", "2", "--no-progress", timeout=240)
+    command = ("run", str(videos), "--out", str(out), "--workers", workers, "--no-progress")
+    full = _annotate(*command, timeout=240)
     assert full.returncode == 1, full.stderr[-3000:]
     errors = [line for line in full.stderr.splitlines() if line.startswith("annotate: error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "re-run to resume" in errors[0]
     assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr, full.stderr[-3000:]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     done_before = OutputLayout(out).parts()
-    assert 0 < len(done_before) < 8 and all(pq.read_table(p).num_rows == 120 for p in done_before)
+    assert 0 < len(done_before) < count and all(pq.read_table(p).num_rows == 120 for p in done_before)
     subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
-    resumed = _annotate("run", str(videos), "--out", str(out), "--workers", "2", "--no-progress")
+    resumed = _annotate(*command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"({len(done_before)} already done, 0 failed)" in resumed.stdout
     table = ds.dataset(out, format="parquet").to_table()
-    assert table.num_rows == 8 * 120 and len(set(table.column("video_path").to_pylist())) == 8
+    assert table.num_rows == count * 120 and len(set(table.column("video_path").to_pylist())) == count
 
 
 def test_a_checkpoint_that_does_not_fit_raises_os_error_and_keeps_the_one_before(tmp_path, mounted):
