@@ -315,15 +315,17 @@ def test_a_checkpoint_that_does_not_fit_raises_os_error_and_keeps_the_one_before
     assert load(last)["epoch"] == 1
 
 
-def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphone, tmp_path, mounted):
-    """The disk fills while the student trains (its checkpoint, ~30 MB, does not fit beside the
-    harvested faces): one line naming the output and what is kept; with room again, the same
-    command skips the harvest and finishes."""
+# 12 MB: the student's checkpoint (~30 MB) does not fit beside the harvested faces; 35 MB: it
+# does, and the exported model (~20 MB) does not.
+@pytest.mark.parametrize("size", ["12m", "35m"], ids=["while-training", "while-exporting"])
+def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphone, tmp_path, mounted, size):
+    """One line naming the output and what is kept, no half-written file and no part of a model;
+    with room again, the same command skips the harvest and finishes."""
     videos = tmp_path / "videos"
     videos.mkdir()
     for i in range(2):
         shutil.copy(carphone, videos / f"clip{i}.mp4")
-    disk = mounted("disk", "size=12m")
+    disk = mounted("disk", f"size={size}")
     out = disk / "distil"
     command = ("distil", str(videos), "--teacher", "fer-minixception", "--out", str(out), "--sample-fps", "10",
                "--epochs", "1", "--workers", "0", "--no-progress")
@@ -333,6 +335,7 @@ def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphon
     assert line.startswith(f"annotate: error: {out}: cannot write (No space left on device)"), line
     assert "re-run to resume" in line
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(out.glob("model/*"))  # the model's files are moved into place together
     subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
     resumed = _annotate(*command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -33,11 +33,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_into(tmp: Path, final: Path) -> Path:
-    os.replace(tmp, final)
-    return final
-
-
 def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
                    training_data: str = "see the training config", with_va: bool = True,
                    extra_metrics: dict[str, Any] | None = None) -> Path:
@@ -59,31 +54,38 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
     model = DeployedStudent(net, with_va=with_va).eval()
     outputs = ["expr_logits", "va"] if with_va else ["expr_logits"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_tmp = out_dir / "student.onnx.tmp"
-    torch.onnx.export(model, (torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE),), str(onnx_tmp), opset_version=OPSET,
-                      input_names=["images"], output_names=outputs,
-                      dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
-                      dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
-    onnx_path = _replace_into(onnx_tmp, out_dir / "student.onnx")
-    pt_tmp = out_dir / "student.pt.tmp"
-    write_torch(model.state_dict(), pt_tmp)
-    pt_path = _replace_into(pt_tmp, out_dir / "student.pt")
-    card: dict[str, Any] = {
-        "name": name,
-        "kind": "scorer",
-        "architecture": "student",
-        "arch_kwargs": {**saved["arch"], "with_va": with_va},
-        "input": {"shape": [3, INPUT_SIDE, INPUT_SIDE], "dtype": "float32", "range": [0, 255], "channels": "RGB",
-                  "alignment": "5-point similarity, 112x112 arcface template",
-                  "preprocessing": PREPROCESSING},
-        "outputs": outputs,
-        "classes": list(EXPR_CLASSES),
-        "va": "expectation over 20 bin centres on [-1,1]" if with_va else None,
-        "training_data": training_data,
-        "metrics": {**saved.get("metrics", {}), **(extra_metrics or {})},
-        "artifacts": {"onnx": onnx_path.name, "torch": pt_path.name},
-        "sha256": {onnx_path.name: _sha256(onnx_path), pt_path.name: _sha256(pt_path)},
-    }
-    card_tmp = out_dir / "model_card.json.tmp"
-    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
-    return _replace_into(card_tmp, out_dir / "model_card.json")
+    # Every artifact goes to a temporary name first and all are moved into place only once all
+    # are written, the card last: a full disk part way leaves the model before it whole (or
+    # none), never a new ONNX beside an old card whose digests no longer match it.
+    onnx_path, pt_path, card_path = out_dir / "student.onnx", out_dir / "student.pt", out_dir / "model_card.json"
+    temps = {path: path.with_name(path.name + ".tmp") for path in (onnx_path, pt_path, card_path)}
+    try:
+        torch.onnx.export(model, (torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE),), str(temps[onnx_path]), opset_version=OPSET,
+                          input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                          dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
+        write_torch(model.state_dict(), temps[pt_path])
+        card: dict[str, Any] = {
+            "name": name,
+            "kind": "scorer",
+            "architecture": "student",
+            "arch_kwargs": {**saved["arch"], "with_va": with_va},
+            "input": {"shape": [3, INPUT_SIDE, INPUT_SIDE], "dtype": "float32", "range": [0, 255], "channels": "RGB",
+                      "alignment": "5-point similarity, 112x112 arcface template",
+                      "preprocessing": PREPROCESSING},
+            "outputs": outputs,
+            "classes": list(EXPR_CLASSES),
+            "va": "expectation over 20 bin centres on [-1,1]" if with_va else None,
+            "training_data": training_data,
+            "metrics": {**saved.get("metrics", {}), **(extra_metrics or {})},
+            "artifacts": {"onnx": onnx_path.name, "torch": pt_path.name},
+            "sha256": {onnx_path.name: _sha256(temps[onnx_path]), pt_path.name: _sha256(temps[pt_path])},
+        }
+        temps[card_path].write_text(json.dumps(card, indent=2) + "\n")
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for final, tmp in temps.items():
+        os.replace(tmp, final)
+    return card_path
