@@ -151,6 +151,11 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                         "seconds": round(train_seconds, 1)}
     card["metrics"] = {**card["metrics"], **scorer_metrics(model_dir, corpus, config.scorer, config.cache_dir)}
     tmp = model_dir / "model_card.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    with writing(out, kept):  # the exported card stays as it was
+        try:
+            tmp.write_text(json.dumps(card, indent=2) + "\n")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, card_path)
     return DistilSummary(summary, model_dir, card)
