@@ -23,6 +23,8 @@ def write_torch(obj: Any, path: Path) -> None:
     try:
         with open(path, "wb") as fh:
             fh.write(buffer.getbuffer())
-    except OSError:
+    except OSError as exc:
         Path(path).unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: say which
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise

@@ -311,6 +311,7 @@ def test_a_checkpoint_that_does_not_fit_raises_os_error_and_keeps_the_one_before
     with pytest.raises(OSError) as raised:
         save_atomic({"epoch": 2, "w": torch.ones(1 << 18)}, last)  # 1 MiB
     assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{disk / 'last.pt.tmp'}'"  # which file
     assert sorted(p.name for p in disk.iterdir()) == ["last.pt"]
     assert load(last)["epoch"] == 1
 
