@@ -20,6 +20,7 @@ from annotator.cluster import release_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.harvest import SHARDS, HarvestSummary, harvest
 from annotator.ownership import writing
+from engines.saving import write_whole
 from training.distil import DistilOptions
 
 MARKER = "distil.json"
@@ -152,10 +153,6 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
     card["metrics"] = {**card["metrics"], **scorer_metrics(model_dir, corpus, config.scorer, config.cache_dir)}
     tmp = model_dir / "model_card.json.tmp"
     with writing(out, kept):  # the exported card stays as it was
-        try:
-            tmp.write_text(json.dumps(card, indent=2) + "\n")
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_whole(tmp, (json.dumps(card, indent=2) + "\n").encode())
     os.replace(tmp, card_path)
     return DistilSummary(summary, model_dir, card)

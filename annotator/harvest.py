@@ -289,21 +289,16 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
     writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
     bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",
                disable=not progress, dynamic_ncols=True)
-    stream: Iterator[pa.Table] = iter(())
+    # A generator: nothing starts (no Ray) until it is read, and only when there is work.
+    stream = (stream_in_process(config, pending, HarvestPipeline) if config.workers == 0
+              else stream_with_ray(on_cluster(config), pending, RayHarvestWorker))
     try:
-        if pending:
-            if config.workers == 0:
-                stream = stream_in_process(config, pending, HarvestPipeline)
-            else:
-                stream = stream_with_ray(on_cluster(config), pending, RayHarvestWorker)
-            for table in stream:
-                with writing(directory, "finished videos are kept, re-run to resume"):
-                    _take(table, writer, videos, summary, bar)
+        for table in (stream if pending else ()):
+            with writing(directory, "finished videos are kept, re-run to resume"):
+                _take(table, writer, videos, summary, bar)
     finally:
-        close = getattr(stream, "close", None)
         try:
-            if close is not None:  # the workers stop now, while Ray is up (see run._annotate)
-                close()
+            stream.close()  # the workers stop now, while Ray is up (see run._annotate)
         finally:
             writer.close()
             bar.close()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from annotator.config import ConfigError
 from annotator.wording import listed
+from engines.saving import os_reason as reason
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ class OutputBusy(RuntimeError):
 
 class OutputWriteError(RuntimeError):
     """The output stopped accepting writes mid-run (a full disk); finished parts are kept."""
-
-
-def reason(exc: OSError) -> str:
-    """The system's words for an OS error ("No space left on device"): pyarrow's own message
-    around the same errno ("Error writing bytes to file. Detail: ...") says it twice."""
-    if exc.errno:
-        return os.strerror(exc.errno)
-    return exc.strerror or type(exc).__name__
 
 
 @contextmanager

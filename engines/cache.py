@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.registry import ModelEntry
+from engines.saving import os_reason
 from engines.sources import FetchError, fetch, inside, pinned, sha256_file
 
 log = logging.getLogger(__name__)
@@ -99,22 +100,18 @@ def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) 
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as exc:  # a shared cache on a filesystem without locks (NFS without lockd)
             log.warning("%s: cannot lock the model cache (%s); converting without the lock",
-                        directory.parent, _os_reason(exc))
+                        directory.parent, os_reason(exc))
         if (hit := cached(entry, cache_dir)) is not None:
             return hit
         try:
             _fetch_and_convert(entry, root, directory)
         except OSError as exc:  # a full or read-only disk: one line, like every FetchError
-            raise FetchError(f"{root}: cannot write the model cache ({_os_reason(exc)}); free space there, "
+            raise FetchError(f"{root}: cannot write the model cache ({os_reason(exc)}); free space there, "
                              f"or choose another cache with --cache-dir or ${CACHE_ENV}") from None
     hit = cached(entry, cache_dir)
     if hit is None:
         raise FetchError(f"{directory}: conversion of {entry.name!r} did not verify")
     return hit
-
-
-def _os_reason(exc: OSError) -> str:
-    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _fetch_and_convert(entry: ModelEntry, root: Path, directory: Path) -> None:

@@ -1,30 +1,45 @@
-"""``torch.save`` that fails as a full disk should: an OSError, and no half-written file."""
+"""Files written whole or not at all, and OS errors told in the system's words: what a full disk
+should give, an OSError naming the file, and no half-written file behind it."""
 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
-import torch
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for an OS error ("No space left on device"): pyarrow's own message
+    around the same errno ("Error writing bytes to file. Detail: ...") says it twice."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or type(exc).__name__
+
+
+def write_whole(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path``; on failure (a full disk) remove what was written and raise
+    an OSError that names ``path`` (a failed write names no file by itself)."""
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        Path(path).unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
 
 
 def write_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` into memory, then one plain write of the bytes to ``path``.
+    """``torch.save`` into memory, then :func:`write_whole`.
 
     On a full disk torch's own file writer fails with "[enforce fail at inline_container.cc]
     unexpected pos ...", a RuntimeError that names neither the file nor the cause, and leaves
     the file half written; a plain write raises OSError (ENOSPC), which the commands report in
-    one line. A file that could not be written whole is removed. (The bytes are held once in
-    memory: a state dict, tens of MB.)
+    one line. (The bytes are held once in memory: a state dict, tens of MB.)
     """
+    import torch  # here: the CLI imports this module (for os_reason) before torch is needed
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    try:
-        with open(path, "wb") as fh:
-            fh.write(buffer.getbuffer())
-    except OSError as exc:
-        Path(path).unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write names no file: say which
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
+    write_whole(path, buffer.getbuffer())
