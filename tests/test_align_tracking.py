@@ -9,7 +9,7 @@ import skimage.data
 import torch
 
 from annotator.tracking import FaceTracker, associate, iou_matrix
-from engines.align import TEMPLATE_112, align_faces, similarity_matrices, square_matrices, warp
+from engines.align import TEMPLATE_112, _warp_on_device, align_faces, similarity_matrices, square_matrices, warp
 from engines.decoders import Sampling
 from engines.decoders.pyav import decode
 from engines.factory import create_detector
@@ -39,22 +39,29 @@ def textured() -> np.ndarray:
     return np.stack([image, image[::-1].copy()])
 
 
-def test_warp_matches_opencv_inside_and_off_the_frame(textured):
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_warp_matches_opencv_inside_and_off_the_frame_at_any_scale(textured, path):
+    """Frames in host memory go through OpenCV itself; the torch path that frames on a GPU take
+    (run here on the CPU) samples the same points, also where a crop shrinks its region 6x."""
     rng = np.random.default_rng(0)
-    landmarks = (TEMPLATE_112 * 1.5 + np.array([150, 60]))[None] + rng.normal(0, 4, (6, 5, 2))
+    landmarks = (TEMPLATE_112 * 1.5 + np.array([150, 60]))[None] + rng.normal(0, 4, (7, 5, 2))
     landmarks[4] -= 200  # mostly off the frame, top left
     landmarks[5] += 420  # mostly off the frame, bottom right
+    landmarks[6] = TEMPLATE_112 * 6 + np.array([20, 10])  # a face 6x the template's: a strong shrink
     landmarks = landmarks.astype(np.float32)
-    owner = np.array([0, 1, 0, 1, 0, 1])
-    crops = align_faces(torch.from_numpy(textured), owner, landmarks)
-    assert crops.shape == (6, 3, 112, 112) and crops.dtype == torch.float32
-    for crop, frame, matrix in zip(crops, owner, similarity_matrices(landmarks)):
+    owner = np.array([0, 1, 0, 1, 0, 1, 0])
+    matrices = similarity_matrices(landmarks)
+    frames = torch.from_numpy(textured)
+    crops = align_faces(frames, owner, landmarks) if path == "host" else _warp_on_device(frames, owner, matrices, 112)
+    assert crops.shape == (7, 3, 112, 112) and crops.dtype == torch.float32 and crops.is_contiguous()
+    for crop, frame, matrix in zip(crops, owner, matrices):
         expected = cv2.warpAffine(textured[frame], matrix, (112, 112), flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT).astype(np.float32)
         diff = np.abs(crop.permute(1, 2, 0).numpy() - expected)
         # OpenCV interpolates in 5-bit fixed point and rounds to uint8: half a grey level at most.
-        assert diff.max() <= 1.0 and diff.mean() < 0.3
-    assert align_faces(torch.from_numpy(textured), np.zeros(0, int), np.zeros((0, 5, 2))).shape == (0, 3, 112, 112)
+        assert diff.max() <= (0.0 if path == "host" else 1.0) and diff.mean() < 0.3
+    empty = np.zeros(0, int), np.zeros((0, 2, 3), np.float32), 112
+    assert warp(frames, *empty).shape == _warp_on_device(frames, *empty).shape == (0, 3, 112, 112)
 
 
 def test_square_crops_cut_exactly_the_square(textured):
