@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +45,21 @@ def write_torch(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_whole(path, buffer.getbuffer())
+
+
+@contextmanager
+def staged(paths: Sequence[Path]) -> Iterator[dict[Path, Path]]:
+    """Files that are only valid together (a model and the card holding its digests): yields
+    ``{final: temporary}``, the block writes each temporary, and when it ends every temporary is
+    moved to its final name in the order given, so put the file that vouches for the others
+    last. If the block raises (a full disk, a failed check), every temporary is removed and no
+    final file is touched: the directory keeps the set it had, whole."""
+    temps = {Path(path): Path(path).with_name(Path(path).name + ".tmp") for path in paths}
+    try:
+        yield temps
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for final, tmp in temps.items():
+        os.replace(tmp, final)

@@ -9,28 +9,19 @@ file is written to a temporary name and moved into place, so a crash never leave
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engines.models.student import EXPR_CLASSES, PREPROCESSING, DeployedStudent
-from engines.saving import write_torch
+from engines.saving import staged, write_torch, write_whole
+from engines.sources import sha256_file
 from training import checkpoint
 
 OPSET = 17
 INPUT_SIDE = int(PREPROCESSING["crop_size"])  # the deployed aligner's 112x112 arcface crop
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
@@ -58,8 +49,7 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
     # are written, the card last: a full disk part way leaves the model before it whole (or
     # none), never a new ONNX beside an old card whose digests no longer match it.
     onnx_path, pt_path, card_path = out_dir / "student.onnx", out_dir / "student.pt", out_dir / "model_card.json"
-    temps = {path: path.with_name(path.name + ".tmp") for path in (onnx_path, pt_path, card_path)}
-    try:
+    with staged((onnx_path, pt_path, card_path)) as temps:
         torch.onnx.export(model, (torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE),), str(temps[onnx_path]), opset_version=OPSET,
                           input_names=["images"], output_names=outputs,
                           dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
@@ -79,13 +69,7 @@ def export_student(checkpoint_path: Path, out_dir: Path, name: str = "student",
             "training_data": training_data,
             "metrics": {**saved.get("metrics", {}), **(extra_metrics or {})},
             "artifacts": {"onnx": onnx_path.name, "torch": pt_path.name},
-            "sha256": {onnx_path.name: _sha256(temps[onnx_path]), pt_path.name: _sha256(temps[pt_path])},
+            "sha256": {onnx_path.name: sha256_file(temps[onnx_path]), pt_path.name: sha256_file(temps[pt_path])},
         }
-        temps[card_path].write_text(json.dumps(card, indent=2) + "\n")
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for final, tmp in temps.items():
-        os.replace(tmp, final)
+        write_whole(temps[card_path], (json.dumps(card, indent=2) + "\n").encode())
     return card_path

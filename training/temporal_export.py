@@ -11,14 +11,14 @@ Writes into a directory that ``training.export.export_student`` made from the sa
 
 The card gains a ``temporal`` object (artifact names, window and stride, feature width, metrics,
 the CNN checkpoint's sha256) and the three files' sha256 in its ``sha256`` table, so
-``annotator.temporal`` verifies them before use. Each file is written to a temporary name and
-moved into place; the card last, so a crash leaves the old card (without the head) in force.
+``annotator.temporal`` verifies them before use. Every file, the card included, is written to a
+temporary name, and all are moved into place together once all are written, the card last: a
+failed parity check or a full disk leaves the directory as it was, with no temporary.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import torch
 
 from engines.models.temporal import STRIDE, WINDOW, DeployedTemporal, FrameFeatures
 from engines.sources import sha256_file
-from engines.saving import write_torch
+from engines.saving import staged, write_torch, write_whole
 from training import checkpoint
 from training.export import INPUT_SIDE, OPSET
 from training.temporal import load_temporal
@@ -46,19 +46,17 @@ class TemporalExportError(ValueError):
 
 
 def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
-          outputs: tuple[str, ...], dynamic: dict[int, str]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
+          outputs: tuple[str, ...], dynamic: dict[int, str]) -> None:
     with warnings.catch_warnings():
         # The GRU's initial state is zeros of the input's batch (no h0 input), so another batch
         # size is safe; _check_parity runs the graph at another batch and length to prove it.
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, as engines/export.py
-        torch.onnx.export(module, (example,), str(tmp), opset_version=OPSET, input_names=[input_name],
+        torch.onnx.export(module, (example,), str(path), opset_version=OPSET, input_names=[input_name],
                           output_names=list(outputs),
                           dynamic_axes={input_name: dynamic, **{name: dynamic for name in outputs}},
                           dynamo=False)  # the torch.export exporter needs onnxscript, not a dependency
-    return tmp
 
 
 def _check_parity(module: torch.nn.Module, onnx_path: Path, x: torch.Tensor, outputs: tuple[str, ...]) -> None:
@@ -104,33 +102,31 @@ def export_temporal(student_ckpt: Path, temporal_ckpt: Path, out_dir: Path) -> P
     width = features.out_features
 
     crops = torch.rand(3, 3, INPUT_SIDE, INPUT_SIDE) * 255
-    features_tmp = _onnx(features, torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE), out_dir / FEATURES_ONNX,
-                         "crops", ("features",), {0: "batch"})
-    _check_parity(features, features_tmp, crops, ("features",))
     sequence = torch.randn(3, 20, width) * 2 + 1  # another batch and length than traced: dynamic axes
-    temporal_tmp = _onnx(deployed, torch.zeros(2, WINDOW, width), out_dir / TEMPORAL_ONNX, "features",
-                         DeployedTemporal.OUTPUTS, {0: "batch", 1: "time"})
-    _check_parity(deployed, temporal_tmp, sequence, DeployedTemporal.OUTPUTS)
-    torch_tmp = out_dir / (TEMPORAL_TORCH + ".tmp")
-    write_torch(gru.state_dict(), torch_tmp)
-    for tmp, name in ((features_tmp, FEATURES_ONNX), (temporal_tmp, TEMPORAL_ONNX), (torch_tmp, TEMPORAL_TORCH)):
-        os.replace(tmp, out_dir / name)
-
-    card["temporal"] = {
-        "architecture": "bigru-per-task",
-        "units": list(meta["units"]),
-        "feature_width": width,
-        "window": WINDOW,
-        "stride": STRIDE,
-        "with_va": bool(meta.get("with_va", True)),
-        "outputs": list(DeployedTemporal.OUTPUTS),
-        "artifacts": {"features_onnx": FEATURES_ONNX, "onnx": TEMPORAL_ONNX, "torch": TEMPORAL_TORCH},
-        "student_sha256": student_digest,
-        "metrics": saved.get("metrics", {}),
-    }
-    card["sha256"] = {**card["sha256"], **{name: sha256_file(out_dir / name)
-                                           for name in (FEATURES_ONNX, TEMPORAL_ONNX, TEMPORAL_TORCH)}}
-    card_tmp = out_dir / (MODEL_CARD + ".tmp")
-    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(card_tmp, card_path)
+    features_path, temporal_path, torch_path = (out_dir / name for name in (FEATURES_ONNX, TEMPORAL_ONNX, TEMPORAL_TORCH))
+    # All three artifacts and the card that lists their digests appear together, the card last:
+    # a failed parity check or a full disk leaves the directory as it was (engines.saving.staged).
+    with staged((features_path, temporal_path, torch_path, card_path)) as temps:
+        _onnx(features, torch.zeros(2, 3, INPUT_SIDE, INPUT_SIDE), temps[features_path], "crops", ("features",),
+              {0: "batch"})
+        _check_parity(features, temps[features_path], crops, ("features",))
+        _onnx(deployed, torch.zeros(2, WINDOW, width), temps[temporal_path], "features", DeployedTemporal.OUTPUTS,
+              {0: "batch", 1: "time"})
+        _check_parity(deployed, temps[temporal_path], sequence, DeployedTemporal.OUTPUTS)
+        write_torch(gru.state_dict(), temps[torch_path])
+        card["temporal"] = {
+            "architecture": "bigru-per-task",
+            "units": list(meta["units"]),
+            "feature_width": width,
+            "window": WINDOW,
+            "stride": STRIDE,
+            "with_va": bool(meta.get("with_va", True)),
+            "outputs": list(DeployedTemporal.OUTPUTS),
+            "artifacts": {"features_onnx": FEATURES_ONNX, "onnx": TEMPORAL_ONNX, "torch": TEMPORAL_TORCH},
+            "student_sha256": student_digest,
+            "metrics": saved.get("metrics", {}),
+        }
+        card["sha256"] = {**card["sha256"], **{path.name: sha256_file(temps[path])
+                                               for path in (features_path, temporal_path, torch_path)}}
+        write_whole(temps[card_path], (json.dumps(card, indent=2) + "\n").encode())
     return card_path

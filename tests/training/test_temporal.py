@@ -7,7 +7,9 @@ CCC_V + CCC_A: seed 0 per-frame 1.585 vs temporal 2.438, seed 1 1.578 vs 2.413, 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from training import checkpoint
 from training.export import export_student
 from training.synthetic_temporal import run_temporal_benchmark
 from training.temporal import TemporalConfig, load_temporal, predict_sequence, sequence_loss
-from training.temporal_export import export_temporal
+from training.temporal_export import TemporalExportError, export_temporal
 
 SEEDS = (0, 1, 2)
 # The GRU must win on every seed by at least this much of the 3-point selection score. Measured
@@ -118,6 +120,39 @@ def test_export_matches_torch(model_dir, benchmark):
     with torch.no_grad():
         reference = cnn.backbone((torch.from_numpy(crops) - cnn.mean) / cnn.std).numpy()
     np.testing.assert_allclose(features_onnx.run(["features"], {"crops": crops})[0], reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("failure", ["parity", "full disk"])
+def test_a_failed_export_leaves_the_model_directory_as_it_was(benchmark, tmp_path, monkeypatch, failure):
+    """The head's three files and the card appear together or not at all: a parity failure on
+    the second ONNX, or a disk that fills while the GRU's state dict is written (two ONNX
+    temporaries already there), leaves the student's card and files, and no temporary."""
+    import training.temporal_export as temporal_export
+
+    root = benchmark[0][0]
+    out = tmp_path / "student"
+    export_student(root / "cnn" / checkpoint.BEST, out, name="synthetic")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    if failure == "parity":
+        check = temporal_export._check_parity
+
+        def fail_second(module, path, *args):
+            if path.name.startswith(temporal_export.TEMPORAL_ONNX):
+                raise TemporalExportError(f"{path}: ONNX output 'expr_logits' differs from torch by 1.00e+00")
+            check(module, path, *args)
+
+        monkeypatch.setattr(temporal_export, "_check_parity", fail_second)
+        expected = pytest.raises(TemporalExportError, match="differs from torch")
+    else:
+        def full(obj, path):
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(temporal_export, "write_torch", full)
+        expected = pytest.raises(OSError, match="No space left")
+    with expected:
+        export_temporal(root / "cnn" / checkpoint.BEST, root / "temporal" / checkpoint.BEST, out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def _face_batch(track_ids_per_frame: list[list[int]], rng: np.random.Generator) -> FaceBatch:
