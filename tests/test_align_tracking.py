@@ -39,10 +39,15 @@ def textured() -> np.ndarray:
     return np.stack([image, image[::-1].copy()])
 
 
-@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("path", [
+    "host", "device",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs a CUDA GPU")]),
+])
 def test_warp_matches_opencv_inside_and_off_the_frame_at_any_scale(textured, path):
     """Frames in host memory go through OpenCV itself; the torch path that frames on a GPU take
-    (run here on the CPU) samples the same points, also where a crop shrinks its region 6x."""
+    (``device``: run on the CPU; ``cuda``: on a GPU) samples the same points, also where a crop
+    shrinks its region 6x."""
     rng = np.random.default_rng(0)
     landmarks = (TEMPLATE_112 * 1.5 + np.array([150, 60]))[None] + rng.normal(0, 4, (7, 5, 2))
     landmarks[4] -= 200  # mostly off the frame, top left
@@ -52,7 +57,14 @@ def test_warp_matches_opencv_inside_and_off_the_frame_at_any_scale(textured, pat
     owner = np.array([0, 1, 0, 1, 0, 1, 0])
     matrices = similarity_matrices(landmarks)
     frames = torch.from_numpy(textured)
-    crops = align_faces(frames, owner, landmarks) if path == "host" else _warp_on_device(frames, owner, matrices, 112)
+    if path == "host":
+        crops = align_faces(frames, owner, landmarks)
+    elif path == "device":
+        crops = _warp_on_device(frames, owner, matrices, 112)
+    else:
+        crops = align_faces(frames.cuda(), owner, landmarks)
+        assert crops.is_cuda
+        crops = crops.cpu()
     assert crops.shape == (7, 3, 112, 112) and crops.dtype == torch.float32 and crops.is_contiguous()
     for crop, frame, matrix in zip(crops, owner, matrices):
         expected = cv2.warpAffine(textured[frame], matrix, (112, 112), flags=cv2.INTER_LINEAR,
