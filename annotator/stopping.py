@@ -16,6 +16,7 @@ from types import FrameType
 
 #: The exit status of a process stopped by SIGTERM, as a shell reports it (128 + 15).
 EXIT_TERMINATED = 128 + signal.SIGTERM
+_received = threading.Event()
 
 
 class Terminated(KeyboardInterrupt):
@@ -30,5 +31,14 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def terminated() -> bool:
+    """Whether this process received SIGTERM. Ask this rather than the exception's type: a
+    SIGTERM that arrives while the driver blocks in ``ray.wait`` reaches Python through Ray's
+    own signal check, which raises a plain ``KeyboardInterrupt`` in place of our
+    :class:`Terminated` (checked with Ray 2.60)."""
+    return _received.is_set()
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    _received.set()
     raise Terminated()

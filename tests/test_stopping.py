@@ -52,3 +52,33 @@ def test_sigterm_stops_a_run_cleanly_and_the_same_command_resumes(carphone: Path
     for name, frames in (("a.mp4", 120), ("b.mp4", 3000)):
         rows = table.filter(pc.equal(table["video_path"], str(videos / name)))
         assert rows["frame_index"].to_pylist() == list(range(frames))
+
+
+_SIGTERM_IN_RAY_WAIT = """
+import os, signal, threading, time, ray
+from annotator.stopping import stop_on_sigterm, terminated
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+stop_on_sigterm()  # again after ray.init, as annotator.cluster does
+
+@ray.remote
+def slow():
+    time.sleep(60)
+
+ref = slow.remote()
+threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+try:
+    ray.wait([ref], timeout=30)
+    print("nothing raised")
+except BaseException as exc:
+    print(isinstance(exc, KeyboardInterrupt), terminated())
+ray.shutdown()
+"""
+
+
+def test_a_sigterm_while_the_driver_waits_on_ray_is_still_told_as_sigterm() -> None:
+    """Ray's wait checks for signals itself and raises a plain KeyboardInterrupt in place of the
+    Terminated our handler raised, so the exception's type cannot tell SIGTERM from Ctrl-C (the
+    run above ended "aborted", exit 130, when its driver waited a second for the next table):
+    the handler also records the signal, and that is what main() asks."""
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_IN_RAY_WAIT], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
