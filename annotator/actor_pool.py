@@ -9,7 +9,8 @@ nothing a video-per-call pool needs. What is kept from it:
 
 - one item in flight per actor, so a long video never queues others behind it;
 - results stream back with Ray's streaming generators, and each actor may run at most
-  :data:`BACKPRESSURE` tables ahead of the driver, so memory stays flat however large the corpus;
+  :data:`BACKPRESSURE` tables (about a second of rows each, ``worker.TABLE_EVERY_S``) ahead of the
+  driver, so memory stays flat however large the corpus;
 - models load once per actor (the actor class's constructor).
 
 With a stall timeout, a busy actor is also asked whether it is alive (:class:`LivenessChecks`):

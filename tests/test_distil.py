@@ -252,10 +252,15 @@ def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, t
         attach_labels(corpus, tmp_path / "labels")
 
 
-def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(carphone: Path, tmp_path: Path):
+def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(carphone: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
     """A video starts again from its first frame when its worker dies: the shard then holds each
     frame once and the counts are those of one pass (as annotate run's PartCollector does)."""
     from tqdm import tqdm
+
+    from annotator import worker
+
+    monkeypatch.setattr(worker, "TABLE_EVERY_S", 0.0)  # a table per batch: a death between two of them
 
     from annotator.config import RunConfig
     from annotator.harvest import HarvestPipeline, HarvestSummary, _ShardWriter, _take

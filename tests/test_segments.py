@@ -21,7 +21,8 @@ from annotator.pipeline import VideoPipeline
 from annotator.run import run, run_metadata
 from annotator.schema import frame_rows
 from annotator.segmenting import _continuous_ids, load_plan, work_items
-from annotator.worker import PROGRESS_COLUMN, STATUS_COLUMN, WorkItem, annotate_tagged
+from annotator import worker
+from annotator.worker import PROGRESS_COLUMN, STATUS_COLUMN, VIDEO_COLUMN, WorkItem, annotate_tagged
 from annotator.writer import OutputLayout, part_key, recorded_stamp, schema_with_metadata, video_stamp
 from engines.decoders import DecodeReport, Sampling
 from engines.decoders.pyav import decode
@@ -163,9 +164,10 @@ def test_a_split_video_that_changed_is_planned_again(long_clip, tmp_path):
         assert not layout.segment_path(key, 0).exists()
 
 
-def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path):
+def test_each_segment_moves_the_progress_by_its_share(long_clip, tmp_path, monkeypatch):
     """A run of one long video must not sit at 0 of 1 videos until its end: each segment counts
     its share batch by batch, and the stitching brings the video to exactly 1."""
+    monkeypatch.setattr(worker, "TABLE_EVERY_S", 0.0)  # a table per batch, whatever this machine's speed
     out = tmp_path / "results"
     layout, key = OutputLayout(out), part_key(long_clip)
     config = RunConfig(inputs=(long_clip,), out=out, workers=0, sampling=Sampling(every_n=6))
@@ -241,15 +243,35 @@ def test_decoders_know_how_many_frames_each_piece_holds(long_clip):
     assert expected == [0, 600 - plan[1].first_frame]
 
 
-def test_a_whole_video_moves_the_progress_batch_by_batch(long_clip, tmp_path):
+def test_a_whole_video_moves_the_progress_batch_by_batch(long_clip, tmp_path, monkeypatch):
     """Each table of rows says how much of its video is done (frames so far over the header's
     count, below 1); the last says 1."""
+    monkeypatch.setattr(worker, "TABLE_EVERY_S", 0.0)  # a table per batch, whatever this machine's speed
     config = RunConfig(inputs=(long_clip,), out=tmp_path / "out", workers=0, sampling=Sampling(every_n=12))
     tables = list(annotate_tagged(VideoPipeline(config), WorkItem(long_clip, part_key(long_clip))))
     progress = [t.column(PROGRESS_COLUMN)[0].as_py() for t in tables]
     assert [t.column(STATUS_COLUMN)[0].as_py() for t in tables] == ["rows"] * 6 + ["done"]  # 50 frames
     # Batch k ends with the (8k)-th kept frame, frame 12 (8k - 1): 96k - 11 of 600 frames are behind it.
     assert progress[:-1] == pytest.approx([(96 * k - 11) / 600 for k in range(1, 7)], rel=1e-5) and progress[-1] == 1
+
+
+def test_a_worker_sends_its_rows_about_once_a_second_as_one_table(long_clip, tmp_path, monkeypatch):
+    """Rows go to the driver as one table per TABLE_EVERY_S, not one per decoded batch (each
+    table costs the driver CPU on the workers' cores): the same rows, in order, in fewer tables,
+    the last still "done" with the video's facts."""
+    config = RunConfig(inputs=(long_clip,), out=tmp_path / "out", workers=0, sampling=Sampling(every_n=12))
+    pipeline, item = VideoPipeline(config), WorkItem(long_clip, part_key(long_clip))
+    monkeypatch.setattr(worker, "TABLE_EVERY_S", 0.0)
+    per_batch = list(annotate_tagged(pipeline, item))
+    monkeypatch.setattr(worker, "TABLE_EVERY_S", 3600.0)
+    together = list(annotate_tagged(pipeline, item))
+    assert len(per_batch) == 7 and len(together) == 1  # 50 frames: 7 batches
+    assert together[0].column(STATUS_COLUMN)[0].as_py() == "done"
+    assert together[0].schema == per_batch[0].schema
+    tags = (STATUS_COLUMN, PROGRESS_COLUMN, VIDEO_COLUMN)  # per table: its status, progress and the end's facts
+    columns = [name for name in together[0].column_names if name not in tags]
+    assert together[0].column(VIDEO_COLUMN)[0].as_py() == per_batch[-1].column(VIDEO_COLUMN)[0].as_py()
+    assert together[0].select(columns).equals(pa.concat_tables(per_batch).select(columns))
 
 
 def test_a_film_among_short_clips_is_cut_and_handed_out_first(carphone, long_clip, tmp_path):
