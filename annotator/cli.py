@@ -16,7 +16,7 @@ from annotator.commands.overlay import overlay
 from annotator.commands.report import report
 from annotator.commands.run import run_command
 from annotator.commands.train import eval_cmd, export, train
-from annotator.stopping import EXIT_TERMINATED, Terminated, stop_on_sigterm, terminated
+from annotator.stopping import EXIT_TERMINATED, stop_on_sigterm, terminated
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,8 +61,8 @@ def main() -> None:
     except click.ClickException as exc:
         click.echo(f"annotate: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except click.Abort as exc:  # click's form of KeyboardInterrupt
-        if isinstance(exc.__cause__, Terminated) or terminated():
+    except click.Abort:  # click's form of KeyboardInterrupt
+        if terminated():  # not the exception's type: Ray may have replaced it (annotator.stopping)
             click.echo("annotate: stopped (SIGTERM)", err=True)
             sys.exit(EXIT_TERMINATED)
         click.echo("annotate: aborted", err=True)

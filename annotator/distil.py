@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +19,7 @@ from annotator.cluster import release_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.harvest import SHARDS, HarvestSummary, harvest
 from annotator.ownership import writing
-from engines.saving import write_whole
+from engines.saving import staged, write_whole
 from training.distil import DistilOptions
 
 MARKER = "distil.json"
@@ -151,8 +150,6 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
                         "lr_schedule": "cosine to 0 over the epochs; the last epoch is the student",
                         "seconds": round(train_seconds, 1)}
     card["metrics"] = {**card["metrics"], **scorer_metrics(model_dir, corpus, config.scorer, config.cache_dir)}
-    tmp = model_dir / "model_card.json.tmp"
-    with writing(out, kept):  # the exported card stays as it was
-        write_whole(tmp, (json.dumps(card, indent=2) + "\n").encode())
-    os.replace(tmp, card_path)
+    with writing(out, kept), staged([card_path]) as temps:  # a full disk: the exported card stays as it was
+        write_whole(temps[card_path], (json.dumps(card, indent=2) + "\n").encode())
     return DistilSummary(summary, model_dir, card)

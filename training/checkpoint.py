@@ -9,7 +9,6 @@ model by selection score, with its metrics and the ``arch`` kwargs of ``build_st
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from engines.models.student import MultitaskNet, build_student
-from engines.saving import write_torch
+from engines.saving import staged, write_torch
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +26,9 @@ BEST = "best.pt"
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """:func:`write_torch` to a temporary sibling, then ``os.replace``: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_torch(obj, tmp)
-    os.replace(tmp, path)
+    """:func:`write_torch` to a temporary sibling, then moved into place: a crash never leaves half a file."""
+    with staged([path]) as temps:
+        write_torch(obj, temps[path])
 
 
 def load(path: Path) -> dict[str, Any]:
