@@ -87,6 +87,9 @@ class RunConfig:
     min_face: float = DEFAULT_MIN_FACE
     detect_every: int = DEFAULT_DETECT_EVERY
     scan_every: int = DEFAULT_SCAN_EVERY  # 0: never scan beyond --det-size
+    # Keyframes' full-frame detection through an int8 copy of the detector, where the backend is
+    # ONNX Runtime on a CPU (engines.int8); faces are re-found and aligned by the float network.
+    int8_keyframes: bool = True
     cache_dir: Path | None = None
     overwrite: bool = False
     pipelines_per_gpu: int | None = None  # None: one per NVDEC engine of the GPU, where known

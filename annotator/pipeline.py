@@ -108,6 +108,7 @@ class VideoPipeline:
             config.detector, backend, device, compute, config.cache_dir,
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
             batch_size=config.resolved_batch_size(), largest_side=config.scan_size,
+            int8_frames=config.int8_keyframes,
         )
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every, scan_every=config.scan_every)
         self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, compute, config.cache_dir,

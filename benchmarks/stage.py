@@ -69,6 +69,7 @@ class DetectionSettings:
     min_face: float = run_defaults.DEFAULT_MIN_FACE
     detect_every: int = run_defaults.DEFAULT_DETECT_EVERY
     scan_every: int = run_defaults.DEFAULT_SCAN_EVERY
+    int8_keyframes: bool = True  # as annotate run (engines.int8); full detection on every frame stays float
 
 
 @dataclass(kw_only=True)
@@ -196,11 +197,12 @@ def _min_face(opts: argparse.Namespace, batch) -> float:
     return opts.min_face / batch.scale  # as the pipeline: --min-face is in video pixels
 
 
-def _detector(opts: argparse.Namespace):
+def _detector(opts: argparse.Namespace, int8_frames: bool = False):
     from engines.factory import create_detector
 
     detector, _ = create_detector(opts.detector, opts.backend, opts.device, opts.threads,
-                                  det_size=opts.det_size, threshold=opts.det_threshold, min_face=opts.min_face)
+                                  det_size=opts.det_size, threshold=opts.det_threshold, min_face=opts.min_face,
+                                  int8_frames=int8_frames)
     return detector
 
 
@@ -308,7 +310,8 @@ def _tracked_arrays(found: list) -> dict[str, Any]:
     }
 
 
-def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: str) -> dict[str, Any]:
+def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: str,
+           int8_frames: bool = False) -> dict[str, Any]:
     """Find faces as the pipeline does (:class:`annotator.tracking.FaceTracker`) on the first
     ``frames`` frames, timed; the faces are saved to ``WORK/<saved_as>-<backend>.npz``."""
     import numpy as np
@@ -316,7 +319,7 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
     from annotator.tracking import FaceTracker
 
     batches = list(_take(iter(_load_frames(opts)), frames))
-    tracker = FaceTracker(_detector(opts), detect_every=detect_every, scan_every=opts.scan_every)
+    tracker = FaceTracker(_detector(opts, int8_frames), detect_every=detect_every, scan_every=opts.scan_every)
     side, min_face = _detector_side(opts, batches[0]), _min_face(opts, batches[0])
     scan = _detector_side(opts, batches[0], run_defaults.SCAN_SIZE_FACTOR)
     tracker.start(side, min_face, scan_size=scan)
@@ -347,12 +350,13 @@ def _track(opts: argparse.Namespace, detect_every: int, frames: int, saved_as: s
 
 
 def _stage_detect(opts: argparse.Namespace) -> dict[str, Any]:
-    return _track(opts, opts.detect_every, opts.frames, "detections")
+    return _track(opts, opts.detect_every, opts.frames, "detections", int8_frames=opts.int8_keyframes)
 
 
 def _stage_detect_full(opts: argparse.Namespace) -> dict[str, Any]:
     """Full-frame detection on every frame (``--detect-every 1``): the reference the tracked path
-    is compared with, for speed here and for its expression outputs in the score stage."""
+    is compared with, for speed here and for its expression outputs in the score stage; always the
+    float network, so the comparison also covers ``--int8-keyframes``."""
     return _track(opts, 1, opts.full_frames or opts.frames, "detections_full")
 
 
@@ -541,7 +545,7 @@ def _stage_pipeline(opts: argparse.Namespace) -> dict[str, Any]:
                        batch_size=opts.batch_size, device=opts.device, decoder=opts.decoder, backend=opts.backend,
                        detector=opts.detector, scorer=opts.scorer, det_size=opts.det_size,
                        det_threshold=opts.det_threshold, min_face=opts.min_face, detect_every=opts.detect_every,
-                       scan_every=opts.scan_every)
+                       scan_every=opts.scan_every, int8_keyframes=opts.int8_keyframes)
     pipeline = VideoPipeline(config, threads=opts.threads)
     load_rss = rss_mb()
     warm = pipeline.annotate(opts.video)

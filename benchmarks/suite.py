@@ -396,7 +396,8 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
         run_args = ["--backend", backends[0], "--device", device, "--detector", options.detector,
                     "--model", options.scorer, "--det-size", str(options.det_size),
                     "--det-threshold", str(options.det_threshold), "--min-face", str(options.min_face),
-                    "--detect-every", str(options.detect_every), "--scan-every", str(options.scan_every)]
+                    "--detect-every", str(options.detect_every), "--scan-every", str(options.scan_every),
+                    "--int8-keyframes" if options.int8_keyframes else "--no-int8-keyframes"]
         report["ray"] = [{"clip": clip.stem, "copies": copies, "run_args": run_args,
                           "results": scaling(clip, copies, sorted(set(options.ray_workers)), run_args, echo=echo)}
                          for clip in clips]
@@ -408,7 +409,8 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
             "backend": backends[0], "device": device, "decoder": decoders[0], "threads": options.threads,
             "batch_size": 8 if 8 in options.batch_sizes else options.batch_sizes[0], "detector": options.detector,
             "scorer": options.scorer, "det_size": options.det_size, "min_face": options.min_face,
-            "detect_every": options.detect_every, "scan_every": options.scan_every}, echo=echo)
+            "detect_every": options.detect_every, "scan_every": options.scan_every,
+            "int8_keyframes": options.int8_keyframes}, echo=echo)
     return report
 
 
@@ -438,7 +440,8 @@ def format_tables(report: dict[str, Any]) -> str:
     head = (f"annotate bench, {report['date']}: {report['machine']['cpu_model']} "
             f"({report['machine']['cpus_usable']} cores), {opts['threads']} thread(s) per stage as one worker, "
             f"device {opts['device_resolved']}, detect every {opts['detect_every']}, scan every {opts['scan_every']}, "
-            f"det-size {opts['det_size']}, min-face {opts['min_face']:g}, median of {opts.get('repeats') or 1} pass(es)"
+            f"det-size {opts['det_size']}, min-face {opts['min_face']:g}, "
+            f"{'int8' if opts.get('int8_keyframes') else 'float'} keyframes, median of {opts.get('repeats') or 1} pass(es)"
             + (f", {opts['rounds']} interleaved rounds (medians)" if (opts.get("rounds") or 1) > 1 else ""))
     fps_rows = []
     for r in results:

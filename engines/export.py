@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engines.onnx_graph import drop_unused_nodes
 from engines.registry import ModelEntry
 
 OPSET = 17
@@ -116,7 +117,7 @@ def fold_pads_into_convs(path: Path) -> int:
         return 0
     for pad in folded:
         graph.node.remove(pad)
-    _drop_unused_nodes(graph)
+    drop_unused_nodes(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return len(folded)
@@ -149,18 +150,6 @@ def _constant_value(model, name: str) -> np.ndarray | None:
                                  initializer=used_inits)
     sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import)
     return np.asarray(ReferenceEvaluator(sub_model).run(None, {})[0])
-
-
-def _drop_unused_nodes(graph) -> None:
-    """Remove nodes none of whose outputs reach a graph output (the folded pads' subgraphs)."""
-    needed = {output.name for output in graph.output}
-    kept = []
-    for node in reversed(list(graph.node)):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
 
 
 def _check_against_torch(module: nn.Module, entry: ModelEntry, onnx_path: Path, shape: tuple[int, ...]) -> None:

@@ -287,11 +287,13 @@ def create_scorer(name_or_path: str, backend: str | None = None, device: str = "
 def create_detector(name_or_path: str, backend: str | None = None, device: str = "cpu", threads: int = 0,
                     cache_dir: str | os.PathLike[str] | None = None, *, det_size: int = 640,
                     threshold: float = 0.9, min_face: float = 0.0, batch_size: int = 32,
-                    largest_side: int | None = None):
+                    largest_side: int | None = None, int8_frames: bool = False):
     """Load a RetinaFace detector by registry name, pulling it on first use.
 
     ``batch_size`` and ``largest_side`` (the longest side any call will have: a scan's, else
-    ``det_size``) size a TensorRT engine's profile to the run.
+    ``det_size``) size a TensorRT engine's profile to the run. ``int8_frames``: whole frames go
+    through an int8 copy of the network (:mod:`engines.int8`, made on first use), crops through
+    the float one; only where the backend is ONNX Runtime on a CPU (:func:`int8_applies`).
 
     Returns:
         (``engines.retinaface.RetinaFaceDetector``, its artifacts).
@@ -301,5 +303,18 @@ def create_detector(name_or_path: str, backend: str | None = None, device: str =
     entry = lookup(name_or_path, "detector")
     shapes = detector_shapes(batch_size, max(det_size, largest_side or 0))
     artifacts, runtime = _runtime(entry, backend, device, threads, cache_dir, shapes)
-    detector = RetinaFaceDetector(runtime, det_size=det_size, threshold=threshold, min_face=min_face)
+    frame_runtime = None
+    if int8_frames and int8_applies(backend or default_backend(device), device):
+        from engines.int8 import int8_onnx
+        from engines.runtimes.onnxrt import OrtRuntime
+
+        frame_runtime = OrtRuntime(int8_onnx(artifacts, cache_dir), entry.outputs, device, threads)
+    detector = RetinaFaceDetector(runtime, det_size=det_size, threshold=threshold, min_face=min_face,
+                                  frame_runtime=frame_runtime)
     return detector, artifacts
+
+
+def int8_applies(backend: str, device: str) -> bool:
+    """Whether whole frames may take the int8 network: ONNX Runtime on a CPU (a GPU's engines run
+    in their own precision, and the torch backend is the reference)."""
+    return backend == "onnxrt" and device == "cpu"

