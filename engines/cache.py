@@ -12,12 +12,14 @@ so two different checkpoints given the same name never collide.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,24 @@ def cached(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) -
     return Artifacts(entry, directory / "model.pt", directory / "model.onnx", hashes)
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: Path, doing: str) -> Iterator[None]:
+    """The block under an exclusive lock on ``lock_path``: several Ray workers of one node may ask
+    for the same artifact at once, and one makes it while the others wait, then reuse it. On a
+    shared cache without locks (NFS without lockd) the block runs unlocked, with a warning.
+
+    Raises:
+        OSError: ``lock_path`` cannot be created (a read-only or full cache).
+    """
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("%s: cannot lock the model cache (%s); %s without the lock", lock_path.parent,
+                        os_reason(exc), doing)
+        yield
+
+
 def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) -> Artifacts:
     """Verified artifacts of ``entry``, fetching and converting on first use.
 
@@ -94,13 +114,7 @@ def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) 
     root = cache_root(cache_dir)
     directory = model_dir(entry, root)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # Several Ray workers on one node may ask at once: one converts, the others wait and reuse.
-    with open(directory.parent / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as exc:  # a shared cache on a filesystem without locks (NFS without lockd)
-            log.warning("%s: cannot lock the model cache (%s); converting without the lock",
-                        directory.parent, os_reason(exc))
+    with exclusive(directory.parent / ".lock", "converting"):
         if (hit := cached(entry, cache_dir)) is not None:
             return hit
         try:

