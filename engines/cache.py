@@ -17,14 +17,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from engines.registry import ModelEntry
-from engines.saving import os_reason
+from engines.saving import os_reason, staged_directory
 from engines.sources import FetchError, fetch, inside, pinned, sha256_file
 
 log = logging.getLogger(__name__)
@@ -130,15 +128,8 @@ def resolve(entry: ModelEntry, cache_dir: str | os.PathLike[str] | None = None) 
 
 def _fetch_and_convert(entry: ModelEntry, root: Path, directory: Path) -> None:
     upstream = fetch(pinned(entry), root / "downloads")
-    # Convert into a private directory and rename it into place: a crash leaves no half model.
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".convert-"))
-    try:
+    with staged_directory(directory, ".convert-") as staging:  # a crash leaves no half model
         _convert(entry, upstream, staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _convert(entry: ModelEntry, upstream: Path, out_dir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,3 +65,19 @@ def staged(paths: Sequence[Path]) -> Iterator[dict[Path, Path]]:
         raise
     for final, tmp in temps.items():
         os.replace(tmp, final)
+
+
+@contextmanager
+def staged_directory(directory: Path, prefix: str) -> Iterator[Path]:
+    """A directory made whole or not at all (a model's converted files, a derived copy): yields
+    a private empty one beside ``directory`` (named ``prefix``...), the block fills it, and when
+    the block ends it replaces ``directory``. If the block raises, ``directory`` keeps what it had
+    and the private one is removed; a process killed midway leaves only that dot-folder."""
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=prefix))
+    try:
+        yield staging
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -381,3 +381,21 @@ def test_a_model_cache_without_locks_converts_with_a_warning(tmp_path, monkeypat
         artifacts = resolve(get_entry("retinaface-mnv2"), tmp_path / "cache")
     assert artifacts.onnx.is_file() and artifacts.torch.is_file()
     assert "cannot lock the model cache (No locks available); converting without the lock" in caplog.text
+
+
+def test_a_cache_that_fills_while_the_int8_copy_is_made_is_one_line_and_leaves_nothing(mounted):
+    """The float detector fits, its int8 copy for keyframes does not: one line naming the way out,
+    no traceback (ONNX's shape inference writes short without a word, and the quantizer then reads
+    back a truncated model), and nothing half made, in the copy's folder or beside the float model."""
+    cache = mounted("cache", "size=31m")
+    env = {**os.environ, "ANNOTATOR_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "annotator", "models", "pull", "retinaface-mnv2"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("annotate: error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        "cannot write the int8 copy of retinaface-mnv2 for keyframes (No space left on device); "
+        "--no-int8-keyframes runs without it"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    model = next(cache.glob("models/retinaface-mnv2/*/manifest.json")).parent  # the float model is whole
+    assert sorted(p.name for p in model.iterdir()) == [".int8-lock", "manifest.json", "model.onnx", "model.pt"]
