@@ -41,6 +41,11 @@ START_DEATHS = 3
 #: method that answer the driver's liveness checks while the default group runs an item.
 HEALTH_GROUP = "health"
 ALIVE_METHOD = "alive"
+#: What an actor's method yields first, as it begins an item; the pool drops it. A worker may die
+#: while idle (its node lost, the OOM killer making room for a neighbour) and Ray tells it only
+#: when the next item's call fails: an item whose actor yielded nothing died before it began, not
+#: of it, and is tried again without counting against it (up to :data:`START_DEATHS` times).
+ITEM_STARTED = "annotator:item-started"
 _WAIT_S = 5.0
 _WARN_AFTER_S = 60.0
 _CHECK_EVERY_S = 30.0
@@ -120,7 +125,10 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     :data:`HEALTH_GROUP`.
 
     A worker that dies while starting (its node lost, the OOM killer) is replaced too; one whose
-    constructor raises is not, as every worker's would.
+    constructor raises is not, as every worker's would. So is one that dies before it yielded
+    anything for an item (:data:`ITEM_STARTED`, which the method yields first and the stream
+    drops): it died idle, and the item goes to the next free actor without counting as a death on
+    it, up to :data:`START_DEATHS` times.
 
     Raises:
         ray.exceptions.RayError: an actor's constructor raised; actors died starting
@@ -136,6 +144,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     idle: list[Any] = []
     running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
     deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
+    unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
+    began: set[Any] = set()  # the ObjectRefGenerators that have yielded something
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
     start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
     waited = 0.0
@@ -150,6 +160,11 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         pool.append(fresh)
         starting[fresh.__ray_ready__.remote()] = fresh
 
+    def charged(generator: Any, item: Any) -> bool:
+        """Whether the death of ``generator``'s actor counts against its item: it had begun it
+        (or has died before beginning it too often, a sign of more than bad luck)."""
+        return generator in began or unstarted.get(id(item), 0) >= START_DEATHS
+
     def died(generator: Any, reason: str) -> tuple[bool, Any]:
         """The item of ``generator``, whose actor is dead (replaced now): tried again, or given
         up: (True, what ``gave_up`` made of it) after its last try."""
@@ -157,13 +172,19 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         if checks is not None:
             checks.stop(generator)
         replace_dead(actor)
-        deaths[id(item)] = deaths.get(id(item), 0) + 1
         name = getattr(item, "path", item)
+        if not charged(generator, item):
+            unstarted[id(item)] = unstarted.get(id(item), 0) + 1
+            log.warning("a worker died before it began %s (%s); it goes to another worker", name, reason)
+            queue.appendleft(item)
+            return False, None
+        began.discard(generator)
+        deaths[id(item)] = deaths.get(id(item), 0) + 1
         if deaths[id(item)] < tries:
             log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
             queue.appendleft(item)
             return False, None
-        log.warning("%s: its worker died %d times on it (%s); skipped", name, tries, reason)
+        log.warning("%s: its worker died on it %d times (%s); skipped", name, tries, reason)
         return True, gave_up(item, reason)  # type: ignore[misc]  (checked by the caller)
 
     try:
@@ -216,15 +237,18 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 try:
                     result = ray.get(next(ready_one))
                     heard[ready_one] = time.monotonic()
+                    began.add(ready_one)
                 except StopIteration:
                     idle.append(running.pop(ready_one)[0])
                     del heard[ready_one]
+                    began.discard(ready_one)
                     if checks is not None:
                         checks.stop(ready_one)
                     continue
                 except ray.exceptions.RayActorError as exc:
                     _, item = running[ready_one]
-                    if replace is None or (gave_up is None and deaths.get(id(item), 0) + 1 >= tries):
+                    if replace is None or (gave_up is None and deaths.get(id(item), 0) + 1 >= tries
+                                           and charged(ready_one, item)):
                         raise
                     silent_s = time.monotonic() - heard.pop(ready_one)
                     reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
@@ -232,6 +256,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     gave, result = died(ready_one, reason)
                     if not gave:
                         continue
+                if type(result) is str and result == ITEM_STARTED:
+                    continue
                 yield result
     finally:
         # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call

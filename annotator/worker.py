@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from annotator.actor_pool import ITEM_STARTED
 from annotator.config import RunConfig
 from annotator.schema import constant_column, error_row
 from annotator.watchdog import StallWatchdog
@@ -224,8 +225,10 @@ class RayVideoWorker:
 
         return VideoPipeline(config, threads=threads)
 
-    def annotate(self, item: WorkItem) -> Iterator[pa.Table]:
-        """The item's tagged tables, streamed to the driver as they are made.
+    def annotate(self, item: WorkItem) -> Iterator[pa.Table | str]:
+        """The item's tagged tables, streamed to the driver as they are made, after
+        :data:`~annotator.actor_pool.ITEM_STARTED` (the pool's sign that this worker was alive
+        to begin the item: a death before it does not count against the video).
 
         A worker that makes no progress on the item for ``--stall-timeout`` seconds ends itself
         (:mod:`annotator.watchdog`): the driver then gives the item to a new worker, and after
@@ -234,6 +237,7 @@ class RayVideoWorker:
         stuck in the kernel) cannot end itself: the driver kills it when :meth:`alive` goes
         unanswered as long.
         """
+        yield ITEM_STARTED
         use_gpu(self.gpu)
         report = DecodeReport()
         tables = annotate_tagged(self.pipeline, item, report)
