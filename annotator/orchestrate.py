@@ -20,7 +20,8 @@ from annotator.cluster import ClusterError, init_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.actor_pool import TRIES
 from annotator.schema import error_row
-from annotator.worker import RayVideoWorker, WorkItem, annotate_tagged, return_freed_memory, tag_table
+from annotator.watchdog import StallWatchdog
+from annotator.worker import RayVideoWorker, WorkItem, annotate_watched, return_freed_memory, tag_table
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,14 @@ def stream_in_process(config: RunConfig, items: list[WorkItem], pipeline_class: 
     from annotator.pipeline import VideoPipeline
 
     pipeline = (pipeline_class or VideoPipeline)(config)
+    # No worker to replace here: a video that hangs (a read that never returns) stops the run,
+    # in one line naming it, instead of holding it for ever; the videos finished are kept.
+    watchdog = StallWatchdog(config.stall_timeout)
     for item in items:
-        yield from annotate_tagged(pipeline, item)
+        stalled = (f"{item.path}: no progress for {config.stall_timeout:g} s (--stall-timeout); the run stops here "
+                   "(finished videos are kept; without --workers 0, Ray workers record such a video as failed "
+                   "and go on)")
+        yield from annotate_watched(pipeline, item, watchdog, stalled)
         return_freed_memory()
 
 

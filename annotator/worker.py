@@ -104,6 +104,18 @@ def video_facts(path: Path, report: DecodeReport, stamp: tuple[int, int] | None 
     return facts
 
 
+def annotate_watched(pipeline: VideoPipeline, item: WorkItem, watchdog: StallWatchdog,
+                     stalled: str) -> Iterator[pa.Table]:
+    """:func:`annotate_tagged` under ``watchdog``: the process ends, saying ``stalled`` (a line
+    naming the file), once the item decodes no frame and yields no table for its timeout.
+    Frames decoded count as progress; waiting for the consumer to take a table does not count."""
+    report = DecodeReport()
+    with watchdog.watching(lambda: (report.frames_decoded, report.bad_packets), stalled) as watch:
+        for table in annotate_tagged(pipeline, item, report):
+            with watch.paused():
+                yield table
+
+
 def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeReport | None = None) -> Iterator[pa.Table]:
     """Tagged tables of one work item; never raises for a bad video, it reports it as a row.
 
@@ -239,13 +251,9 @@ class RayVideoWorker:
         """
         yield ITEM_STARTED
         use_gpu(self.gpu)
-        report = DecodeReport()
-        tables = annotate_tagged(self.pipeline, item, report)
+        stalled = f"{item.path}: no progress for {self.watchdog.seconds:g} s (--stall-timeout); ending this worker"
         try:
-            with self.watchdog.watching(lambda: (report.frames_decoded, report.bad_packets)) as watch:
-                for table in tables:
-                    with watch.paused():
-                        yield table
+            yield from annotate_watched(self.pipeline, item, self.watchdog, stalled)
         finally:
             return_freed_memory()
 

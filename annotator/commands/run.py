@@ -105,7 +105,8 @@ _PROBLEMS_SHOWN = 10
               help="A Ray worker that decodes no frame and yields no row for this long (a file that hangs "
                    "its decoder, a read that never returns) ends itself, and one frozen whole (stopped, stuck "
                    "in the kernel) that answers no liveness check for this long is killed; its video is tried "
-                   "once more on a new worker, then recorded as failed. 0: never.")
+                   "once more on a new worker, then recorded as failed. With --workers 0 the run stops, in "
+                   "one line naming the video. 0: never.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
