@@ -29,11 +29,11 @@ from annotator.temporal_card import temporal_card, temporal_record
 from annotator.wording import counted, listed
 from annotator.writer import (
     ExistingParts,
+    MergedResult,
     OutputLayout,
     changed_since,
     merge_parts,
     part_key,
-    read_metadata,
     schema_with_metadata,
     video_stamp,
 )
@@ -165,38 +165,57 @@ def run_metadata(config: RunConfig) -> dict[str, object]:
             "options": options, "fingerprint": fingerprint}
 
 
-def _check_single_file(layout: OutputLayout, config: RunConfig) -> None:
-    """``--out x.parquet``: an existing file is resumed into only with --overwrite, and replaced
-    only if annotate wrote it."""
+def _check_single_file(layout: OutputLayout, config: RunConfig) -> MergedResult | None:
+    """``--out x.parquet``: an existing file is touched only if annotate wrote it. A re-run adds to
+    it (the earlier result it returns); --overwrite replaces it."""
     out = layout.out
     if not layout.single_file or not (out.exists() or out.is_symlink()):
-        return
+        return None
     if not out.is_file():
         raise ConfigError(f"{out}: exists and is not a file")
-    if not config.overwrite:
-        raise ConfigError(f"{out}: already exists (pass --overwrite to replace it)")
     try:
-        read_metadata(out)
+        base = MergedResult.read(out)
     except (OSError, KeyError, ValueError, pa.ArrowException):
         raise ConfigError(f"{out}: was not written by annotate; refusing to replace it (choose another --out)") from None
-
-
-def _existing_parts(layout: OutputLayout, claim: OutputClaim, metadata: dict[str, object],
-                    config: RunConfig) -> ExistingParts:
-    """What is already done, after --overwrite removed earlier parts (only ours, see OutputClaim)."""
     if config.overwrite:
-        claim.remove_parts()
-    existing = layout.scan()
-    ours = json.dumps(metadata["fingerprint"], sort_keys=True)
-    others = {comparable_fingerprint(f) for f in existing.fingerprints} - {ours}
+        return None
+    if base is None:
+        raise ConfigError(f"{out}: already exists, merged by an older annotate that did not list its videos, so "
+                          "a re-run cannot add to it (pass --overwrite to annotate every video again into it, or "
+                          "choose another --out)")
+    return base
+
+
+def _refuse_others(where: Path, fingerprints: set[str], ours: str) -> None:
+    """Results made with other models or options are refused rather than mixed."""
+    others = {comparable_fingerprint(f) for f in fingerprints} - {ours}
     if others:
         theirs, mine = json.loads(sorted(others)[0]), json.loads(ours)
         theirs = theirs if isinstance(theirs, dict) else {}
         differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
         raise ConfigError(
-            f"{layout.parts_dir}: holds results made with other models or options ({', '.join(differ)}; "
+            f"{where}: holds results made with other models or options ({', '.join(differ)}; "
             "pass the same options, --overwrite, or choose another --out)"
         )
+
+
+def _existing_parts(layout: OutputLayout, claim: OutputClaim, metadata: dict[str, object],
+                    config: RunConfig, base: MergedResult | None = None) -> ExistingParts:
+    """What is already done, after --overwrite removed earlier parts (only ours, see OutputClaim):
+    the parts, and the videos of ``base`` (an earlier merged result) that no part redoes."""
+    if config.overwrite:
+        claim.remove_parts()
+    existing = layout.scan()
+    ours = json.dumps(metadata["fingerprint"], sort_keys=True)
+    held = base.existing() if base is not None else None
+    if held is not None:
+        _refuse_others(layout.out, held.fingerprints, ours)
+    _refuse_others(layout.parts_dir, existing.fingerprints, ours)
+    if held is not None:
+        redone = {path.name[len("part-"):].split(".")[0] for path in layout.parts()}
+        existing.done |= held.done - redone
+        existing.stamps = {**{k: v for k, v in held.stamps.items() if k not in redone}, **existing.stamps}
+        existing.damaged = {**{k: v for k, v in held.damaged.items() if k not in redone}, **existing.damaged}
     return existing
 
 
@@ -226,11 +245,11 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     require_device(config)  # --device cuda without a GPU: one line now, not a wait forever
     found = find_videos(config.inputs)
     layout = OutputLayout(config.out)
-    _check_single_file(layout, config)
+    base = _check_single_file(layout, config)
     with OutputClaim(layout.parts_dir) as claim:
         try:
             metadata = run_metadata(config)
-            existing = _existing_parts(layout, claim, metadata, config)
+            existing = _existing_parts(layout, claim, metadata, config, base)
         except BaseException:
             if claim.created and not layout.parts():
                 claim.dissolve()  # nothing of ours worth keeping: leave no empty folder behind
@@ -239,13 +258,14 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
         if layout.single_file:
             keys = [part_key(p) for p in found.videos] + [part_key(p) for p, _ in found.problems]
             candidates = (layout.part_path(k, failed=failed) for k in keys for failed in (False, True))
+            parts = [p for p in candidates if p.is_file()]
             # How long this invocation took and what it did (a resumed run counts only its own
             # frames), for `annotate report`; a parts directory has no single place for it.
             timing = {"started_utc": started_utc, "seconds": round(time.perf_counter() - start, 3),
                       "frames": summary.frames}
-            with writing(layout.out, "the parts are kept, re-run to merge them"):
-                merge_parts([p for p in candidates if p.is_file()], layout.out,
-                            schema_with_metadata({**metadata, "timing": timing}))
+            if base is None or not base.unchanged_by(parts):  # else: nothing new, the file stays as it is
+                with writing(layout.out, "the parts are kept, re-run to merge them"):
+                    merge_parts(parts, layout.out, schema_with_metadata({**metadata, "timing": timing}), base)
             claim.dissolve()
     return summary
 

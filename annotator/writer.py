@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.ownership import fsync_directory
-from annotator.schema import SCHEMA
+from annotator.schema import SCHEMA, utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -251,31 +252,119 @@ def write_part(path: Path, schema: pa.Schema, batch: pa.RecordBatch) -> Path:
         raise
 
 
-def merge_parts(parts: list[Path], out: Path, schema: pa.Schema) -> int:
+#: The merged file's metadata key listing every part it took in (:func:`part_entry`), so that a
+#: re-run into the same ``--out x.parquet`` knows which videos it holds, done or failed, and
+#: whether their files are still the ones annotated (:class:`MergedResult`).
+INVENTORY = "parts"
+
+
+def part_entry(part: Path) -> dict[str, object]:
+    """What a merged file records of one part: its key, the ``video_path`` its rows carry, whether
+    the video failed (and why), and the video file's size and modification time when annotated
+    (None for a failed video, or a part written before stamps)."""
+    failed = part.name.endswith(".error.parquet")
+    key = part.name[len("part-"):-len(".error.parquet" if failed else ".parquet")]
+    facts = read_metadata(part).get("video") or {}
+    first = pq.ParquetFile(part).read_row_group(0, columns=["video_path", "error"])
+    stamp = recorded_stamp(facts)
+    return {"key": key, "video_path": first["video_path"][0].as_py(), "status": "failed" if failed else "done",
+            "error": first["error"][0].as_py() if failed else None,
+            "file_size": stamp[0] if stamp else None, "file_mtime_ns": stamp[1] if stamp else None}
+
+
+def _notable(facts: dict | None) -> bool:
+    """Video facts worth listing in a merged file: turned or mirrored, stretched to square pixels,
+    shown as SDR (an HDR source) or damaged."""
+    return bool(facts) and bool(facts.get("rotation_cw_deg") or facts.get("mirrored")
+                                or facts.get("sample_aspect", 1.0) != 1.0 or facts.get("damage")
+                                or facts.get("tone_mapped"))
+
+
+@dataclass
+class MergedResult:
+    """An ``--out x.parquet`` an earlier run merged, which a re-run adds to: its videos count as
+    done (unless their files changed), and the merge keeps their rows, less those of the videos
+    this run annotates again (changed, failed before), which come from their new parts."""
+
+    path: Path
+    metadata: dict[str, object]
+    entries: dict[str, dict[str, object]]  # key -> part_entry
+
+    @classmethod
+    def read(cls, path: Path) -> MergedResult | None:
+        """The result at ``path``; None where it records no inventory (written by an older version).
+
+        Raises:
+            ValueError, OSError, pyarrow.ArrowException: not a result annotate wrote, or unreadable.
+        """
+        metadata = _verified_metadata(path)
+        inventory = metadata.get(INVENTORY)
+        if not isinstance(inventory, list):
+            return None
+        return cls(path, metadata, {entry["key"]: entry for entry in inventory})
+
+    def existing(self) -> ExistingParts:
+        """What this result holds, as :meth:`OutputLayout.scan` tells it of parts."""
+        held = ExistingParts(fingerprints={json.dumps(self.metadata.get("fingerprint"), sort_keys=True)})
+        damage = {utf8_text(str(facts.get("video_path"))): facts
+                  for facts in self.metadata.get("videos") or () if facts.get("damage")}
+        for key, entry in self.entries.items():
+            if entry["status"] != "done":
+                continue
+            held.done.add(key)
+            if (facts := damage.get(entry["video_path"])) is not None:
+                held.damaged[key] = facts
+            if (stamp := recorded_stamp(entry)) is not None:
+                held.stamps[key] = stamp
+        return held
+
+    def unchanged_by(self, parts: list[Path]) -> bool:
+        """Whether merging ``parts`` would change nothing: each is a failure this result already
+        records, in the same words (an entry that is no video is refused at every run)."""
+        for entry in map(part_entry, parts):
+            held = self.entries.get(str(entry["key"]))
+            if entry["status"] != "failed" or held is None or held != entry:
+                return False
+        return True
+
+
+def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedResult | None = None) -> int:
     """Concatenate part files (in the given order) into one Parquet file, atomically.
 
     Streams row group by row group, so memory stays flat however large the result. The facts
     of videos that were turned or mirrored, stretched to square pixels, shown as SDR (HDR
-    sources) or damaged are gathered into the file's metadata.
+    sources) or damaged are gathered into the file's metadata, and every part is listed in its
+    inventory (:data:`INVENTORY`).
+
+    ``base``: an earlier result at ``out`` to add to. Its rows come first, less those of the
+    videos that ``parts`` annotate again; so a video's rows stay together and in frame order,
+    while videos added by a later run follow the earlier ones.
 
     Returns:
         The number of rows written.
     """
-    notable = [v for v in (read_metadata(p).get("video") for p in parts)
-               if v and (v.get("rotation_cw_deg") or v.get("mirrored") or v.get("sample_aspect", 1.0) != 1.0
-                         or v.get("damage") or v.get("tone_mapped"))]
+    entries = [part_entry(p) for p in parts]
+    redone = {str(e["key"]) for e in entries}
+    kept = [e for key, e in (base.entries.items() if base else ()) if key not in redone]
+    dropped = {str(base.entries[key]["video_path"]) for key in redone if base and key in base.entries}
+    earlier = [v for v in ((base.metadata.get("videos") or []) if base else [])
+               if utf8_text(str(v.get("video_path"))) not in dropped]
+    notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v))]
     run = json.loads(schema.metadata[METADATA_KEY])
-    schema = schema_with_metadata({**run, "videos": notable})
+    schema = schema_with_metadata({**run, "videos": notable, INVENTORY: [*kept, *entries]})
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
     with open(tmp, "wb") as fh:
         try:
             with pq.ParquetWriter(fh, schema, compression=_COMPRESSION) as writer:
-                for part in parts:
-                    source = pq.ParquetFile(part)
+                for source_path, drop in ([(base.path, dropped)] if base else []) + [(p, set()) for p in parts]:
+                    source = pq.ParquetFile(source_path)
                     for group in range(source.num_row_groups):
-                        table = source.read_row_group(group).cast(SCHEMA).replace_schema_metadata(schema.metadata)
-                        writer.write_table(table)
+                        table = source.read_row_group(group).cast(SCHEMA)
+                        if drop:
+                            table = table.filter(pc.invert(pc.is_in(table["video_path"],
+                                                                    value_set=pa.array(sorted(drop), pa.string()))))
+                        writer.write_table(table.replace_schema_metadata(schema.metadata))
                         rows += table.num_rows
             _sync_and_rename(fh, tmp, out)
         except BaseException:

@@ -102,10 +102,14 @@ def test_folder_with_two_videos_and_a_broken_one(carphone, tmp_path):
         run(_config([videos], out, sampling=Sampling(every_n=5)), progress=False)
 
 
-def test_existing_single_file_needs_overwrite(carphone_table, carphone):
+def test_running_again_into_a_finished_single_file_changes_nothing(carphone_table, carphone):
     _, _, out = carphone_table
-    with pytest.raises(ConfigError, match="already exists"):
-        run(_config([carphone], out), progress=False)
+    before = out.stat()
+    again = run(_config([carphone], out), progress=False)
+    assert again.skipped == 1 and again.frames == 0
+    after = out.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert not OutputLayout(out).parts_dir.exists()
 
 
 def test_two_ray_workers_equal_one_row_for_row(carphone, tmp_path):

@@ -117,9 +117,10 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
 
     One row per face per sampled frame, one row per sampled frame without a face, one row per
     video that failed, and for a damaged video the rows of every frame that decodes plus one row
-    saying what was lost. Re-running the same command resumes: finished videos are skipped.
+    saying what was lost. Re-running the same command resumes: finished videos are skipped, and
+    new, failed or changed ones are annotated (into OUT.parquet too, whose other rows are kept).
     OUT is annotate's own: a new or empty directory, where --overwrite removes only the parts
-    annotate wrote.
+    annotate wrote, or a .parquet file that annotate merged.
     """
     from annotator.cluster import ClusterError
     from annotator.ownership import OutputBusy, OutputWriteError
