@@ -41,12 +41,9 @@ START_DEATHS = 3
 #: method that answer the driver's liveness checks while the default group runs an item.
 HEALTH_GROUP = "health"
 ALIVE_METHOD = "alive"
-#: What an actor's method yields first, as it begins an item; the pool drops it. A worker may die
-#: while idle (its node lost, the OOM killer making room for a neighbour) and Ray tells it only
-#: when the next item's call fails: an item whose actor yielded nothing died before it began, not
-#: of it, and is tried again without counting against it (up to :data:`START_DEATHS` times).
-ITEM_STARTED = "annotator:item-started"
 _WAIT_S = 5.0
+#: How long a dead actor's probe may take to fail (Ray fails it with the item's call, at once).
+_PROBE_WAIT_S = 10.0
 _WARN_AFTER_S = 60.0
 _CHECK_EVERY_S = 30.0
 
@@ -125,10 +122,11 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     :data:`HEALTH_GROUP`.
 
     A worker that dies while starting (its node lost, the OOM killer) is replaced too; one whose
-    constructor raises is not, as every worker's would. So is one that dies before it yielded
-    anything for an item (:data:`ITEM_STARTED`, which the method yields first and the stream
-    drops): it died idle, and the item goes to the next free actor without counting as a death on
-    it, up to :data:`START_DEATHS` times.
+    constructor raises is not, as every worker's would. So is one that died while idle (its node
+    lost, the OOM killer making room for a neighbour), which Ray tells only when the next item's
+    call fails: each item's call follows a probe (Ray's ``__ray_ready__``) in the actor's queue,
+    so an item whose probe failed too was never begun, and it goes to the next free actor without
+    counting as a death on it, up to :data:`START_DEATHS` times.
 
     Raises:
         ray.exceptions.RayError: an actor's constructor raised; actors died starting
@@ -145,7 +143,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
     deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
     unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
-    began: set[Any] = set()  # the ObjectRefGenerators that have yielded something
+    probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
     start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
     waited = 0.0
@@ -161,9 +159,18 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         starting[fresh.__ray_ready__.remote()] = fresh
 
     def charged(generator: Any, item: Any) -> bool:
-        """Whether the death of ``generator``'s actor counts against its item: it had begun it
-        (or has died before beginning it too often, a sign of more than bad luck)."""
-        return generator in began or unstarted.get(id(item), 0) >= START_DEATHS
+        """Whether the death of ``generator``'s actor counts against its item: the actor answered
+        the probe queued just before the item, so it died on the item (or it has died before
+        beginning this item too often, a sign of more than bad luck)."""
+        if unstarted.get(id(item), 0) >= START_DEATHS:
+            return True
+        try:
+            ray.get(probes[generator], timeout=_PROBE_WAIT_S)
+            return True
+        except ray.exceptions.RayActorError:
+            return False  # dead before it got to the probe: idle
+        except ray.exceptions.GetTimeoutError:
+            return True
 
     def died(generator: Any, reason: str) -> tuple[bool, Any]:
         """The item of ``generator``, whose actor is dead (replaced now): tried again, or given
@@ -173,12 +180,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
             checks.stop(generator)
         replace_dead(actor)
         name = getattr(item, "path", item)
-        if not charged(generator, item):
+        began = charged(generator, item)
+        del probes[generator]
+        if not began:
             unstarted[id(item)] = unstarted.get(id(item), 0) + 1
             log.warning("a worker died before it began %s (%s); it goes to another worker", name, reason)
             queue.appendleft(item)
             return False, None
-        began.discard(generator)
         deaths[id(item)] = deaths.get(id(item), 0) + 1
         if deaths[id(item)] < tries:
             log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
@@ -194,7 +202,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 call = getattr(actor, method).options(num_returns="streaming",
                                                       _generator_backpressure_num_objects=BACKPRESSURE)
                 item = queue.popleft()
+                probe = actor.__ray_ready__.remote()  # answered first, on the item's own thread
                 generator = call.remote(item)
+                probes[generator] = probe
                 running[generator], heard[generator] = (actor, item), time.monotonic()
                 if checks is not None:
                     checks.start(generator)
@@ -237,11 +247,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 try:
                     result = ray.get(next(ready_one))
                     heard[ready_one] = time.monotonic()
-                    began.add(ready_one)
                 except StopIteration:
                     idle.append(running.pop(ready_one)[0])
-                    del heard[ready_one]
-                    began.discard(ready_one)
+                    del heard[ready_one], probes[ready_one]
                     if checks is not None:
                         checks.stop(ready_one)
                     continue
@@ -256,8 +264,6 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     gave, result = died(ready_one, reason)
                     if not gave:
                         continue
-                if type(result) is str and result == ITEM_STARTED:
-                    continue
                 yield result
     finally:
         # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call

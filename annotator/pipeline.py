@@ -29,6 +29,7 @@ from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
 from engines.factory import AnyScorer, create_detector, create_scorer
 from engines.retinaface import capped_floor, detector_side
+from engines.sources import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class VideoPipeline:
             batch_size=config.resolved_batch_size(), largest_side=config.scan_size,
             int8_frames=config.int8_keyframes,
         )
+        # Each part records the int8 copy its keyframes took (engines.int8): its bytes can differ
+        # from one machine to another, and a cluster's workers each make their own.
+        frames_onnx = getattr(getattr(self.detector, "frame_runtime", None), "onnx_path", None)
+        self.keyframes_int8_sha256 = sha256_file(frames_onnx) if frames_onnx is not None else None
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every, scan_every=config.scan_every)
         self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, compute, config.cache_dir,
                                                batch_size=config.resolved_batch_size())

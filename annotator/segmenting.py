@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from annotator.continuity import associate, is_cut
 from annotator.schema import SCHEMA, error_row
 from annotator.worker import WorkItem
-from annotator.writer import OutputLayout, PartWriter, changed_since, read_metadata, recorded_stamp, video_stamp
+from annotator.writer import (KEYFRAMES_INT8_FACT, OutputLayout, PartWriter, changed_since, read_metadata,
+                              recorded_stamp, video_stamp)
 from engines.decoders import DecodeReport
 from engines.decoders.segments import Segment, frame_count, plan_segments
 
@@ -181,6 +182,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     writer = PartWriter(layout.part_path(key), schema)
     reports, path, video_id = [], "", None
     stamps = set()  # the file's stamp each segment was annotated for (one: the plan was checked)
+    int8_copies: set[str] = set()  # the int8 detectors the segments' keyframes took (one per machine)
     previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
@@ -191,6 +193,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             facts = read_metadata(part)["video"]
             path = facts["video_path"]
             stamps.add(recorded_stamp(facts))
+            int8_copies.update([facts[KEYFRAMES_INT8_FACT]] if KEYFRAMES_INT8_FACT in facts else [])
             reports.append(_report(facts))
             table = pq.read_table(part).cast(SCHEMA)
             rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
@@ -217,6 +220,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
                  "damage": report.describe() if report.damaged else None, "segments": len(plan)}
         if len(stamps) == 1 and (stamp := stamps.pop()) is not None:
             facts["file_size"], facts["file_mtime_ns"] = stamp
+        if int8_copies:  # segments annotated on machines whose copies differ: each is named
+            facts[KEYFRAMES_INT8_FACT] = int8_copies.pop() if len(int8_copies) == 1 else sorted(int8_copies)
         writer.commit(json.dumps(facts))
     except BaseException:
         writer.abort()

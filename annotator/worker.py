@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from annotator.actor_pool import ITEM_STARTED
 from annotator.config import RunConfig
 from annotator.schema import constant_column, error_row
 from annotator.watchdog import StallWatchdog
+from annotator.writer import KEYFRAMES_INT8_FACT
 from engines.decoders import DecodeError, DecodeReport
 from engines.decoders.segments import Segment
 
@@ -93,14 +93,18 @@ class WorkItem:
         return self.key if self.segment is None else f"{self.key}#{self.segment.index}"
 
 
-def video_facts(path: Path, report: DecodeReport, stamp: tuple[int, int] | None = None) -> dict[str, object]:
+def video_facts(path: Path, report: DecodeReport, stamp: tuple[int, int] | None = None,
+                keyframes_int8: str | None = None) -> dict[str, object]:
     """What the part's file metadata records about its video: size, rotation applied, damage
-    (with the report's fields, so the segments of a video can be summed up), and the file's
-    size and modification time (``stamp``), by which a re-run tells a changed video."""
+    (with the report's fields, so the segments of a video can be summed up), the file's size and
+    modification time (``stamp``), by which a re-run tells a changed video, and the sha256 of the
+    int8 detector its keyframes took, if any (the worker's own copy, see engines.int8)."""
     facts = {"video_path": str(path), **dataclasses.asdict(report),
              "damage": report.describe() if report.damaged else None}
     if stamp is not None:
         facts["file_size"], facts["file_mtime_ns"] = stamp
+    if keyframes_int8 is not None:
+        facts[KEYFRAMES_INT8_FACT] = keyframes_int8
     return facts
 
 
@@ -151,7 +155,7 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         log.info("%s: %s", path, report.describe())
         yield rows_table()
         pending = [error_row(str(path), f"{path}: {report.describe()}", video_id=pending[-1].column("video_id")[0].as_py())]
-    facts = video_facts(path, report, item.stamp)
+    facts = video_facts(path, report, item.stamp, getattr(pipeline, "keyframes_int8_sha256", None))
     if item.segment is not None:  # the driver looks for a cut between this segment and the last
         facts["shot_ends"] = pipeline.tracker.shot_ends()
     yield tag_table(pending, part, "done", json.dumps(facts))
@@ -237,10 +241,8 @@ class RayVideoWorker:
 
         return VideoPipeline(config, threads=threads)
 
-    def annotate(self, item: WorkItem) -> Iterator[pa.Table | str]:
-        """The item's tagged tables, streamed to the driver as they are made, after
-        :data:`~annotator.actor_pool.ITEM_STARTED` (the pool's sign that this worker was alive
-        to begin the item: a death before it does not count against the video).
+    def annotate(self, item: WorkItem) -> Iterator[pa.Table]:
+        """The item's tagged tables, streamed to the driver as they are made.
 
         A worker that makes no progress on the item for ``--stall-timeout`` seconds ends itself
         (:mod:`annotator.watchdog`): the driver then gives the item to a new worker, and after
@@ -249,7 +251,6 @@ class RayVideoWorker:
         stuck in the kernel) cannot end itself: the driver kills it when :meth:`alive` goes
         unanswered as long.
         """
-        yield ITEM_STARTED
         use_gpu(self.gpu)
         stalled = f"{item.path}: no progress for {self.watchdog.seconds:g} s (--stall-timeout); ending this worker"
         try:

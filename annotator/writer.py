@@ -35,6 +35,8 @@ _COMPRESSION = "zstd"
 METADATA_KEY = b"annotator"
 #: Per-video facts (size, rotation applied, damage) in a part's footer; see worker.video_facts.
 VIDEO_KEY = b"annotator.video"
+#: The video fact naming the int8 detector copy that a part's keyframes took (its sha256).
+KEYFRAMES_INT8_FACT = "keyframes_int8_sha256"
 
 
 def part_key(video: Path) -> str:
@@ -272,12 +274,19 @@ def part_entry(part: Path) -> dict[str, object]:
             "file_size": stamp[0] if stamp else None, "file_mtime_ns": stamp[1] if stamp else None}
 
 
-def _notable(facts: dict | None) -> bool:
+def _notable(facts: dict | None, int8_copy: str | None = None) -> bool:
     """Video facts worth listing in a merged file: turned or mirrored, stretched to square pixels,
-    shown as SDR (an HDR source) or damaged."""
+    shown as SDR (an HDR source), damaged, or annotated with another int8 copy of the detector
+    for keyframes than ``int8_copy``, the one the run's metadata records (another machine's)."""
+    other_copy = facts.get(KEYFRAMES_INT8_FACT, int8_copy) != int8_copy if facts else False
     return bool(facts) and bool(facts.get("rotation_cw_deg") or facts.get("mirrored")
                                 or facts.get("sample_aspect", 1.0) != 1.0 or facts.get("damage")
-                                or facts.get("tone_mapped"))
+                                or facts.get("tone_mapped") or other_copy)
+
+
+def _int8_copy(run: dict) -> str | None:
+    """The sha256 of the int8 keyframe detector the run's metadata records (annotator.run)."""
+    return next((m["keyframes_int8"]["sha256"] for m in run.get("models", ()) if "keyframes_int8" in m), None)
 
 
 @dataclass
@@ -349,8 +358,8 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
     dropped = {str(base.entries[key]["video_path"]) for key in redone if base and key in base.entries}
     earlier = [v for v in ((base.metadata.get("videos") or []) if base else [])
                if utf8_text(str(v.get("video_path"))) not in dropped]
-    notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v))]
     run = json.loads(schema.metadata[METADATA_KEY])
+    notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v, _int8_copy(run)))]
     schema = schema_with_metadata({**run, "videos": notable, INVENTORY: [*kept, *entries]})
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0

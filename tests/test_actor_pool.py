@@ -16,27 +16,26 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from annotator.actor_pool import HEALTH_GROUP, ITEM_STARTED, stream_from_pool  # noqa: E402
+from annotator.actor_pool import HEALTH_GROUP, stream_from_pool  # noqa: E402
 from annotator.cluster import init_ray  # noqa: E402
 from annotator.config import RunConfig  # noqa: E402
 
 
 class Yielder:
-    """Yields ITEM_STARTED as it begins an item (as the run's workers do), then (item, step, pid)
-    ``steps`` times, a little apart (2.5 s for item ``slow``), so two actors overlap."""
+    """Yields (item, step, pid) ``steps`` times, a little apart (2.5 s for item ``slow``), so
+    two actors overlap."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
 
-    def annotate(self, item: str) -> Iterator[tuple[str, int, int] | str]:
-        if item == "begins-late":  # the process goes (see "then-dies") before the item begins
-            time.sleep(5)
-        yield ITEM_STARTED
-        first_time = item.startswith("die-once:") and not os.path.exists(item.split(":", 1)[1])
+    def annotate(self, item: str) -> Iterator[tuple[str, int, int]]:
+        once = item.split(":", 1)[1] if item.startswith(("die-once:", "die-once-late:")) else None
+        first_time = once is not None and not os.path.exists(once)
         if item == "die" or first_time:
             if first_time:
-                open(item.split(":", 1)[1], "w").close()
-            time.sleep(0.1)  # what it yielded reaches the driver first, as a real worker's would
+                open(once, "w").close()
+                if item.startswith("die-once-late:"):
+                    time.sleep(3)
             yield (item, 0, os.getpid())
             os._exit(1)  # the process goes, as when a node is lost or the OOM killer strikes
         for step in range(self.steps):
@@ -154,17 +153,18 @@ def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(l
     assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
 
 
-def test_a_worker_that_dies_idle_costs_its_next_item_no_try(local_ray: None, caplog) -> None:
+def test_a_worker_that_died_idle_costs_its_next_item_no_try(local_ray: None, tmp_path, caplog) -> None:
     """A worker that dies between two items (the OOM killer making room for a neighbour, a node
-    lost) fails the next item's call before the item begins: the item goes to a new worker and
-    does not count that death, so with one try it is still done, not given up."""
-    got = list(stream_from_pool(actors(1, steps=3), ["then-dies", "begins-late"], replace=_replacement,
-                                gave_up=lambda item, reason: ("gave up", item), tries=1))
-    assert ITEM_STARTED not in got  # the pool's marker never reaches the consumer
+    lost) is found dead only when it is handed the next item: that item goes to a new worker
+    without counting the death. Here the item has already killed one worker (its first try), so
+    counting the idle death as a second would give it up."""
+    item = f"die-once-late:{tmp_path / 'died'}"  # kills its first worker after 3 s, then runs
+    got = list(stream_from_pool(actors(2, steps=3), ["then-dies", item], replace=_replacement,
+                                gave_up=lambda item, reason: ("gave up", item)))
+    assert ("gave up", item) not in got
     assert [step for name, step, _ in got if name == "then-dies"] == [0, 1, 2]
-    late = [(step, pid) for name, step, pid in got if name == "begins-late"]
-    assert [step for step, _ in late] == [0, 1, 2]
-    assert "a worker died before it began begins-late" in caplog.text
+    assert [step for name, step, _ in got if name == item][-3:] == [0, 1, 2]
+    assert f"a worker died before it began {item}" in caplog.text  # the worker "then-dies" left
 
 
 def test_an_actor_that_dies_starting_is_replaced(local_ray: None) -> None:

@@ -109,6 +109,44 @@ def test_the_run_metadata_names_the_int8_copy_only_where_it_can_be_used(artifact
         RunConfig(**base, int8_keyframes=False))["fingerprint"]
 
 
+def test_each_part_names_the_int8_copy_its_keyframes_took_and_a_merge_lists_another_machines(
+        artifacts, carphone: Path, tmp_path: Path) -> None:
+    """A cluster's workers each make their own copy, whose bytes may differ from the driver's (the
+    run's metadata names the driver's): each part names its own, and a merged file lists the
+    videos made with another."""
+    import pyarrow.parquet as pq
+
+    from annotator.run import run
+    from annotator.writer import (KEYFRAMES_INT8_FACT, VIDEO_KEY, OutputLayout, PartWriter, merge_parts,
+                                  read_metadata, schema_with_metadata)
+    from engines.decoders import Sampling
+
+    copy = sha256_file(int8_onnx(artifacts))
+    out = tmp_path / "parts"
+    for int8, expected in ((False, None), (True, copy)):
+        config = RunConfig(inputs=(carphone,), out=out, workers=0, sampling=Sampling(every_n=20),
+                           int8_keyframes=int8, overwrite=True)
+        run(config)
+        [part] = OutputLayout(out).parts()
+        assert read_metadata(part)["video"].get(KEYFRAMES_INT8_FACT) == expected
+    schema = schema_with_metadata(run_metadata(config))
+
+    def part_with(copy: str) -> Path:
+        """The part, its facts naming ``copy`` (and its pixels square: nothing else to list)."""
+        facts = {**read_metadata(part)["video"], KEYFRAMES_INT8_FACT: copy, "sample_aspect": 1.0}
+        writer = PartWriter(tmp_path / copy[:8] / part.name, schema)
+        writer.write(pq.read_table(part))
+        path = writer.commit(json.dumps(facts))
+        assert json.loads(pq.read_metadata(path).metadata[VIDEO_KEY])[KEYFRAMES_INT8_FACT] == copy
+        return path
+
+    merged = tmp_path / "merged.parquet"
+    merge_parts([part_with(copy)], merged, schema)
+    assert read_metadata(merged)["videos"] == []  # the copy the run's metadata names
+    merge_parts([part_with("0" * 64)], merged, schema)  # another machine's
+    assert [v[KEYFRAMES_INT8_FACT] for v in read_metadata(merged)["videos"]] == ["0" * 64]
+
+
 def test_without_its_calibration_clips_the_int8_copy_fails_in_one_line_naming_the_way_out(
         artifacts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses

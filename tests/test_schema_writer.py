@@ -62,7 +62,10 @@ def test_part_writer_is_atomic_and_merge_keeps_order(tmp_path):
     table = pq.read_table(layout.out)
     assert rows == table.num_rows == 6
     assert table.column("frame_index").to_pylist() == [10, 11, 11, 11, 0, 1]
-    assert read_metadata(layout.out) == {"version": "test", "videos": []}
+    merged = read_metadata(layout.out)
+    assert {k: v for k, v in merged.items() if k != "parts"} == {"version": "test", "videos": []}
+    # Every part is listed (a re-run adds to the file by it), without stamps: these have no facts.
+    assert [(e["key"], e["status"], e["file_size"]) for e in merged["parts"]] == [("b", "done", None), ("a", "done", None)]
     assert not list(tmp_path.glob(".*tmp"))
 
 

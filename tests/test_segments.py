@@ -115,6 +115,8 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
         assert [i.segment.index for i in items] == [0, 1] and items[1].segment.first_frame == 300
         collector = PartCollector(layout, schema_with_metadata(run_metadata(config)))
         pipeline = VideoPipeline(RunConfig(inputs=(long_clip,), out=out, workers=0, sampling=Sampling(every_n=3)))
+        ours = pipeline.keyframes_int8_sha256
+        pipeline.keyframes_int8_sha256 = "0" * 64  # as another machine's int8 copy would be
         for table in annotate_tagged(pipeline, items[0]):
             collector.add(table)
         assert layout.segment_done(key, 0) and not layout.part_path(key).exists()
@@ -131,6 +133,7 @@ def test_a_long_video_on_two_workers_is_stitched_and_resumed_per_segment(long_cl
     facts = pq.read_metadata(layout.part_path(key)).metadata[b"annotator.video"]
     assert b'"segments": 2' in facts and b'"frames_decoded": 600' in facts
     assert recorded_stamp(json.loads(facts)) == video_stamp(long_clip)  # a re-run tells a changed file by it
+    assert json.loads(facts)["keyframes_int8_sha256"] == sorted(["0" * 64, ours])  # each segment's copy named
     # The same rows as one worker on the whole video (segments start with a full detection, so
     # boxes differ by the tracker's jitter only).
     whole = run(RunConfig(inputs=(long_clip,), out=tmp_path / "whole.parquet", workers=0, sampling=Sampling(every_n=3)),
