@@ -16,6 +16,7 @@ from annotator.commands.overlay import overlay
 from annotator.commands.report import report
 from annotator.commands.run import run_command
 from annotator.commands.train import eval_cmd, export, train
+from annotator.wording import utf8_text
 from annotator.stopping import EXIT_TERMINATED, stop_on_sigterm, terminated
 
 
@@ -33,7 +34,17 @@ def cli(verbose: int) -> None:
       annotate models list                            # models, sources, cache state
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Utf8Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler])
+
+
+class _Utf8Formatter(logging.Formatter):
+    """Log lines name files as the rows do: bytes of a name that are not UTF-8 as ``\\xNN``
+    (:func:`annotator.schema.utf8_text`), not as Python's lone surrogates (``\\udcNN``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return utf8_text(super().format(record))
 
 
 cli.add_command(run_command)
@@ -56,10 +67,10 @@ def main() -> None:
     try:
         code = cli.main(prog_name="annotate", standalone_mode=False)
     except click.UsageError as exc:
-        click.echo(f"annotate: error: {exc.format_message()}", err=True)
+        click.echo(f"annotate: error: {utf8_text(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        click.echo(f"annotate: error: {exc.format_message()}", err=True)
+        click.echo(f"annotate: error: {utf8_text(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:  # click's form of KeyboardInterrupt
         if terminated():  # not the exception's type: Ray may have replaced it (annotator.stopping)

@@ -37,7 +37,7 @@ from annotator.discover import find_videos
 from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
 from annotator.ownership import writing
 from annotator.pipeline import VideoPipeline
-from annotator.schema import utf8_text
+from annotator.wording import utf8_text
 from annotator.stages import FaceBatch
 from annotator.collect import split_runs
 from annotator.wording import counted, listed

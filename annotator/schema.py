@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from annotator.wording import utf8_text
 from engines.registry import EXPRESSIONS
 
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in EXPRESSIONS)
@@ -42,18 +43,6 @@ SCHEMA = pa.schema(
 )
 
 _EXPRESSION_NAMES = pa.array(EXPRESSIONS, pa.string())
-
-
-def utf8_text(value: str) -> str:
-    """``value`` as valid UTF-8 for a string column: a file name that is not UTF-8 (Linux names
-    are bytes; Python carries the stray ones as lone surrogates) keeps those bytes as ``\\xNN``,
-    e.g. ``caf\\xe9.mp4`` for Latin-1 ``café.mp4``. Why: Arrow refuses lone surrogates, and one
-    such name among thousands must not stop a run."""
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def constant_column(value: str | None, n: int) -> pa.Array:

@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.ownership import fsync_directory
-from annotator.schema import SCHEMA, utf8_text
+from annotator.schema import SCHEMA
+from annotator.wording import utf8_text
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from annotator.config import RunConfig
 from annotator.run import run
-from annotator.schema import utf8_text
+from annotator.wording import utf8_text
 
 
 def _name(raw: bytes) -> str:
@@ -45,3 +45,22 @@ def test_videos_with_names_that_are_not_utf8_are_annotated_and_resumed(carphone:
     assert errors == [f"{videos}/broken\\xff.mp4: cannot open (Invalid data found when processing input)"]
     again = run(config, progress=False)  # the two done are skipped, the broken one tried again
     assert (again.skipped, again.failed, again.frames) == (2, 1, 0)
+
+
+def test_the_lines_people_read_name_such_a_file_as_its_rows_do(tmp_path: Path) -> None:
+    """``caf\\xe9.mp4`` in the one-line error and in log lines, as in the rows, not ``caf\\udce9.mp4``."""
+    import subprocess
+    import sys
+
+    missing = os.fsencode(tmp_path) + b"/caf\xe9.mp4"
+    done = subprocess.run([sys.executable, "-m", "annotator", "run", missing, "--out", tmp_path / "o.parquet"],
+                          capture_output=True)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == f"annotate: error: {tmp_path}/caf\\xe9.mp4: no such file or directory"
+
+    import logging
+
+    from annotator.cli import _Utf8Formatter
+
+    record = logging.LogRecord("annotator.run", logging.WARNING, __file__, 1, "%s changed", (_name(b"caf\xe9.mp4"),), None)
+    assert _Utf8Formatter("%(levelname)s %(message)s").format(record) == "WARNING caf\\xe9.mp4 changed"
