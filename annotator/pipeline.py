@@ -7,6 +7,7 @@ time is accumulated in :attr:`VideoPipeline.timings` for the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -29,7 +30,7 @@ from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
 from engines.factory import AnyScorer, create_detector, create_scorer
 from engines.retinaface import capped_floor, detector_side
-from engines.sources import sha256_file
+from engines.sources import FetchError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,22 @@ class VideoPipeline:
         decode_threads = max(1, cores // 2) if self.overlap else threads
         if compute and device == "cpu":
             torch.set_num_threads(compute)  # the warps and the letterbox
-        self.detector, self.detector_artifacts = create_detector(
-            config.detector, backend, device, compute, config.cache_dir,
+        detector = functools.partial(
+            create_detector, config.detector, backend, device, compute, config.cache_dir,
             det_size=config.det_size, threshold=config.det_threshold, min_face=config.min_face,
-            batch_size=config.resolved_batch_size(), largest_side=config.scan_size,
-            int8_frames=config.int8_keyframes,
-        )
+            batch_size=config.resolved_batch_size(), largest_side=config.scan_size)
+        # Why the int8 copy for keyframes could not be had here (None: it was, or was not asked for).
+        self.keyframes_int8_unavailable: str | None = None
+        try:
+            self.detector, self.detector_artifacts = detector(int8_frames=config.int8_keyframes)
+        except FetchError as exc:
+            # The driver made (or refused, in one line) the copy before any work; a worker on
+            # another node makes its own, and one that cannot (a full or read-only cache, no
+            # PyPI) keeps going with the float network rather than stop a run of days. Its
+            # parts say so (annotator.worker.video_facts).
+            self.keyframes_int8_unavailable = str(exc)
+            log.warning("%s; keyframes on this worker use the float network", exc)
+            self.detector, self.detector_artifacts = detector(int8_frames=False)
         # Each part records the int8 copy its keyframes took (engines.int8): its bytes can differ
         # from one machine to another, and a cluster's workers each make their own.
         frames_onnx = getattr(getattr(self.detector, "frame_runtime", None), "onnx_path", None)

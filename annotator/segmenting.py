@@ -181,8 +181,9 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     assert plan is not None, key
     writer = PartWriter(layout.part_path(key), schema)
     reports, path, video_id = [], "", None
+    unavailable: str | None = None  # why a segment's worker had no int8 copy (see worker.video_facts)
     stamps = set()  # the file's stamp each segment was annotated for (one: the plan was checked)
-    int8_copies: set[str] = set()  # the int8 detectors the segments' keyframes took (one per machine)
+    int8_copies: set[str | None] = set()  # the int8 detectors the segments' keyframes took (one per machine)
     previous_boxes, previous_ids = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
@@ -194,6 +195,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             path = facts["video_path"]
             stamps.add(recorded_stamp(facts))
             int8_copies.update([facts[KEYFRAMES_INT8_FACT]] if KEYFRAMES_INT8_FACT in facts else [])
+            unavailable = facts.get("keyframes_int8_unavailable") or unavailable
             reports.append(_report(facts))
             table = pq.read_table(part).cast(SCHEMA)
             rows = table.filter(pc.is_null(table.column("error")))  # the segment's own damage row goes
@@ -221,7 +223,9 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
         if len(stamps) == 1 and (stamp := stamps.pop()) is not None:
             facts["file_size"], facts["file_mtime_ns"] = stamp
         if int8_copies:  # segments annotated on machines whose copies differ: each is named
-            facts[KEYFRAMES_INT8_FACT] = int8_copies.pop() if len(int8_copies) == 1 else sorted(int8_copies)
+            facts[KEYFRAMES_INT8_FACT] = int8_copies.pop() if len(int8_copies) == 1 else sorted(int8_copies, key=str)
+        if unavailable is not None:
+            facts["keyframes_int8_unavailable"] = unavailable
         writer.commit(json.dumps(facts))
     except BaseException:
         writer.abort()

@@ -94,17 +94,20 @@ class WorkItem:
 
 
 def video_facts(path: Path, report: DecodeReport, stamp: tuple[int, int] | None = None,
-                keyframes_int8: str | None = None) -> dict[str, object]:
+                keyframes_int8: str | None = None, int8_unavailable: str | None = None) -> dict[str, object]:
     """What the part's file metadata records about its video: size, rotation applied, damage
     (with the report's fields, so the segments of a video can be summed up), the file's size and
     modification time (``stamp``), by which a re-run tells a changed video, and the sha256 of the
-    int8 detector its keyframes took, if any (the worker's own copy, see engines.int8)."""
+    int8 detector its keyframes took, if any (the worker's own copy, see engines.int8), or, where
+    the worker could not have one, None and why."""
     facts = {"video_path": str(path), **dataclasses.asdict(report),
              "damage": report.describe() if report.damaged else None}
     if stamp is not None:
         facts["file_size"], facts["file_mtime_ns"] = stamp
     if keyframes_int8 is not None:
         facts[KEYFRAMES_INT8_FACT] = keyframes_int8
+    elif int8_unavailable is not None:
+        facts[KEYFRAMES_INT8_FACT], facts["keyframes_int8_unavailable"] = None, int8_unavailable
     return facts
 
 
@@ -155,7 +158,8 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         log.info("%s: %s", path, report.describe())
         yield rows_table()
         pending = [error_row(str(path), f"{path}: {report.describe()}", video_id=pending[-1].column("video_id")[0].as_py())]
-    facts = video_facts(path, report, item.stamp, getattr(pipeline, "keyframes_int8_sha256", None))
+    facts = video_facts(path, report, item.stamp, getattr(pipeline, "keyframes_int8_sha256", None),
+                        getattr(pipeline, "keyframes_int8_unavailable", None))
     if item.segment is not None:  # the driver looks for a cut between this segment and the last
         facts["shot_ends"] = pipeline.tracker.shot_ends()
     yield tag_table(pending, part, "done", json.dumps(facts))

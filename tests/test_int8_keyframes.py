@@ -147,6 +147,46 @@ def test_each_part_names_the_int8_copy_its_keyframes_took_and_a_merge_lists_anot
     assert [v[KEYFRAMES_INT8_FACT] for v in read_metadata(merged)["videos"]] == ["0" * 64]
 
 
+def test_a_worker_that_cannot_make_the_copy_keeps_going_with_the_float_network_and_says_so(
+        carphone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """On a cluster each node makes its own copy; a worker that cannot (a full or read-only cache,
+    no PyPI) must not stop a run of days: it finds faces with the float network, and its parts
+    say so, so a merged file lists their videos."""
+    import pyarrow as pa
+
+    import engines.int8
+    from annotator.schema import SCHEMA
+    from annotator.worker import STATUS_COLUMN, VIDEO_COLUMN, WorkItem, annotate_tagged
+    from annotator.writer import (KEYFRAMES_INT8_FACT, OutputLayout, PartWriter, merge_parts, read_metadata,
+                                  schema_with_metadata)
+    from engines.decoders import Sampling
+    from engines.sources import FetchError
+
+    reason = f"{tmp_path}/int8-v1: cannot write the int8 copy (No space left on device); --no-int8-keyframes runs without it"
+
+    def full_disk(*args, **kwargs):
+        raise FetchError(reason)
+
+    monkeypatch.setattr(engines.int8, "int8_onnx", full_disk)
+    config = RunConfig(inputs=(carphone,), out=tmp_path / "out.parquet", workers=0, sampling=Sampling(every_n=20))
+    pipeline = VideoPipeline(config, threads=1)
+    assert pipeline.detector.frame_runtime is None and pipeline.keyframes_int8_unavailable == reason
+    assert f"{reason}; keyframes on this worker use the float network" in caplog.text
+    tables = list(annotate_tagged(pipeline, WorkItem(carphone, "carphone")))
+    done = tables[-1]
+    assert done[STATUS_COLUMN][0].as_py() == "done"
+    facts = json.loads(done[VIDEO_COLUMN][0].as_py())
+    assert facts[KEYFRAMES_INT8_FACT] is None and facts["keyframes_int8_unavailable"] == reason
+    rows = pa.concat_tables(tables).select(SCHEMA.names)
+    assert rows.num_rows == 6 and rows["face_index"].null_count == 0  # faces found all the same
+    writer = PartWriter(OutputLayout(tmp_path / "parts").part_path("carphone"), schema_with_metadata({}))
+    writer.write(rows)
+    part = writer.commit(json.dumps({**facts, "sample_aspect": 1.0}))  # square: nothing else to list
+    merged = tmp_path / "merged.parquet"
+    merge_parts([part], merged, schema_with_metadata({"models": [{"keyframes_int8": {"sha256": "a" * 64}}]}))
+    assert [v["keyframes_int8_unavailable"] for v in read_metadata(merged)["videos"]] == [reason]
+
+
 def test_without_its_calibration_clips_the_int8_copy_fails_in_one_line_naming_the_way_out(
         artifacts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
