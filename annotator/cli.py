@@ -16,6 +16,7 @@ from annotator.commands.overlay import overlay
 from annotator.commands.report import report
 from annotator.commands.run import run_command
 from annotator.commands.train import eval_cmd, export, train
+from annotator.logs import log_to_stderr
 from annotator.wording import utf8_text
 from annotator.stopping import EXIT_TERMINATED, stop_on_sigterm, terminated
 
@@ -33,18 +34,7 @@ def cli(verbose: int) -> None:
       annotate run videos/ --out results.parquet      # annotate every video under videos/
       annotate models list                            # models, sources, cache state
     """
-    level = logging.WARNING - 10 * verbose
-    handler = logging.StreamHandler()
-    handler.setFormatter(_Utf8Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler])
-
-
-class _Utf8Formatter(logging.Formatter):
-    """Log lines name files as the rows do: bytes of a name that are not UTF-8 as ``\\xNN``
-    (:func:`annotator.schema.utf8_text`), not as Python's lone surrogates (``\\udcNN``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return utf8_text(super().format(record))
+    log_to_stderr(max(logging.WARNING - 10 * verbose, logging.DEBUG))
 
 
 cli.add_command(run_command)

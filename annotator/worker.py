@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from annotator.config import RunConfig
+from annotator.logs import log_to_stderr
 from annotator.schema import constant_column, error_row
 from annotator.watchdog import StallWatchdog
 from annotator.writer import KEYFRAMES_INT8_FACT
@@ -234,7 +235,7 @@ class RayVideoWorker:
     """The Ray actor of a run's pool: models load once in ``__init__``, one work item per call."""
 
     def __init__(self, config: RunConfig, threads: int = 0) -> None:
-        logging.basicConfig(level=logging.WARNING)
+        log_to_stderr(logging.WARNING)  # file names as the rows write them, as on the driver
         config, self.gpu = resolve_in_worker(config)
         self.pipeline = self.build_pipeline(config, threads)
         self.watchdog = StallWatchdog(config.stall_timeout)

@@ -60,7 +60,7 @@ def test_the_lines_people_read_name_such_a_file_as_its_rows_do(tmp_path: Path) -
 
     import logging
 
-    from annotator.cli import _Utf8Formatter
+    from annotator.logs import Utf8Formatter
 
     record = logging.LogRecord("annotator.run", logging.WARNING, __file__, 1, "%s changed", (_name(b"caf\xe9.mp4"),), None)
-    assert _Utf8Formatter("%(levelname)s %(message)s").format(record) == "WARNING caf\\xe9.mp4 changed"
+    assert Utf8Formatter("%(levelname)s %(message)s").format(record) == "WARNING caf\\xe9.mp4 changed"
