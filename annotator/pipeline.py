@@ -30,7 +30,8 @@ from engines.decoders.routed import RoutedDecoder
 from engines.decoders.segments import Segment
 from engines.factory import AnyScorer, create_detector, create_scorer
 from engines.retinaface import capped_floor, detector_side
-from engines.sources import FetchError, sha256_file
+from engines.int8 import int8_sha256
+from engines.sources import FetchError
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class VideoPipeline:
             self.detector, self.detector_artifacts = detector(int8_frames=False)
         # Each part records the int8 copy its keyframes took (engines.int8): its bytes can differ
         # from one machine to another, and a cluster's workers each make their own.
-        frames_onnx = getattr(getattr(self.detector, "frame_runtime", None), "onnx_path", None)
-        self.keyframes_int8_sha256 = sha256_file(frames_onnx) if frames_onnx is not None else None
+        frames = self.detector.frame_runtime
+        self.keyframes_int8_sha256 = int8_sha256(frames.onnx_path) if frames is not None else None
         self.tracker = FaceTracker(self.detector, detect_every=config.detect_every, scan_every=config.scan_every)
         self.scorer: AnyScorer = create_scorer(config.scorer, backend, device, compute, config.cache_dir,
                                                batch_size=config.resolved_batch_size())

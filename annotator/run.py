@@ -32,6 +32,7 @@ from annotator.writer import (
     MergedResult,
     OutputLayout,
     changed_since,
+    key_of_part,
     merge_parts,
     part_key,
     schema_with_metadata,
@@ -40,7 +41,6 @@ from annotator.writer import (
 from engines.cache import Artifacts, resolve
 from engines.factory import lookup, model_id
 from engines.registry import ModelEntry
-from engines.sources import sha256_file
 from engines.spec import ModelSpec, check_onnx, is_spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,10 @@ def _keyframe_record(artifacts: Artifacts, config: RunConfig) -> dict[str, objec
     network whatever this says). Empty where it cannot apply."""
     if not (config.int8_keyframes and config.backend in ("auto", "onnxrt") and config.device in ("auto", "cpu")):
         return {}
-    from engines.int8 import int8_onnx
+    from engines.int8 import int8_onnx, int8_sha256
 
     path = int8_onnx(artifacts, config.cache_dir)
-    return {"keyframes_int8": {"onnx": f"{path.parent.name}/{path.name}", "sha256": sha256_file(path),
+    return {"keyframes_int8": {"onnx": f"{path.parent.name}/{path.name}", "sha256": int8_sha256(path),
                                "used": "for keyframes' full-frame detection where a worker runs ONNX Runtime "
                                        "on a CPU; faces are re-found and aligned by the float network"}}
 
@@ -175,8 +175,12 @@ def _check_single_file(layout: OutputLayout, config: RunConfig) -> MergedResult 
         raise ConfigError(f"{out}: exists and is not a file")
     try:
         base = MergedResult.read(out)
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        raise ConfigError(f"{out}: was not written by annotate; refusing to replace it (choose another --out)") from None
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        # Ours are written whole (write, then rename): one that does not read is someone else's, or
+        # was damaged since (a copy cut short); either way it is not annotate's to replace.
+        raise ConfigError(f"{out}: was not written by annotate, or is damaged ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); refusing to replace it "
+                          "(choose another --out)") from None
     if config.overwrite:
         return None
     if base is None:
@@ -212,7 +216,7 @@ def _existing_parts(layout: OutputLayout, claim: OutputClaim, metadata: dict[str
         _refuse_others(layout.out, held.fingerprints, ours)
     _refuse_others(layout.parts_dir, existing.fingerprints, ours)
     if held is not None:
-        redone = {path.name[len("part-"):].split(".")[0] for path in layout.parts()}
+        redone = {key_of_part(path)[0] for path in layout.parts()}
         existing.done |= held.done - redone
         existing.stamps = {**{k: v for k, v in held.stamps.items() if k not in redone}, **existing.stamps}
         existing.damaged = {**{k: v for k, v in held.damaged.items() if k not in redone}, **existing.damaged}

@@ -159,8 +159,7 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         log.info("%s: %s", path, report.describe())
         yield rows_table()
         pending = [error_row(str(path), f"{path}: {report.describe()}", video_id=pending[-1].column("video_id")[0].as_py())]
-    facts = video_facts(path, report, item.stamp, getattr(pipeline, "keyframes_int8_sha256", None),
-                        getattr(pipeline, "keyframes_int8_unavailable", None))
+    facts = video_facts(path, report, item.stamp, pipeline.keyframes_int8_sha256, pipeline.keyframes_int8_unavailable)
     if item.segment is not None:  # the driver looks for a cut between this segment and the last
         facts["shot_ends"] = pipeline.tracker.shot_ends()
     yield tag_table(pending, part, "done", json.dumps(facts))

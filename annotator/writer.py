@@ -40,6 +40,12 @@ VIDEO_KEY = b"annotator.video"
 KEYFRAMES_INT8_FACT = "keyframes_int8_sha256"
 
 
+def key_of_part(part: Path) -> tuple[str, bool]:
+    """(the key, whether its video failed) of a part file ``part-<key>[.error].parquet``."""
+    failed = part.name.endswith(".error.parquet")
+    return part.name[len("part-"):-len(".error.parquet" if failed else ".parquet")], failed
+
+
 def part_key(video: Path) -> str:
     """A stable file-name key for one input video (its real absolute path, hashed).
 
@@ -124,8 +130,8 @@ class OutputLayout:
                 found.unreadable.append(path)
                 continue
             found.fingerprints.add(json.dumps(meta.get("fingerprint"), sort_keys=True))
-            if not path.name.endswith(".error.parquet"):
-                key = path.name[len("part-"):-len(".parquet")]
+            key, failed = key_of_part(path)
+            if not failed:
                 found.done.add(key)
                 if (facts := meta.get("video") or {}).get("damage"):
                     found.damaged[key] = facts
@@ -265,8 +271,7 @@ def part_entry(part: Path) -> dict[str, object]:
     """What a merged file records of one part: its key, the ``video_path`` its rows carry, whether
     the video failed (and why), and the video file's size and modification time when annotated
     (None for a failed video, or a part written before stamps)."""
-    failed = part.name.endswith(".error.parquet")
-    key = part.name[len("part-"):-len(".error.parquet" if failed else ".parquet")]
+    key, failed = key_of_part(part)
     facts = read_metadata(part).get("video") or {}
     first = pq.ParquetFile(part).read_row_group(0, columns=["video_path", "error"])
     stamp = recorded_stamp(facts)
@@ -361,20 +366,21 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
     earlier = [v for v in ((base.metadata.get("videos") or []) if base else [])
                if utf8_text(str(v.get("video_path"))) not in dropped]
     run = json.loads(schema.metadata[METADATA_KEY])
-    notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v, _int8_copy(run)))]
+    int8_copy = _int8_copy(run)
+    notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v, int8_copy))]
     schema = schema_with_metadata({**run, "videos": notable, INVENTORY: [*kept, *entries]})
+    drop = pa.array(sorted(dropped), pa.string())  # the base's rows of videos annotated again
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
     with open(tmp, "wb") as fh:
         try:
             with pq.ParquetWriter(fh, schema, compression=_COMPRESSION) as writer:
-                for source_path, drop in ([(base.path, dropped)] if base else []) + [(p, set()) for p in parts]:
+                for source_path in ([base.path] if base else []) + parts:
                     source = pq.ParquetFile(source_path)
                     for group in range(source.num_row_groups):
                         table = source.read_row_group(group).cast(SCHEMA)
-                        if drop:
-                            table = table.filter(pc.invert(pc.is_in(table["video_path"],
-                                                                    value_set=pa.array(sorted(drop), pa.string()))))
+                        if base is not None and source_path is base.path and len(drop):
+                            table = table.filter(pc.invert(pc.is_in(table["video_path"], value_set=drop)))
                         writer.write_table(table.replace_schema_metadata(schema.metadata))
                         rows += table.num_rows
             _sync_and_rename(fh, tmp, out)

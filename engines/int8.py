@@ -77,6 +77,12 @@ def int8_onnx(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None = N
     return hit
 
 
+def int8_sha256(path: Path) -> str:
+    """The sha256 of a copy :func:`int8_onnx` returned, from its manifest: that call has just
+    checked the file against it, so the 1.6 MB need not be hashed again."""
+    return json.loads((path.parent / _MANIFEST).read_text())["sha256"]
+
+
 def _calibration_clips(artifacts: Artifacts, cache_dir: str | os.PathLike[str] | None) -> list[Path]:
     downloads = cache_root(cache_dir) / "downloads"
     try:

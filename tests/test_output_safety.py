@@ -117,7 +117,7 @@ def test_a_single_file_not_written_by_us_is_never_replaced(carphone, tmp_path):
     theirs = tmp_path / "results.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), theirs)
     before = theirs.read_bytes()
-    with pytest.raises(ConfigError, match="was not written by annotate; refusing to replace it"):
+    with pytest.raises(ConfigError, match="was not written by annotate, or is damaged .*; refusing to replace it"):
         run(_config([carphone], theirs, overwrite=True), progress=False)
     assert theirs.read_bytes() == before and not (tmp_path / "results.parquet.parts").exists()
 

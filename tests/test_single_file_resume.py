@@ -126,6 +126,19 @@ def test_a_parquet_file_annotate_did_not_write_is_refused(videos: Path, tmp_path
     pq.write_table(pa.table({"x": [1, 2]}), out)
     stat = out.stat()
     for overwrite in (False, True):
-        with pytest.raises(ConfigError, match="was not written by annotate; refusing to replace it"):
+        with pytest.raises(ConfigError, match="was not written by annotate, or is damaged .*; refusing to replace it"):
+            _run(videos, out, overwrite=overwrite)
+    assert _same_file(out, stat)
+
+
+def test_a_result_cut_short_is_refused_in_one_line_and_left_as_it_is(videos: Path, tmp_path: Path) -> None:
+    """A merged result damaged since (a copy cut short) is not added to, nor replaced."""
+    out = tmp_path / "out.parquet"
+    _run(videos, out)
+    out.write_bytes(out.read_bytes()[:-100])
+    stat = out.stat()
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=rf"{out}: was not written by annotate, or is damaged \(\w+: .+\); "
+                                              "refusing to replace it"):
             _run(videos, out, overwrite=overwrite)
     assert _same_file(out, stat)

@@ -10,8 +10,8 @@ import click
 from annotator.commands.options import cache_dir, spec_error
 from engines.cache import cached, resolve
 from engines.registry import get_entry, list_models
-from engines.int8 import int8_onnx
-from engines.sources import FetchError, sha256_file
+from engines.int8 import int8_onnx, int8_sha256
+from engines.sources import FetchError
 
 
 @click.group()
@@ -65,7 +65,7 @@ def pull_command(names: tuple[str, ...], cache_dir: Path | None) -> None:
             keyframes = int8_onnx(artifacts, cache_dir) if entry.kind == "detector" else None
         except FetchError as exc:
             raise click.ClickException(str(exc)) from None
-        extra = f", int8 copy for keyframes sha256 {sha256_file(keyframes)[:12]}" if keyframes else ""
+        extra = f", int8 copy for keyframes sha256 {int8_sha256(keyframes)[:12]}" if keyframes else ""
         click.echo(f"{entry.name}: {artifacts.onnx.parent} (onnx sha256 {artifacts.sha256['model.onnx'][:12]}{extra})")
 
 
