@@ -174,13 +174,22 @@ class VideoPipeline:
         options = {"segment": segment} if segment is not None else {}  # only PyAV decodes segments
         batches = self._decode(path, self.config.sampling, self.config.resolved_batch_size(),
                                report=report if report is not None else DecodeReport(), **options)
-        started = False
+        # The last batch's frame size (not the batch: the decoder reuses a buffer nobody holds).
+        size: tuple[int, int] | None = None
 
         def find(batch: FrameBatch) -> FaceBatch:
-            nonlocal started
-            if not started:  # the detector's size follows the video's: see detector_side
-                self._start_tracker(batch, path)
-                started = True
+            nonlocal size
+            # The detector's size follows the video's (see detector_side), and so it does where
+            # the frames change size mid-stream (engines.decoders.pyav: a batch has one size).
+            height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
+            if size is None:
+                det_size, min_face, scan_size = self._detector_sizes(batch, path)
+                self.tracker.start(det_size, min_face, scan_size=scan_size)
+            elif (width, height) != size:
+                # The tracks' boxes follow into the new frames' pixels, the picture stretched to
+                # the old frame's place as a player does.
+                self.tracker.resize(width / size[0], height / size[1], *self._detector_sizes(batch, path))
+            size = (width, height)
             with self._timed("detect"):
                 return self.find(batch, str(path), vid)
 
@@ -208,13 +217,14 @@ class VideoPipeline:
                 return
             yield batch
 
-    def _start_tracker(self, batch: FrameBatch, path: Path) -> None:
+    def _detector_sizes(self, batch: FrameBatch, path: Path) -> tuple[int, float, int]:
+        """(keyframe detector side, smallest face in the frames' pixels, scan side) for the batch's frames."""
         # --min-face is in pixels of the video; a frame decoded smaller has fewer of them.
         min_face = self.config.min_face / batch.scale
         height, width = int(batch.frames.shape[1]), int(batch.frames.shape[2])
-        self.tracker.start(detector_side(width, height, min_face, self.config.det_size), min_face,
-                           scan_size=detector_side(width, height, min_face, self.config.scan_size))
         _warn_capped(path, width * batch.scale, height * batch.scale, self.config)
+        return (detector_side(width, height, min_face, self.config.det_size), min_face,
+                detector_side(width, height, min_face, self.config.scan_size))
 
     def _score_stream(self, found: Iterator[FaceBatch]) -> Iterator[pa.RecordBatch]:
         """Align, score and build rows batch by batch; with --temporal, the rows of every earlier

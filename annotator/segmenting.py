@@ -28,7 +28,7 @@ from annotator.worker import WorkItem
 from annotator.writer import (KEYFRAMES_INT8_FACT, OutputLayout, PartWriter, changed_since, read_metadata,
                               recorded_stamp, video_stamp)
 from engines.decoders import DecodeReport
-from engines.decoders.segments import Segment, frame_count, plan_segments
+from engines.decoders.segments import Segment, TimestampsGoBack, frame_count, plan_segments
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ def _frames(path: Path) -> int:
 def _plan(path: Path, pieces: int) -> list[Segment]:
     try:
         return plan_segments(path, pieces)
+    except TimestampsGoBack as exc:  # one worker takes it: slower, every frame once
+        log.warning("%s: annotated whole, not in %d segments: %s", path, pieces, exc)
+        return [Segment(0, 1, None, None, 0, None)]
     except Exception as exc:  # noqa: BLE001 - a file that cannot be scanned is annotated whole
         log.info("%s: not split (%s)", path, exc)
         return [Segment(0, 1, None, None, 0, None)]
@@ -188,6 +191,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
     previous_end: list[float] | None = None  # the last frame's shot signature (annotator.tracking)
     next_id = 0
     decoded_before = 0  # frames the segments before this one decoded
+    size_changes: list[list[int]] = []  # the video's (see DecodeReport.size_changes)
+    shown: tuple[int, int] | None = None  # the size of the last frame so far, as displayed
     try:
         for segment in plan:
             part = layout.segment_path(key, segment.index)
@@ -207,6 +212,15 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
                 at = rows.schema.get_field_index("frame_index")
                 rows = rows.set_column(at, "frame_index", pc.subtract(rows.column("frame_index"), lost_before))
             video_id = rows.column("video_id")[0].as_py()
+            own_size = (reports[-1].width, reports[-1].height)  # its first frame's
+            if shown is not None and own_size != shown:  # the frames changed size at the boundary
+                size_changes.append([pc.min(rows.column("frame_index")).as_py(), *own_size])
+                # The last faces' boxes follow into the new pixels, as the tracker's do within a segment.
+                stretch = (own_size[0] / shown[0], own_size[1] / shown[1])
+                previous_boxes = previous_boxes * np.array(stretch * 2, np.float32)
+            size_changes += [[index - max(lost_before, 0), width, height]
+                             for index, width, height in reports[-1].size_changes]
+            shown = (size_changes[-1][1], size_changes[-1][2]) if reports[-1].size_changes else own_size
             ends = facts.get("shot_ends")
             if ends and previous_end is not None and is_cut(previous_end, ends[0]):
                 previous_boxes, previous_ids = previous_boxes[:0], previous_ids[:0]  # a new shot: new tracks
@@ -216,6 +230,7 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
             previous_boxes, previous_ids = _faces_of(rows, pc.max(rows.column("frame_index")).as_py())
             previous_end = ends[1] if ends else None
         report = _combine(reports)
+        report.size_changes = size_changes
         if report.damaged:
             writer.write(error_row(path, f"{path}: {report.describe()}", video_id=video_id))
         facts = {"video_path": path, **dataclasses.asdict(report),

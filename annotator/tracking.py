@@ -107,6 +107,21 @@ class FaceTracker:
         self.scans = 0
         self.cuts = 0
 
+    def resize(self, scale_x: float, scale_y: float, det_size: int, min_face: float,
+               scan_size: int | None = None) -> None:
+        """The frames from here on have another size (a recording joined from pieces, a stream
+        that switched renditions): the tracks' boxes are moved into the new frames' pixels as a
+        player stretches the picture to its window (``scale_x``, ``scale_y``: new pixels per old
+        one), and the next frame is a keyframe and a scan at the detector sizes for the new
+        frames, so a face the new picture shows elsewhere keeps its track only if the full frame
+        finds it where the box went (see :meth:`_next`). Track ids go on."""
+        self._boxes = self._boxes * np.array([scale_x, scale_y, scale_x, scale_y], np.float32)
+        self.det_size = det_size
+        self.scan_size = scan_size if scan_size and scan_size > det_size and self.scan_every else None
+        self.min_face = min_face
+        self._since_keyframe = self.detect_every
+        self._since_scan = self.scan_every
+
     def __call__(self, frames: torch.Tensor) -> list[TrackedFaces]:
         """The faces of each frame of a batch (uint8 (B, H, W, 3), any device), in order."""
         cuts = self._cuts(frames)

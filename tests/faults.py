@@ -206,3 +206,30 @@ def set_display_matrix(src: Path, dst: Path, a: int, b: int, c: int, d: int) -> 
     data[matrix_at:matrix_at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
     dst.write_bytes(bytes(data))
     return dst
+
+
+def write_joined_ts(path: Path, pieces: list[tuple[list[np.ndarray], int]], fps: int = 30,
+                    continuous: bool = False) -> Path:
+    """MPEG-TS recordings joined byte for byte (``cat a.ts b.ts``), as joined recordings are:
+    each piece's frames (cycled to its count) at their own size, and each piece's timestamps
+    starting again from the beginning; ``continuous``: each piece's timestamps go on from the
+    piece before, as a live stream's do when it switches renditions."""
+    data = b""
+    first = 0
+    for frames, n in pieces:
+        height, width = frames[0].shape[:2]
+        piece = path.with_name(f".{path.stem}-{len(data)}.ts")
+        with av.open(str(piece), "w", format="mpegts") as out:
+            # Continuous time without B-frames: x264 would delay each piece's clock by two frames.
+            stream = out.add_stream("libx264", rate=fps, options={"bf": "0"} if continuous else {})
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(n):
+                frame = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")
+                frame.pts = first + i if continuous else i
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode())
+        first += n
+        data += piece.read_bytes()
+        piece.unlink()
+    path.write_bytes(data)
+    return path

@@ -10,7 +10,7 @@ times rather than ``index / fps``. What a decoder found on the way (rotation, da
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -182,6 +182,9 @@ class DecodeReport:
     stopped_early: str | None = None  # why the container stopped before its end, if it did
     frames_expected: int = 0  # frames the header says the decoded piece holds (0: it does not say); for progress
     tone_mapped: str | None = None  # HDR shown as SDR, e.g. "PQ BT.2020 mapped to SDR BT.709" (decoders.tonemap)
+    # [frame_index, width, height] (as displayed) of each frame whose size differs from the frame
+    # before it: a recording joined from pieces, a stream that switched renditions
+    size_changes: list[list[int]] = field(default_factory=list)
 
     @property
     def damaged(self) -> bool:

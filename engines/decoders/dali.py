@@ -40,6 +40,7 @@ from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, vi
 from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
 from engines.decoders.orientation import UPRIGHT, Orientation
 from engines.decoders.probe import StreamInfo, probe
+from engines.decoders.segments import TimestampsGoBack, check_timestamps_go_on
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,23 @@ def packet_times(path: Path) -> np.ndarray:
     """Presentation times (s, float64, ascending) of the video stream's frames (not a cover's), by demuxing.
 
     One per packet that carries data; a stream without timestamps gets ``index / rate``.
+
+    Raises:
+        DecodeError: the times go back or repeat (recordings joined into one file): sorted, they
+            would not be the frames' (the router then decodes the file with PyAV).
     """
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
-        pts = [p.pts for p in container.demux(stream) if p.size and not p.is_discard]  # edit lists: segments.presented
+        # Edit lists: see segments.presented.
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
         rate = float(stream.average_rate or stream.guessed_rate or 25)
-        if not pts or any(t is None for t in pts):
-            return np.arange(len(pts), dtype=np.float64) / rate
-        return np.sort(np.asarray(pts, np.float64)) * float(stream.time_base)
+        if not packets or any(t is None for t, _ in packets):
+            return np.arange(len(packets), dtype=np.float64) / rate
+        try:
+            check_timestamps_go_on(packets, float(stream.time_base))
+        except TimestampsGoBack as exc:
+            raise DecodeError(f"{path}: {exc}") from None
+        return np.sort(np.asarray([t for t, _ in packets], np.float64)) * float(stream.time_base)
 
 
 class DaliVideoDecoder:

@@ -76,6 +76,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
                 batcher = _Batcher(frame, batch_size, max_pixels, report,
                                    threads if convert_threads is None else convert_threads,
                                    sample_aspect(stream) if square_pixels else 1.0)
+            elif (batch := batcher.resize(frame, index, report)) is not None:
+                yield batch
             if (batch := batcher.add(frame, index, pts_s)) is not None:
                 yield batch
         report.frames_decoded = count
@@ -216,8 +218,10 @@ def _check_end(last_s: float, end_s: float, rate: float, report: DecodeReport) -
 class _Batcher:
     """Fills fresh uint8 batches frame by frame: one FFmpeg conversion per frame, no re-stacking.
 
-    The display rotation and the size are those of the video's first kept frame; a later frame
-    of another size is scaled to it, so every batch of a video has one shape.
+    The display rotation is that of the video's first kept frame. A frame of another size than
+    the one before it (a recording joined from pieces, a stream that switched renditions) starts a
+    new batch at its own size (:meth:`resize`), so a batch has one shape and every row's pixels
+    are its own frame's, as a player shows it, whatever the segment the frame was decoded in.
 
     Every frame goes through one :class:`VideoReformatter`, so FFmpeg sets up its scaler (and,
     with ``threads`` other than 1, starts its pool of threads) once per video. A frame's own
@@ -236,12 +240,17 @@ class _Batcher:
         self.orientation = orientation(first)  # the display matrix's turn or mirror
         # Non-square pixels (DVD, DV, HDV, SD broadcast) are scaled to square ones: a face must
         # have its true shape to be detected and aligned, and coordinates are the player's.
-        shown_w, shown_h = display_size(first.width, first.height, aspect)
-        width, height = (shown_h, shown_w) if self.orientation.transpose else (shown_w, shown_h)
+        self.aspect, self.batch_size, self.max_pixels = aspect, batch_size, max_pixels
         report.rotation_cw_deg, report.mirrored = self.orientation.described()
-        report.width, report.height = width, height
+        report.width, report.height = self._shape_for(first)
         report.sample_aspect = aspect
-        self.size, out_w, out_h = batch_shape(width, height, batch_size, max_pixels)
+
+    def _shape_for(self, frame: av.VideoFrame) -> tuple[int, int]:
+        """Set the batches' shape for frames of ``frame``'s size; (width, height) as displayed."""
+        self.stored = (frame.width, frame.height)
+        shown_w, shown_h = display_size(frame.width, frame.height, self.aspect)
+        width, height = (shown_h, shown_w) if self.orientation.transpose else (shown_w, shown_h)
+        self.size, out_w, out_h = batch_shape(width, height, self.batch_size, self.max_pixels)
         self.scale = width / out_w
         # The frame as stored, at the working size: the turn or mirror comes after the conversion.
         self.stored_size = (out_h, out_w) if self.orientation.transpose else (out_w, out_h)
@@ -249,6 +258,16 @@ class _Batcher:
         self.shape = (out_h, out_w, 3)
         self._buffers: list[np.ndarray] = []
         self._start()
+        return width, height
+
+    def resize(self, frame: av.VideoFrame, index: int, report: DecodeReport) -> FrameBatch | None:
+        """Where ``frame`` is stored at another size than the frames before it: the batch so far
+        (None if empty), and the batches from here on at the new size, recorded in ``report``."""
+        if (frame.width, frame.height) == self.stored:
+            return None
+        batch = self.flush()
+        report.size_changes.append([index, *self._shape_for(frame)])
+        return batch
 
     def _start(self) -> None:
         # Recycle a batch buffer once nobody holds a view of it (its batch was consumed): a fresh

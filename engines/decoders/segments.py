@@ -87,6 +87,7 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         av.error.FFmpegError, OSError, engines.decoders.DecodeError: the file cannot be read, or
             has no video stream (the caller annotates it whole, and the decode then reports the
             problem as usual).
+        TimestampsGoBack: its timestamps go back or repeat (the caller annotates it whole).
     """
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
@@ -94,6 +95,7 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         time_base = float(stream.time_base or 0)
     if pieces <= 1 or not packets:
         return [Segment(0, 1, None, None, 0, None)]
+    check_timestamps_go_on(packets, time_base)
     times = sorted(pts for pts, _ in packets)  # presentation order
     keyframes = sorted(pts for pts, key in packets if key)
     # A capture that starts inside a GOP shows nothing before its first keyframe. A whole decode
@@ -117,6 +119,31 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         segments.append(Segment(i, len(bounds) - 1, start, end, max(first - hidden, 0), previous, shown * time_base,
                                 after - hidden))
     return segments
+
+
+class TimestampsGoBack(Exception):
+    """A video whose frames' times go back or repeat: it cannot be cut into time segments, nor its
+    frames matched to its sorted timestamps (DALI's decoder)."""
+
+
+def check_timestamps_go_on(packets: list[tuple[int, bool]], time_base: float) -> None:
+    """Check that time goes on through a video's packets ((pts, is keyframe), in file order).
+
+    Segments are found by presentation time, so a video whose time goes back (recordings joined
+    byte for byte, ``cat a.ts b.ts``: each piece's clock starts again) or repeats is not split:
+    a segment would take the frames of every piece within its times, and another none.
+
+    Raises:
+        TimestampsGoBack: a keyframe no later than the one before it, in file order (a frame
+            between keyframes may come before them in time: B-frames), or two frames at one time.
+    """
+    keyframes = [pts for pts, key in packets if key]
+    for before, after in zip(keyframes, keyframes[1:]):
+        if after <= before:
+            raise TimestampsGoBack(f"its timestamps go back from {before * time_base:.3f} s to "
+                                    f"{after * time_base:.3f} s (recordings joined into one file?)")
+    if len({pts for pts, _ in packets}) < len(packets):
+        raise TimestampsGoBack("two of its frames have one timestamp")
 
 
 #: Packets decoded at most to find a video's first frame that decodes (past them: its first packet).
