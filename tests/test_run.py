@@ -172,6 +172,21 @@ def test_cli_help_lists_commands_with_examples():
     assert "Examples:" in _annotate("run", "--help").stdout
 
 
+def test_every_help_page_reads_as_written():
+    """Click prints help text as written, with no %-formatting: a "%%" reached the terminal."""
+    from click.testing import CliRunner
+
+    from annotator.cli import cli
+
+    runner = CliRunner()
+    pages = [runner.invoke(cli, ["--help"]).output]
+    for name, command in cli.commands.items():
+        pages.append(runner.invoke(cli, [name, "--help"]).output)
+        pages += [runner.invoke(cli, [name, sub, "--help"]).output for sub in getattr(command, "commands", {})]
+    assert len(pages) > len(cli.commands) and all("Usage:" in page for page in pages)
+    assert not [page.splitlines()[0] for page in pages if "%%" in page]
+
+
 def test_pool_is_sized_to_the_cluster(monkeypatch):
     import ray
 

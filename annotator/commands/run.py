@@ -93,7 +93,7 @@ _PROBLEMS_SHOWN = 10
                    "tracked). 0: never.")
 @click.option("--int8-keyframes/--no-int8-keyframes", default=True, show_default=True,
               help="On a CPU with ONNX Runtime, keyframes' full-frame detection runs an int8 copy of the "
-                   "detector (made once, on first use): about 2x faster keyframes, 8-25 %% more frames/s for the whole command at 720p (measured). "
+                   "detector (made once, on first use): about 2x faster keyframes, 8-25 % more frames/s for the whole command at 720p (measured). "
                    "Every face is still re-found and aligned by the float network, so the rows agree with "
                    "--no-int8-keyframes (top-1 expression 0.999-1.000 on the benchmark clips). GPUs and "
                    "--backend torch always use the float network.")
