@@ -4,8 +4,18 @@ Each frame is decoded with PyAV, turned upright and given square pixels exactly 
 annotator's PyAV decoder does it (the rows' boxes are pixels of the frame as displayed), drawn on
 with OpenCV, and encoded as H.264 with the source's time base and each frame's own pts, so the
 overlay lines up with the ``pts_s`` column frame for frame. The output is upright and carries no
-rotation matrix; audio is not copied. Frames are matched to rows by presentation time (by
-decoded-frame index where a frame has no pts), which stays right after a seek to ``start_s``.
+rotation matrix; audio is not copied.
+
+Recordings joined from pieces (``cat a.ts b.ts``: TV captures, streams that switched
+renditions) break two things a single recording never does:
+
+- Timestamps restart mid-stream, so one pts belongs to several frames. Rows are matched to
+  frames by pts and frame index together (:class:`FrameFaces`), so a frame never gets the faces
+  of its twin in another piece; and the output clock goes on after a restart instead of going
+  back (:class:`_Clock`), since MP4 needs increasing timestamps.
+- Frames change size. Each frame is drawn on at its own displayed size, as its rows' boxes are,
+  then fitted into the output's size (the first written frame's) as a player with a fixed
+  window shows it: aspect kept, centred, black bands (:func:`_letterbox`).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
 from engines.decoders import DecodeError, display_size, sample_aspect, video_stream
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
+from engines.decoders.segments import packets_from_keyframe
 
 #: Box colours by track id (matplotlib's tab10, RGB), so a face keeps its colour while tracked.
 TRACK_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -100,7 +111,8 @@ def _bar(rgb: np.ndarray, x1: int, x2: int, top: int, height: int, value: float,
 
 
 def _rows_of(results: Results, video: Path) -> pa.Table:
-    """The face rows of ``video``: matched by path as recorded, by real path, then by content id."""
+    """The rows of ``video``'s sampled frames, faceless ones included (they tell which frames
+    share a pts): matched by path as recorded, by real path, then by content id."""
     dataset = results.dataset()
     paths = pc.unique(dataset.to_table(columns=["video_path"])["video_path"]).to_pylist()
     wanted = os.path.realpath(video)
@@ -120,30 +132,83 @@ def _rows_of(results: Results, video: Path) -> pa.Table:
     if pc.all(pc.is_null(rows["frame_index"])).as_py():
         error = rows.filter(pc.is_valid(rows["error"]))["error"][0].as_py()
         raise OverlayError(f"{video}: failed in {results.path}, nothing to draw ({error})")
-    return rows.filter(pc.is_valid(rows["face_index"]))
+    return rows.filter(pc.is_valid(rows["frame_index"]))
 
 
-def faces_by_frame(rows: pa.Table) -> tuple[dict[int, list[Face]], dict[int, list[Face]]]:
-    """Faces keyed by pts in microseconds, and by frame index (for frames without a pts)."""
+def faces_by_frame(rows: pa.Table) -> tuple[dict[int, list[Face]], dict[int, set[int]]]:
+    """The faces of each frame index, and the frame indices of the rows at each pts (in
+    microseconds): several where the timestamps restart (a joined recording)."""
+    faces: dict[int, list[Face]] = defaultdict(list)
+    frames_at: dict[int, set[int]] = defaultdict(set)
+    for index, pts_s in zip(rows["frame_index"].to_pylist(), rows["pts_s"].to_pylist()):
+        if pts_s is not None:
+            frames_at[_micros(pts_s)].add(index)
+    rows = rows.filter(pc.is_valid(rows["face_index"]))
     if rows.num_rows == 0:
-        return {}, {}
+        return faces, frames_at
     probs = np.stack([rows[c].to_numpy(zero_copy_only=False) for c in PROB_COLUMNS], axis=1)
     boxes = np.stack([rows[c].to_numpy(zero_copy_only=False) for c in BOX_COLUMNS], axis=1)
-    columns = {name: rows[name].to_pylist() for name in ("frame_index", "pts_s", "track_id", "expression",
+    columns = {name: rows[name].to_pylist() for name in ("frame_index", "track_id", "expression",
                                                         "valence", "arousal")}
-    by_pts: dict[int, list[Face]] = defaultdict(list)
-    by_index: dict[int, list[Face]] = defaultdict(list)
     for n in range(rows.num_rows):
-        face = Face(columns["track_id"][n], tuple(float(v) for v in boxes[n]), columns["expression"][n],
-                    float(probs[n].max()), columns["valence"][n], columns["arousal"][n])
-        if columns["pts_s"][n] is not None:
-            by_pts[_micros(columns["pts_s"][n])].append(face)
-        by_index[columns["frame_index"][n]].append(face)
-    return by_pts, by_index
+        faces[columns["frame_index"][n]].append(
+            Face(columns["track_id"][n], tuple(float(v) for v in boxes[n]), columns["expression"][n],
+                 float(probs[n].max()), columns["valence"][n], columns["arousal"][n]))
+    return faces, frames_at
 
 
 def _micros(seconds: float) -> int:
     return int(round(seconds * 1e6))
+
+
+class FrameFaces:
+    """The faces of a decoded frame, found by its pts, and by its decoded-frame index as well
+    where the rows' timestamps restart.
+
+    A pts names one frame of a single recording, wherever the overlay starts decoding. In one
+    joined from pieces (``cat a.ts b.ts``) a pts names a frame of each piece, and a frame that
+    the run did not sample would get its twin's faces; there the overlay decodes from the start
+    (never seeks), so its decoded index is the rows' ``frame_index`` and tells the twins apart.
+    A frame without a pts is matched by index.
+    """
+
+    def __init__(self, rows: pa.Table) -> None:
+        self.faces, self.frames_at = faces_by_frame(rows)
+        pts_of = dict(zip(rows["frame_index"].to_pylist(), rows["pts_s"].to_pylist()))  # one per frame
+        timed = [pts_s for _, pts_s in sorted(pts_of.items()) if pts_s is not None]
+        #: The frames' pts do not increase with their index: the timestamps restart somewhere.
+        self.restarts = any(later <= earlier for earlier, later in zip(timed, timed[1:]))
+
+    def __call__(self, index: int, pts_s: float | None) -> list[Face]:
+        if pts_s is None:
+            return self.faces.get(index, [])
+        frames = self.frames_at.get(_micros(pts_s), set())
+        if not self.restarts:
+            return self.faces.get(next(iter(frames)), []) if frames else []
+        return self.faces.get(index, []) if index in frames else []
+
+
+class _Clock:
+    """Output pts, in the source's time base: the source's own, while they increase.
+
+    A frame whose pts does not come after the last written one (the timestamps restarted: a
+    joined recording) is written one ``period`` after it, and the frames that follow keep that
+    shift, so a restart plays on as continuous time; MP4 needs increasing timestamps.
+    """
+
+    def __init__(self, period: int) -> None:
+        self.period, self.shift, self.last = period, 0, None
+
+    def __call__(self, pts: int | None) -> int:
+        if pts is None:
+            out = 0 if self.last is None else self.last + self.period
+        else:
+            out = pts + self.shift
+            if self.last is not None and out <= self.last:
+                self.shift += self.last + self.period - out
+                out = self.last + self.period
+        self.last = out
+        return out
 
 
 def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 1, start_s: float | None = None,
@@ -151,13 +216,21 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
     """Re-encode ``video`` to ``out`` (H.264, MP4) with the faces of ``results_path`` drawn on.
 
     Every frame from ``start_s`` to ``end_s`` is written, or every ``every_n``-th of them, each
-    with its source pts; ``crf`` 0 is lossless. Written to a temporary file, then renamed.
+    with its source pts (shifted on past a restart of the timestamps, see :class:`_Clock`) and at
+    the first written frame's size (a frame of another size letterboxed into it); ``crf`` 0 is
+    lossless. Written to a temporary file, then renamed.
+
+    Where the rows' timestamps restart, a time names a frame of each piece and ``start_s`` and
+    ``end_s`` are ambiguous: the range is then their first passage (see :func:`_frames_in_range`),
+    decoded from the beginning of the file rather than seeked to, since a seek by time lands in
+    whichever piece FFmpeg's bisection finds (MPEG-TS has no index) and the frame index that
+    tells the pieces' rows apart would be lost.
 
     Raises:
         OverlayError, annotator.results.ResultsError: unusable video or results.
         OSError: ``out`` cannot be written.
     """
-    faces_at, faces_of_index = faces_by_frame(_rows_of(open_results(results_path), video))
+    faces_of = FrameFaces(_rows_of(open_results(results_path), video))
     try:
         source = av.open(str(video))
     except (av.error.FFmpegError, OSError) as exc:
@@ -172,23 +245,30 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
             except DecodeError as exc:
                 raise OverlayError(str(exc)) from None
             stream.thread_type = "AUTO"
-            if start_s:
-                source.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
-            with av.open(str(tmp), "w", format="mp4") as sink:
+            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+            clock = _Clock(max(1, round(1 / (rate * stream.time_base))))
+            if start_s and not faces_of.restarts:
+                # MPEG-TS has no index: a seek can land past the keyframe (see packets_from_keyframe).
+                packets = packets_from_keyframe(source, stream, int(start_s / stream.time_base))
+            else:
+                packets = source.demux(stream)
+            frames = (frame for packet in packets for frame in packet.decode())
+            # The movie's clock is the stream's, so the edit list that starts the track at its
+            # first pts (0.067 s in a TS) keeps it exactly, not rounded to FFmpeg's milliseconds.
+            with av.open(str(tmp), "w", format="mp4",
+                         options={"movie_timescale": str(stream.time_base.denominator)}) as sink:
                 encoder: av.video.stream.VideoStream | None = None
-                for index, frame in _frames_in_range(source, stream, start_s, end_s, every_n):
+                size: tuple[int, int] = (0, 0)  # the output's (height, width): the first frame's
+                for index, frame in _frames_in_range(frames, stream, source.name, start_s, end_s, every_n):
                     rgb = _upright(frame, aspect)
-                    if frame.pts is not None:
-                        faces = faces_at.get(_micros(frame.time), [])
-                    else:
-                        faces = faces_of_index.get(index, [])
-                    if faces:
+                    if faces := faces_of(index, frame.time):
                         draw_faces(rgb, faces)
                         annotated += 1
                     if encoder is None:
-                        encoder = _encoder(sink, stream, rgb.shape, crf)
-                    out_frame = av.VideoFrame.from_ndarray(_even(rgb), format="rgb24")
-                    out_frame.pts, out_frame.time_base = frame.pts, stream.time_base
+                        size = rgb.shape[:2]
+                        encoder = _encoder(sink, stream, rate, size, crf)
+                    out_frame = av.VideoFrame.from_ndarray(_even(_letterbox(rgb, *size)), format="rgb24")
+                    out_frame.pts, out_frame.time_base = clock(frame.pts), stream.time_base
                     sink.mux(encoder.encode(out_frame))
                     written += 1
                 if encoder is None:
@@ -202,19 +282,27 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
     return OverlaySummary(out, written, annotated)
 
 
-def _frames_in_range(source: av.container.InputContainer, stream: av.video.stream.VideoStream,
+def _frames_in_range(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoStream, name: str,
                      start_s: float | None, end_s: float | None, every_n: int) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(decoded-frame index, frame) for every ``every_n``-th frame whose time is in [start_s, end_s).
+    """(decoded-frame index, frame) for every ``every_n``-th of ``frames`` whose time is in [start_s, end_s).
 
+    A range asked for is one passage through it: where the timestamps restart (a recording
+    joined from pieces), the first; it ends at a frame at or after ``end_s``, or at a restart.
     Interlaced frames come out progressive, as ``annotate run`` saw them (one frame per frame,
     times kept, so rows still match by time)."""
+    ranged = start_s is not None or end_s is not None
     kept = 0
-    for index, frame in enumerate(deinterlaced(source.decode(stream), stream, source.name)):
+    previous: float | None = None
+    for index, frame in enumerate(deinterlaced(frames, stream, name)):
         time = frame.time
-        if start_s is not None and time is not None and time < start_s - 1e-9:
-            continue
-        if end_s is not None and time is not None and time >= end_s:
-            break
+        if time is not None:
+            if ranged and kept and previous is not None and time < previous:
+                break  # the timestamps restarted: the passage through the range is over
+            previous = time
+            if start_s is not None and time < start_s - 1e-9:
+                continue
+            if end_s is not None and time >= end_s:
+                break
         if kept % every_n == 0:
             yield index, frame
         kept += 1
@@ -228,6 +316,22 @@ def _upright(frame: av.VideoFrame, aspect: float = 1.0) -> np.ndarray:
     return np.ascontiguousarray(orientation(frame).show(rgb))
 
 
+def _letterbox(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``rgb`` fitted into ``height`` x ``width`` as a player with a fixed window shows a frame
+    of another size: scaled with its aspect kept (OpenCV's area average to shrink, bilinear to
+    enlarge), centred, the bands left black. A frame of that size is returned as it is."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (height, width):
+        return rgb
+    scale = min(width / w, height / h)
+    fit_w, fit_h = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
+    picture = cv2.resize(rgb, (fit_w, fit_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    boxed = np.zeros((height, width, 3), np.uint8)
+    top, left = (height - fit_h) // 2, (width - fit_w) // 2
+    boxed[top:top + fit_h, left:left + fit_w] = picture
+    return boxed
+
+
 def _even(rgb: np.ndarray) -> np.ndarray:
     """H.264 in 4:2:0 needs even sides: an odd last row or column is repeated."""
     height, width = rgb.shape[:2]
@@ -236,13 +340,12 @@ def _even(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _encoder(sink: av.container.OutputContainer, source: av.video.stream.VideoStream, shape: tuple[int, ...],
-             crf: int) -> av.video.stream.VideoStream:
-    rate = source.average_rate or source.guessed_rate or Fraction(25)
+def _encoder(sink: av.container.OutputContainer, source: av.video.stream.VideoStream, rate: Fraction,
+             shape: tuple[int, ...], crf: int) -> av.video.stream.VideoStream:
     encoder = sink.add_stream("libx264", rate=rate)
     encoder.height, encoder.width = shape[0] + shape[0] % 2, shape[1] + shape[1] % 2
     encoder.pix_fmt = "yuv420p"
-    encoder.time_base = source.time_base  # keep the source's clock: pts are copied, not renumbered
+    encoder.time_base = source.time_base  # keep the source's clock: pts are copied (see _Clock)
     encoder.codec_context.time_base = source.time_base
     encoder.options = {"crf": str(crf)}
     return encoder

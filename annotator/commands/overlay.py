@@ -22,7 +22,9 @@ Examples:
 Drawn on each annotated frame: the box in its track's colour, "track expression
 probability" above it, and under it two bars from the box's centre: valence
 (green right, red left) and arousal (orange), when the model predicts them.
-Frames keep the source's timestamps; the output is upright and has no audio.
+Frames keep the source's timestamps (continued past a restart, in recordings
+joined from pieces) and the first frame's size (a frame of another size is
+fitted in, black bands around it); the output is upright and has no audio.
 """
 
 

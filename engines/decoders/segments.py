@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,3 +173,48 @@ def first_decoded_pts(path: Path) -> int | None:
 
 def _count_before(sorted_times: list[int], pts: int) -> int:
     return bisect.bisect_left(sorted_times, pts)
+
+
+#: How far before a keyframe to seek again, in seconds, when a seek lands after it.
+_SEEK_BACK_S = (1.0, 5.0, 30.0)
+
+
+def packets_from_keyframe(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                           start_pts: int) -> Iterator[av.Packet]:
+    """Demuxed packets from a keyframe at or before ``start_pts`` (a segment's own, found by
+    its plan, or the last before a time asked for), the packets before that keyframe dropped.
+
+    An indexed container (MP4, MOV, Matroska) seeks to that keyframe exactly. MPEG-TS has no
+    index: FFmpeg finds the position by bisecting on timestamps and can land a few packets past
+    the keyframe, whose frames then cannot be decoded, so a segment of a broadcast recording
+    decoded nothing. Where the first keyframe after the seek comes after ``start_pts``, the seek
+    is repeated further back (:data:`_SEEK_BACK_S`), then from the start of the file; the frames
+    decoded before the segment are dropped by the caller, as the tail of a GOP is.
+    """
+    time_base = float(stream.time_base or 0) or 1 / 90000
+    for back_s in (0.0, *_SEEK_BACK_S, None):
+        if back_s is None:
+            container.seek(0)  # the beginning, whatever its first timestamp
+        else:
+            container.seek(start_pts - round(back_s / time_base), stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        keyframe = _first_keyframe(packets)
+        if keyframe is not None and (keyframe.pts <= start_pts or back_s is None):
+            yield keyframe
+            yield from packets
+            return
+    # No keyframe at all: hand the decoder what there is, as a whole-file decode would.
+    container.seek(0)
+    yield from container.demux(stream)
+
+
+def _first_keyframe(packets: Iterator[av.Packet]) -> av.Packet | None:
+    """The first keyframe packet (with a timestamp) of ``packets``, which go on after it; None at
+    the end of the stream or at damage (the caller seeks elsewhere)."""
+    try:
+        for packet in packets:
+            if packet.is_keyframe and packet.pts is not None:
+                return packet
+    except av.error.FFmpegError:
+        pass
+    return None
