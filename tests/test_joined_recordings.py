@@ -58,6 +58,15 @@ def test_each_batch_has_one_size_and_the_change_is_reported(joined):
     assert times[40] < times[39]  # the stream's own clock, started again: rows keep it as it is
 
 
+def test_sampling_by_time_starts_again_with_the_clock(joined):
+    """--sample-fps 10 keeps the first frame at or after each tenth of a second; where the clock
+    starts again, so do the ticks: the second piece keeps what the first does, its first frame
+    included (it was skipped, its tick behind the last one kept)."""
+    kept = np.concatenate([b.frame_index for b in decode(joined[0], Sampling(fps=10.0), 8)]).tolist()
+    first = [i for i in kept if i < 40]
+    assert [i - 40 for i in kept if i >= 40] == first and first[0] == 0 and len(first) == 14
+
+
 def test_frames_after_a_size_change_are_annotated_in_their_own_pixels(joined, tmp_path):
     """Before, a later frame of another size was stretched to the first frame's (352x288: the
     face squeezed 9 % across) and its boxes given in that frame's pixels."""

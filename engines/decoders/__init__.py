@@ -232,7 +232,9 @@ class FrameSelector:
     With ``fps`` a frame is kept when a tick ``t0 + k / fps`` falls after the previous frame and
     at or before it: the first frame at or after each tick. The rule looks only at the frame and
     the one before it, so a segment that knows ``t0`` and its previous frame's time keeps exactly
-    the frames the whole video would.
+    the frames the whole video would. Where the clock goes back by a tick or more (recordings
+    joined into one file, each starting its clock again: never split into segments), the ticks
+    start again from that frame, which is kept, as a video's first frame is.
     """
 
     #: A frame this close before a tick (in ticks) counts as at it: absorbs rounding in rational
@@ -254,6 +256,9 @@ class FrameSelector:
         if self._t0 is None:
             self._t0 = pts_s
         tick = self._tick(pts_s)
+        if self._last_tick is not None and tick < self._last_tick:  # the clock started again
+            self._t0, tick = pts_s, 0
+            self._last_tick = None
         kept = self._last_tick is None or tick > self._last_tick
         self._last_tick = tick
         return kept
