@@ -294,4 +294,5 @@ def _combine(reports: list[DecodeReport]) -> DecodeReport:
         bad_packets=sum(r.bad_packets for r in reports), first_bad_s=min(first_bad) if first_bad else None,
         stopped_early=next((r.stopped_early for r in reports if r.stopped_early), None),
         tone_mapped=reports[0].tone_mapped,
+        other_video_streams=reports[0].other_video_streams,
     )

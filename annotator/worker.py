@@ -155,6 +155,10 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         log.exception("%s: annotation failed", path)
         yield tag_table(error_row(str(path), f"{path}: {type(exc).__name__}: {exc}"), part, "failed")
         return
+    if report.other_video_streams and (item.segment is None or item.segment.index == 0):
+        streams = f"{report.other_video_streams} other video stream{'s' * (report.other_video_streams > 1)}"
+        log.warning("%s: only its first video stream is annotated, not its %s (another camera angle, "
+                    "a sub-stream or programme?)", path, streams)
     if report.damaged:
         log.info("%s: %s", path, report.describe())
         yield rows_table()

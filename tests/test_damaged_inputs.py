@@ -139,6 +139,31 @@ def test_cover_art_is_not_taken_for_the_video(frames, tmp_path):
     assert summary.failed == 0 and table.num_rows == 40 and table.column("frame_index").to_pylist() == list(range(40))
 
 
+def test_a_second_video_stream_is_named_not_silently_left_out(frames, tmp_path, caplog):
+    """Two camera angles in one file (a recorder's main and sub-stream, a broadcast capture's
+    programmes): the first is annotated, as before, and the run now says the other was not."""
+    video = tmp_path / "two_angles.mp4"
+    with av.open(str(video), "w") as out:
+        streams = [out.add_stream("libx264", rate=30) for _ in range(2)]
+        for stream, (width, height) in zip(streams, [(176, 144), (352, 288)]):
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(40):
+            for stream, frame in zip(streams, (frames[i], frames[i][:, ::-1])):
+                image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                out.mux(stream.encode(image.reformat(width=stream.width, height=stream.height)))
+        for stream in streams:
+            out.mux(stream.encode())
+    batches, report = _decoded(video)
+    assert report.other_video_streams == 1 and batches[0].frames.shape[1:3] == (144, 176)
+    assert probe(video).other_video_streams == 1
+    with caplog.at_level("WARNING", logger="annotator.worker"):
+        summary = run(_config([video], tmp_path / "out.parquet"), progress=False)
+    assert summary.failed == 0 and summary.frames == 40
+    assert "two_angles.mp4: only its first video stream is annotated, not its 1 other video stream" in caplog.text
+    assert [v["other_video_streams"] for v in read_metadata(tmp_path / "out.parquet")["videos"]] == [1]
+    assert _decoded(write_clip(tmp_path / "one.mp4", frames, 10))[1].other_video_streams == 0
+
+
 def test_an_audio_file_with_cover_art_is_no_video(tmp_path):
     """An audio-only MP4 (a podcast, a music download) with its cover: no video to annotate, said so."""
     audio = tmp_path / "episode.mp4"

@@ -58,16 +58,25 @@ def video_stream(container: av.container.InputContainer, path: str | Path) -> av
     Raises:
         DecodeError: no video stream, or only still pictures (an audio file with its cover).
     """
+    moving = _moving_video_streams(container)
+    if moving:
+        return moving[0]
+    if container.streams.video:
+        raise DecodeError(f"{path}: no video stream, only a still picture attached to the file (cover art)")
+    raise DecodeError(f"{path}: no video stream")
+
+
+def other_video_streams(container: av.container.InputContainer) -> int:
+    """Moving video streams besides the one annotated (:func:`video_stream`'s): a second camera
+    angle, a security recorder's sub-stream, the other programmes of a broadcast capture."""
+    return max(0, len(_moving_video_streams(container)) - 1)
+
+
+def _moving_video_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:
     import av  # here: the CLI imports this module before PyAV is needed
 
     stills = av.stream.Disposition.attached_pic | av.stream.Disposition.timed_thumbnails
-    streams = container.streams.video
-    moving = [stream for stream in streams if not stream.disposition & stills]
-    if moving:
-        return moving[0]
-    if streams:
-        raise DecodeError(f"{path}: no video stream, only a still picture attached to the file (cover art)")
-    raise DecodeError(f"{path}: no video stream")
+    return [stream for stream in container.streams.video if not stream.disposition & stills]
 
 
 def _mp4_without_index(path: Path, size: int) -> str | None:
@@ -185,6 +194,7 @@ class DecodeReport:
     # [frame_index, width, height] (as displayed) of each frame whose size differs from the frame
     # before it: a recording joined from pieces, a stream that switched renditions
     size_changes: list[list[int]] = field(default_factory=list)
+    other_video_streams: int = 0  # moving video streams of the file besides the one decoded (not annotated)
 
     @property
     def damaged(self) -> bool:

@@ -198,6 +198,7 @@ class DaliVideoDecoder:
         shown = info.orientation
         report.rotation_cw_deg, report.mirrored = shown.described()
         report.width, report.height = (info.height, info.width) if shown.transpose else (info.width, info.height)
+        report.other_video_streams = info.other_video_streams
         times = packet_times(path)
         if not len(times):
             raise DecodeError(f"{path}: no frames decoded")

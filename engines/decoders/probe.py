@@ -13,7 +13,7 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import DecodeError, cannot_open, sample_aspect, video_stream
+from engines.decoders import DecodeError, cannot_open, other_video_streams, sample_aspect, video_stream
 from engines.decoders.deinterlace import is_interlaced
 from engines.decoders.orientation import UPRIGHT, Orientation, orientation
 from engines.decoders.tonemap import sdr_conversion
@@ -38,6 +38,7 @@ class StreamInfo:
     interlaced: bool = False  # the first frame (or the header's field order) says its fields are interlaced
     sample_aspect: float = 1.0  # width over height of a pixel as shown (engines.decoders.sample_aspect)
     hdr: str | None = None  # how the first frame's HDR colours are mapped to SDR (decoders.tonemap); None: SDR
+    other_video_streams: int = 0  # moving video streams besides this one (engines.decoders.other_video_streams)
 
     @property
     def chroma(self) -> str:
@@ -87,6 +88,7 @@ def probe(path: str | Path) -> StreamInfo:
                 interlaced=is_interlaced(stream, first),
                 sample_aspect=sample_aspect(stream),
                 hdr=sdr_conversion(first)[1] if first is not None else None,
+                other_video_streams=other_video_streams(container),
             )
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None

@@ -18,7 +18,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
-                              cannot_open, display_size, ffmpeg_reason, sample_aspect, video_stream)
+                              cannot_open, display_size, ffmpeg_reason, other_video_streams, sample_aspect,
+                              video_stream)
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
 from engines.decoders.segments import Segment, header_frames, packets_from_keyframe, presented
@@ -54,6 +55,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
         raise cannot_open(path, exc) from None
     with container:
         stream = video_stream(container, path)
+        report.other_video_streams = other_video_streams(container)
         # Frame threading decodes several frames at once; 'AUTO' adds slice threading.
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
