@@ -209,11 +209,12 @@ def set_display_matrix(src: Path, dst: Path, a: int, b: int, c: int, d: int) -> 
 
 
 def write_joined_ts(path: Path, pieces: list[tuple[list[np.ndarray], int]], fps: int = 30,
-                    continuous: bool = False) -> Path:
+                    continuous: bool = False, interlaced: bool = False) -> Path:
     """MPEG-TS recordings joined byte for byte (``cat a.ts b.ts``), as joined recordings are:
     each piece's frames (cycled to its count) at their own size, and each piece's timestamps
     starting again from the beginning; ``continuous``: each piece's timestamps go on from the
-    piece before, as a live stream's do when it switches renditions."""
+    piece before, as a live stream's do when it switches renditions. ``interlaced``: each frame
+    woven from two of ``frames`` as :func:`write_interlaced_clip`'s are (heights: multiples of 32)."""
     data = b""
     first = 0
     for frames, n in pieces:
@@ -221,10 +222,17 @@ def write_joined_ts(path: Path, pieces: list[tuple[list[np.ndarray], int]], fps:
         piece = path.with_name(f".{path.stem}-{len(data)}.ts")
         with av.open(str(piece), "w", format="mpegts") as out:
             # Continuous time without B-frames: x264 would delay each piece's clock by two frames.
-            stream = out.add_stream("libx264", rate=fps, options={"bf": "0"} if continuous else {})
+            options = {"bf": "0"} if continuous else {}
+            if interlaced:
+                options["x264-params"] = "interlaced=1:tff=1"
+            stream = out.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for i in range(n):
-                frame = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")
+                picture = frames[(2 * i if interlaced else i) % len(frames)]
+                if interlaced:
+                    picture = picture.copy()
+                    picture[1::2] = frames[(2 * i + 1) % len(frames)][1::2]
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
                 frame.pts = first + i if continuous else i
                 out.mux(stream.encode(frame))
             out.mux(stream.encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ from engines.decoders.choice import choose_decoder
 from engines.decoders.pyav import decode
 from engines.decoders.probe import probe
 from engines.decoders.segments import plan_segments
-from faults import carphone_frames, combing, write_interlaced_clip
+from faults import carphone_frames, combing, write_interlaced_clip, write_joined_ts
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def interlaced(carphone, tmp_path_factory):
 def _decoded(path, **kwargs):
     report = DecodeReport()
     batches = list(decode(path, Sampling(), 8, report=report, **kwargs))
-    frames = np.concatenate([b.frames.numpy() for b in batches])
+    frames = [frame for b in batches for frame in b.frames.numpy()]  # frames of a video may differ in size
     return frames, np.concatenate([b.frame_index for b in batches]), np.concatenate([b.pts_s for b in batches]), report
 
 
@@ -36,6 +37,24 @@ def test_interlaced_frames_are_made_progressive_one_for_one(interlaced):
     assert pts2 == pytest.approx(pts) and not report.damaged and not report2.damaged
     before, after = np.mean([combing(f) for f in woven]), np.mean([combing(f) for f in progressive])
     assert after < 0.6 * before, (before, after)
+
+
+def test_a_joined_broadcast_recording_is_deinterlaced_through_its_size_change(carphone, tmp_path):
+    """An SD and an HD interlaced recording joined into one file: the filter takes one size, and
+    at the first frame of the other FFmpeg failed (EPERM), so the whole video failed and lost its
+    rows. Each size now gets a filter of its own: every frame once, combing halved in both."""
+    frames = carphone_frames(carphone)
+    video = write_joined_ts(tmp_path / "sd_then_hd.ts", [([cv2.resize(f, (352, 288)) for f in frames], 30),
+                                                         ([cv2.resize(f, (704, 576)) for f in frames], 30)],
+                            interlaced=True)
+    woven, index, pts, report = _decoded(video, deinterlace=False)
+    progressive, index2, pts2, report2 = _decoded(video)
+    assert index2.tolist() == index.tolist() == list(range(60)) and pts2.tolist() == pts.tolist()
+    assert report2.size_changes == report.size_changes == [[30, 704, 576]] and not report2.damaged
+    for piece in (slice(0, 30), slice(30, 60)):
+        before = np.mean([combing(f) for f in woven[piece]])
+        after = np.mean([combing(f) for f in progressive[piece]])
+        assert after < 0.6 * before, (piece, before, after)
 
 
 def test_progressive_video_is_decoded_exactly_as_without_deinterlacing(carphone):

@@ -37,8 +37,11 @@ def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoS
     """``frames`` (decoded, in presentation order) with interlaced ones made progressive.
 
     One frame out per frame in, a frame behind (``bwdif`` looks at the next frame; the last comes
-    out at the end). Where the filter fails (a frame of another size mid-stream), the frames it
-    holds come out, the rest pass as decoded, and the log says so once.
+    out at the end). A frame of another size or pixel format (recordings joined from pieces: an
+    SD and an HD broadcast) gets a graph of its own, the frames the last one holds out first:
+    ``bwdif`` takes one size, and FFmpeg failed the whole video at the first frame of another.
+    Where the filter fails otherwise, the frames it holds come out, the rest pass as decoded, and
+    the log says so once.
     """
     first = next(frames, None)
     if first is None:
@@ -47,12 +50,11 @@ def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoS
         yield first
         yield from frames
         return
-    graph = av.filter.Graph()
-    source, bwdif, sink = graph.add_buffer(template=stream), graph.add(_FILTER, _FILTER_ARGS), graph.add("buffersink")
-    source.link_to(bwdif)
-    bwdif.link_to(sink)
-    graph.configure()
+    graph, shape = _graph(first, stream), _shape(first)
     for frame in itertools.chain([first], frames):
+        if _shape(frame) != shape:
+            yield from _drain(graph, flush=True)
+            graph, shape = _graph(frame, stream), _shape(frame)
         try:
             graph.push(frame)
         except av.error.FFmpegError as exc:
@@ -63,6 +65,22 @@ def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoS
             return
         yield from _drain(graph, flush=False)
     yield from _drain(graph, flush=True)
+
+
+def _shape(frame: av.VideoFrame) -> tuple[int, int, str]:
+    return frame.width, frame.height, frame.format.name
+
+
+def _graph(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> av.filter.Graph:
+    """``bwdif`` for frames of ``frame``'s size and pixel format, on the stream's clock."""
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                              time_base=stream.time_base)
+    bwdif, sink = graph.add(_FILTER, _FILTER_ARGS), graph.add("buffersink")
+    source.link_to(bwdif)
+    bwdif.link_to(sink)
+    graph.configure()
+    return graph
 
 
 def _drain(graph: av.filter.Graph, flush: bool) -> Iterator[av.VideoFrame]:
