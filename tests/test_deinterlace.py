@@ -57,6 +57,21 @@ def test_a_joined_broadcast_recording_is_deinterlaced_through_its_size_change(ca
         assert after < 0.6 * before, (piece, before, after)
 
 
+def test_an_interlaced_piece_after_a_progressive_one_is_deinterlaced(carphone, tmp_path):
+    """A recording joined from a progressive piece and an interlaced one (an advert, then the
+    programme): the filter was chosen by the first frame alone, and the programme stayed combed."""
+    frames = [cv2.resize(f, (352, 288)) for f in carphone_frames(carphone)]
+    video = write_joined_ts(tmp_path / "progressive_then_interlaced.ts", [(frames, 30)], continuous=True)
+    interlaced = write_joined_ts(tmp_path / "interlaced.ts", [(frames, 30)], interlaced=True)
+    video.write_bytes(video.read_bytes() + interlaced.read_bytes())
+    woven, index, _, _ = _decoded(video, deinterlace=False)
+    progressive, index2, _, _ = _decoded(video)
+    assert index2.tolist() == index.tolist() == list(range(60))
+    assert all(np.array_equal(a, b) for a, b in zip(progressive[:30], woven[:30]))  # untouched
+    before, after = np.mean([combing(f) for f in woven[30:]]), np.mean([combing(f) for f in progressive[30:]])
+    assert after < 0.6 * before, (before, after)
+
+
 def test_progressive_video_is_decoded_exactly_as_without_deinterlacing(carphone):
     assert np.array_equal(_decoded(carphone)[0], _decoded(carphone, deinterlace=False)[0])
 

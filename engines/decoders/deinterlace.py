@@ -5,8 +5,8 @@ taken 1/50 or 1/60 s apart; shown as one frame, anything that moves is combed, a
 aligned crop with it. ``bwdif`` rebuilds each frame from its fields and its neighbours, one frame
 out per frame in (``send_frame``), timestamps kept, so frame indices and times are those of the
 stream. Only frames the decoder marks interlaced are touched (``deint=interlaced``); a video
-whose first frame is progressive and whose stream declares no field order never builds a graph,
-so progressive video is decoded exactly as without this module.
+none of whose frames is marked interlaced, and whose stream declares no field order, never
+builds a graph, so progressive video is decoded exactly as without this module.
 """
 
 from __future__ import annotations
@@ -47,9 +47,17 @@ def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoS
     if first is None:
         return
     if not is_interlaced(stream, first):
+        # Progressive so far: frames pass as decoded, unless one marked interlaced comes (a
+        # recording joined from a progressive piece and an interlaced one); the filter runs from it.
         yield first
-        yield from frames
-        return
+        first = None
+        for frame in frames:
+            if frame.interlaced_frame:
+                first = frame
+                break
+            yield frame
+        if first is None:
+            return
     graph, shape = _graph(first, stream), _shape(first)
     for frame in itertools.chain([first], frames):
         if _shape(frame) != shape:
