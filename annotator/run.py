@@ -301,12 +301,28 @@ def _forget_changed(layout: OutputLayout, existing: ExistingParts, keys: dict[Pa
                     counted(len(changed), "video"), listed(changed))
 
 
+def _forget_split_in_error(layout: OutputLayout, existing: ExistingParts, keys: dict[Path, str]) -> None:
+    """Remove the parts of videos that an earlier version cut into segments although their clock
+    starts again (recordings joined from pieces), so that they are annotated again, whole: their
+    segments lost the frames of a piece without an error. Only parts stitched before the check
+    are checked (a few, long videos; packet headers only)."""
+    for video, key in keys.items():
+        if key in existing.done and key in existing.split_unchecked:
+            if (why := segmenting.split_in_error(video)) is not None:
+                log.warning("%s: cut into segments by an earlier version although %s, and its segments lost "
+                            "frames: annotated again, whole", video, why)
+                layout.part_path(key).unlink(missing_ok=True)
+                existing.done.discard(key)
+                existing.damaged.pop(key, None)
+
+
 def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,
               schema: pa.Schema, progress: bool, start: float) -> RunSummary:
     """Stream every video not yet done into its part; return what happened."""
     videos = found.videos
     keys = {v: part_key(v) for v in videos}
     _forget_changed(layout, existing, keys)
+    _forget_split_in_error(layout, existing, keys)
     pending = [(v, key) for v, key in keys.items() if key not in existing.done]
     collector = PartCollector(layout, schema)
     for key in existing.damaged.keys() & set(keys.values()):

@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 from annotator.continuity import associate, is_cut
 from annotator.schema import SCHEMA, error_row
 from annotator.worker import WorkItem
-from annotator.writer import (KEYFRAMES_INT8_FACT, OutputLayout, PartWriter, changed_since, read_metadata,
-                              recorded_stamp, video_stamp)
+from annotator.writer import (KEYFRAMES_INT8_FACT, TIMESTAMPS_CHECKED, OutputLayout, PartWriter, changed_since,
+                              read_metadata, recorded_stamp, video_stamp)
 from engines.decoders import DecodeReport
-from engines.decoders.segments import Segment, TimestampsGoBack, frame_count, plan_segments
+from engines.decoders.segments import (Segment, TimestampsGoBack, check_video_timestamps, frame_count,
+                                      plan_segments)
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,24 @@ def _plan(path: Path, pieces: int) -> list[Segment]:
         return [Segment(0, 1, None, None, 0, None)]
 
 
+def split_in_error(video: Path) -> str | None:
+    """Why ``video``, cut into segments before the check, should not have been (its timestamps
+    go back: its segments lost frames); None where it was rightly cut or cannot be read now."""
+    try:
+        check_video_timestamps(video)
+    except TimestampsGoBack as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - unreadable now: the run reports it as usual
+        return None
+    return None
+
+
 def load_plan(layout: OutputLayout, key: str, stamp: tuple[int, int] | None = None,
               video: Path | None = None) -> list[Segment] | None:
     """A video's plan, as an earlier run saved it; None (its segments removed) where it cannot be
-    read or where ``stamp`` (the file's now) is not the one the plan was made for. ``video``:
-    its path, for the warning."""
+    read, where ``stamp`` (the file's now) is not the one the plan was made for, or where a plan
+    from before the timestamps check (:data:`TIMESTAMPS_CHECKED`) cut a video it should not
+    have. ``video``: its path, for the warning and the check."""
     path = layout.plan_path(key)
     if not path.is_file():
         return None
@@ -133,6 +147,7 @@ def load_plan(layout: OutputLayout, key: str, stamp: tuple[int, int] | None = No
         saved = json.loads(path.read_text())
         plan = [Segment.from_json(s) for s in saved["segments"]]
         planned_for = saved.get("stamp")
+        checked = bool(saved.get(TIMESTAMPS_CHECKED))
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: unreadable segment plan, the video is planned again", path)
         _drop_plan(layout, key)
@@ -142,6 +157,13 @@ def load_plan(layout: OutputLayout, key: str, stamp: tuple[int, int] | None = No
                     "annotated again", video or key)
         _drop_plan(layout, key)
         return None
+    if not checked and video is not None:
+        if (why := split_in_error(video)) is not None:
+            log.warning("%s: cut into segments by an earlier version although %s (its segments lose "
+                        "frames): annotated again, whole", video, why)
+            _drop_plan(layout, key)
+            return None
+        save_plan(layout, key, plan, planned_for)  # checked now: not again at the next resume
     return plan
 
 
@@ -157,7 +179,7 @@ def save_plan(layout: OutputLayout, key: str, plan: list[Segment], stamp: tuple[
     path = layout.plan_path(key)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump({"segments": [s.to_json() for s in plan], "stamp": stamp}, fh)
+        json.dump({"segments": [s.to_json() for s in plan], "stamp": stamp, TIMESTAMPS_CHECKED: True}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -234,7 +256,8 @@ def stitch(layout: OutputLayout, key: str, schema: pa.Schema) -> dict[str, objec
         if report.damaged:
             writer.write(error_row(path, f"{path}: {report.describe()}", video_id=video_id))
         facts = {"video_path": path, **dataclasses.asdict(report),
-                 "damage": report.describe() if report.damaged else None, "segments": len(plan)}
+                 "damage": report.describe() if report.damaged else None, "segments": len(plan),
+                 TIMESTAMPS_CHECKED: True}  # load_plan checked a plan from before the check
         if len(stamps) == 1 and (stamp := stamps.pop()) is not None:
             facts["file_size"], facts["file_mtime_ns"] = stamp
         if int8_copies:  # segments annotated on machines whose copies differ: each is named

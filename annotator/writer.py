@@ -67,6 +67,14 @@ def video_stamp(video: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
+#: In a segment plan and in the facts of a part stitched from segments: the video's timestamps
+#: were checked to go on (engines.decoders.segments.check_timestamps_go_on) before it was cut.
+#: Plans and parts from before the check are checked when found (annotator.segmenting): a
+#: recording joined from pieces, its clock starting again, lost the frames of a piece in
+#: segments, without an error.
+TIMESTAMPS_CHECKED = "timestamps_checked"
+
+
 @dataclass
 class ExistingParts:
     """What an output already holds, checked part by part."""
@@ -76,6 +84,8 @@ class ExistingParts:
     fingerprints: set[str] = field(default_factory=set)
     unreadable: list[Path] = field(default_factory=list)  # removed: their videos are redone
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> its video's stamp when annotated
+    # keys of done videos stitched from segments before their timestamps were checked
+    split_unchecked: set[str] = field(default_factory=set)
 
 
 class OutputLayout:
@@ -137,6 +147,8 @@ class OutputLayout:
                     found.damaged[key] = facts
                 if (stamp := recorded_stamp(facts)) is not None:  # parts from before stamps have none
                     found.stamps[key] = stamp
+                if facts.get("segments", 1) > 1 and not facts.get(TIMESTAMPS_CHECKED):
+                    found.split_unchecked.add(key)
         return found
 
     def parts(self) -> list[Path]:

@@ -5,6 +5,7 @@ cut into time segments (a segment would take the frames of every piece within it
 
 from __future__ import annotations
 
+import json
 import logging
 
 import cv2
@@ -15,12 +16,12 @@ import pytest
 
 from annotator.config import RunConfig
 from annotator.run import run
-from annotator.segmenting import work_items
-from annotator.writer import OutputLayout, part_key, read_metadata
+from annotator.segmenting import save_plan, work_items
+from annotator.writer import TIMESTAMPS_CHECKED, OutputLayout, part_key, read_metadata, video_stamp
 from engines.decoders import DecodeError, DecodeReport, Sampling
 from engines.decoders.dali import packet_times
 from engines.decoders.pyav import decode
-from engines.decoders.segments import TimestampsGoBack, plan_segments
+from engines.decoders.segments import Segment, TimestampsGoBack, plan_segments
 from faults import carphone_frames, write_joined_ts
 
 
@@ -141,3 +142,59 @@ def test_size_changes_at_and_inside_segments_stitch_as_a_whole_decode(frames, tm
     for column in ("x1", "y2"):
         ours, theirs = (_faces(t).column(column).to_numpy(zero_copy_only=False) for t in (split, reference))
         assert np.median(np.abs(ours - theirs)) < 1.5, column
+
+
+def _as_before_the_check(part, **changes):
+    """A part rewritten as a version from before the timestamps check left it: its facts say it
+    was stitched from ``segments`` and carry no check, its rows as ``changes`` leave them."""
+    table = pq.read_table(part)
+    facts = {k: v for k, v in read_metadata(part)["video"].items() if k != TIMESTAMPS_CHECKED}
+    facts.update(segments=2, **{k: v for k, v in changes.items() if k != "rows"})
+    table = table.slice(0, changes.get("rows", table.num_rows))
+    metadata = {**table.schema.metadata, b"annotator.video": json.dumps(facts).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), part)
+
+
+def test_results_of_a_joined_recording_split_by_an_earlier_version_are_redone(frames, tmp_path, caplog):
+    """A part stitched before the check from a recording whose clock starts again lost the
+    frames of a piece (650 of 1,300 rows, no error): a resume finds it and annotates the video
+    again, whole. A part rightly stitched from segments then is kept as it is."""
+    joined = write_joined_ts(tmp_path / "joined.ts", [(frames, 650), (frames, 650)])
+    single = write_joined_ts(tmp_path / "single.ts", [(frames, 120)])
+    out = tmp_path / "results"
+    run(RunConfig(inputs=(joined, single), out=out, workers=0), progress=False)
+    layout = OutputLayout(out)
+    _as_before_the_check(layout.part_path(part_key(joined)), rows=650, frames_decoded=650)
+    _as_before_the_check(layout.part_path(part_key(single)))
+    kept = layout.part_path(part_key(single)).stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="annotator.run"):
+        summary = run(RunConfig(inputs=(joined, single), out=out, workers=0), progress=False)
+    assert summary.frames == 1300 and summary.videos == 2
+    assert "joined.ts: cut into segments by an earlier version although its timestamps go back" in caplog.text
+    assert pq.read_metadata(layout.part_path(part_key(joined))).num_rows == 1300
+    assert "segments" not in read_metadata(layout.part_path(part_key(joined)))["video"]
+    assert layout.part_path(part_key(single)).stat().st_mtime_ns == kept and "single.ts" not in caplog.text
+
+
+def test_a_plan_from_an_earlier_version_is_checked_once(frames, tmp_path, caplog):
+    """A resumed run finds a plan saved before the check: a joined recording's is dropped (with
+    its finished segments) and the video annotated whole; a rightly split video's is kept and
+    saved as checked."""
+    joined = write_joined_ts(tmp_path / "joined.ts", [(frames, 650), (frames, 650)])
+    live = write_joined_ts(tmp_path / "live.ts", [(frames, 300), (frames, 300)], continuous=True)
+    layout = OutputLayout(tmp_path / "results")
+    layout.parts_dir.mkdir()
+    old_plan = [Segment(0, 2, None, 900000, 0, None, 0.0, 300), Segment(1, 2, 900000, None, 300, 9.9, 0.0, 600)]
+    for video in (joined, live):
+        save_plan(layout, part_key(video), old_plan, video_stamp(video))
+        saved = json.loads(layout.plan_path(part_key(video)).read_text())
+        del saved[TIMESTAMPS_CHECKED]  # as a version before the check wrote it
+        layout.plan_path(part_key(video)).write_text(json.dumps(saved))
+    layout.segment_path(part_key(joined), 0).write_bytes(b"a finished segment")
+    with caplog.at_level(logging.WARNING, logger="annotator.segmenting"):
+        items = work_items(layout, [(joined, part_key(joined)), (live, part_key(live))], workers=2)
+    assert sorted((i.path.name, i.segment.index if i.segment else None) for i in items) == [
+        ("joined.ts", None), ("live.ts", 0), ("live.ts", 1)]
+    assert "joined.ts: cut into segments by an earlier version although its timestamps go back" in caplog.text
+    assert not layout.plan_path(part_key(joined)).exists() and not layout.segment_path(part_key(joined), 0).exists()
+    assert json.loads(layout.plan_path(part_key(live)).read_text())[TIMESTAMPS_CHECKED] is True

@@ -90,10 +90,7 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
             problem as usual).
         TimestampsGoBack: its timestamps go back or repeat (the caller annotates it whole).
     """
-    with av.open(str(path)) as container:
-        stream = video_stream(container, path)
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)]
-        time_base = float(stream.time_base or 0)
+    packets, time_base = _packet_times(path)
     if pieces <= 1 or not packets:
         return [Segment(0, 1, None, None, 0, None)]
     check_timestamps_go_on(packets, time_base)
@@ -120,6 +117,26 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
         segments.append(Segment(i, len(bounds) - 1, start, end, max(first - hidden, 0), previous, shown * time_base,
                                 after - hidden))
     return segments
+
+
+def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:
+    """(pts, is keyframe) of each packet of the video stream that is shown, in file order, and
+    the stream's time base; packet headers only, no decoding."""
+    with av.open(str(path)) as container:
+        stream = video_stream(container, path)
+        return ([(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)],
+                float(stream.time_base or 0))
+
+
+def check_video_timestamps(path: Path) -> None:
+    """:func:`check_timestamps_go_on` for a video file: for a plan, or a part stitched from
+    segments, made before the check (its segments may have lost frames).
+
+    Raises:
+        TimestampsGoBack: see :func:`check_timestamps_go_on`.
+        av.error.FFmpegError, OSError, engines.decoders.DecodeError: the file cannot be read.
+    """
+    check_timestamps_go_on(*_packet_times(path))
 
 
 class TimestampsGoBack(Exception):
