@@ -36,7 +36,7 @@ import pyarrow.dataset as ds
 
 from annotator.results import Results, open_results
 from annotator.schema import BOX_COLUMNS, PROB_COLUMNS
-from engines.decoders import DecodeError, display_size, sample_aspect, video_stream
+from engines.decoders import DecodeError, display_size, frame_rate, sample_aspect, video_stream
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
 from engines.decoders.segments import packets_from_keyframe
@@ -245,7 +245,7 @@ def write_overlay(video: Path, results_path: Path, out: Path, *, every_n: int = 
             except DecodeError as exc:
                 raise OverlayError(str(exc)) from None
             stream.thread_type = "AUTO"
-            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+            rate = frame_rate(stream) or Fraction(25)
             clock = _Clock(max(1, round(1 / (rate * stream.time_base))))
             if start_s and not faces_of.restarts:
                 # MPEG-TS has no index: a seek can land past the keyframe (see packets_from_keyframe).

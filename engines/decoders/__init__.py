@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,10 @@ if TYPE_CHECKING:  # the CLI loads this before torch, so Ray can start while tor
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
     ".flv", ".wmv", ".3gp", ".ogv", ".y4m",
+    # Broadcast and camera archives (MXF, DV, HDV, camcorders' MOD/TOD), DVDs, and raw streams
+    # as encoders and recorders dump them (no container: frames timed by the stream's rate).
+    ".mxf", ".dv", ".m2t", ".mod", ".tod", ".vob", ".m2v", ".h264", ".264", ".h265", ".265", ".hevc",
+    ".asf", ".f4v", ".divx", ".mjpeg", ".mjpg",
 })
 
 
@@ -64,6 +69,21 @@ def video_stream(container: av.container.InputContainer, path: str | Path) -> av
     if container.streams.video:
         raise DecodeError(f"{path}: no video stream, only a still picture attached to the file (cover art)")
     raise DecodeError(f"{path}: no video stream")
+
+
+#: Frame rates above this are a header's error, not a video's: DV reports its time base's
+#: 60,000 per second as its average rate (its 25 frames a second: a clean file taken for one
+#: that lost 98 % of its frames).
+_PLAUSIBLE_FPS = 1000
+
+
+def frame_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """The stream's frames per second: its average (right for variable frame rate), unless the
+    header gives none or an absurd one, then FFmpeg's guess (as its own tools use); None if neither."""
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate and 0 < rate <= _PLAUSIBLE_FPS:
+            return rate
+    return None
 
 
 def other_video_streams(container: av.container.InputContainer) -> int:

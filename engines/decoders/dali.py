@@ -36,7 +36,7 @@ import av
 import numpy as np
 import torch
 
-from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, video_stream
+from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, frame_rate, video_stream
 from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
 from engines.decoders.orientation import UPRIGHT, Orientation
 from engines.decoders.probe import StreamInfo, probe
@@ -119,7 +119,7 @@ def packet_times(path: Path) -> np.ndarray:
         stream = video_stream(container, path)
         # Edit lists: see segments.presented.
         packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        rate = float(frame_rate(stream) or 25)
         if not packets or any(t is None for t, _ in packets):
             return np.arange(len(packets), dtype=np.float64) / rate
         try:

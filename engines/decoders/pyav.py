@@ -18,8 +18,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
-                              cannot_open, display_size, ffmpeg_reason, other_video_streams, sample_aspect,
-                              video_stream)
+                              cannot_open, display_size, ffmpeg_reason, frame_rate, other_video_streams,
+                              sample_aspect, video_stream)
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
 from engines.decoders.segments import Segment, header_frames, packets_from_keyframe, presented
@@ -59,7 +59,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
         # Frame threading decodes several frames at once; 'AUTO' adds slice threading.
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        fallback_rate = float(stream.average_rate or stream.guessed_rate or 25)
+        fallback_rate = float(frame_rate(stream) or 25)
         report.frames_expected = _expected_frames(stream, piece)
         packets = (container.demux(stream) if piece.start_pts is None
                    else packets_from_keyframe(container, stream, piece.start_pts))
@@ -153,9 +153,9 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
         first = missing[0] if missing else first_error_pts
         if first is not None:
             report.first_bad_s = float(first * time_base)  # the same clock as the rows' pts_s
-    if end is None and decoded and stream.duration and stream.average_rate:
+    if end is None and decoded and stream.duration and (rate := frame_rate(stream)):
         stream_end = (stream.start_time or 0) + stream.duration
-        _check_end(float(max(decoded) * time_base), float(stream_end * time_base), float(stream.average_rate), report)
+        _check_end(float(max(decoded) * time_base), float(stream_end * time_base), float(rate), report)
 
 
 def _check_end(last_s: float, end_s: float, rate: float, report: DecodeReport) -> None:
@@ -278,4 +278,4 @@ def probe(path: str | Path) -> tuple[int, int, float]:
     """(width, height, average fps) of the video stream, for benchmarks and reports."""
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
-        return stream.width, stream.height, float(stream.average_rate or 0)
+        return stream.width, stream.height, float(frame_rate(stream) or 0)

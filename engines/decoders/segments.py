@@ -17,7 +17,7 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import video_stream
+from engines.decoders import frame_rate, video_stream
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def header_frames(stream: av.video.stream.VideoStream) -> int:
     """
     if stream.frames:
         return int(stream.frames)
-    rate = stream.average_rate or stream.guessed_rate
+    rate = frame_rate(stream)
     if not rate:
         return 0
     if stream.duration and stream.time_base:
