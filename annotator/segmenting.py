@@ -130,7 +130,7 @@ def split_in_error(video: Path) -> str | None:
     except TimestampsGoBack as exc:
         return str(exc)
     except Exception:  # noqa: BLE001 - unreadable now: the run reports it as usual
-        return None
+        pass
     return None
 
 

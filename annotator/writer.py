@@ -295,9 +295,9 @@ def part_entry(part: Path) -> dict[str, object]:
 def _notable(facts: dict | None, int8_copy: str | None = None) -> bool:
     """Video facts worth listing in a merged file: turned or mirrored, stretched to square pixels,
     shown as SDR (an HDR source), damaged, with frames that change size (whose rows' pixels are
-    then not all of one size), with video streams left out, or annotated with another int8 copy of the detector
-    for keyframes than ``int8_copy``, the one the run's metadata records (another machine's), or
-    with none where one was asked for (a worker that could not make it)."""
+    then not all of one size), with video streams left out, or annotated with another int8 copy
+    of the detector for keyframes than ``int8_copy``, the one the run's metadata records (another
+    machine's), or with none where one was asked for (a worker that could not make it)."""
     other_copy = bool(facts) and KEYFRAMES_INT8_FACT in facts and facts[KEYFRAMES_INT8_FACT] != int8_copy
     return bool(facts) and bool(facts.get("rotation_cw_deg") or facts.get("mirrored")
                                 or facts.get("sample_aspect", 1.0) != 1.0 or facts.get("damage")

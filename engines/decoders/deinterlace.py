@@ -58,21 +58,27 @@ def deinterlaced(frames: Iterator[av.VideoFrame], stream: av.video.stream.VideoS
             yield frame
         if first is None:
             return
-    graph, shape = _graph(first, stream), _shape(first)
+    graph: av.filter.Graph | None = None
+    shape = _shape(first)
     for frame in itertools.chain([first], frames):
         if _shape(frame) != shape:
-            yield from _drain(graph, flush=True)
-            graph, shape = _graph(frame, stream), _shape(frame)
+            if graph is not None:
+                yield from _drain(graph, flush=True)
+            graph, shape = None, _shape(frame)
         try:
+            if graph is None:  # built here, so a size or format the filter refuses stops it as below
+                graph = _graph(frame, stream)
             graph.push(frame)
         except av.error.FFmpegError as exc:
             log.warning("%s: deinterlacing stopped (%s); the rest of the video is decoded as stored", path, exc)
-            yield from _drain(graph, flush=True)
+            if graph is not None:
+                yield from _drain(graph, flush=True)
             yield frame
             yield from frames
             return
         yield from _drain(graph, flush=False)
-    yield from _drain(graph, flush=True)
+    if graph is not None:
+        yield from _drain(graph, flush=True)
 
 
 def _shape(frame: av.VideoFrame) -> tuple[int, int, str]:

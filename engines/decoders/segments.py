@@ -119,6 +119,11 @@ def plan_segments(path: Path, pieces: int) -> list[Segment]:
     return segments
 
 
+class TimestampsGoBack(Exception):
+    """A video whose frames' times go back or repeat: it cannot be cut into time segments, nor its
+    frames matched to its sorted timestamps (DALI's decoder)."""
+
+
 def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:
     """(pts, is keyframe) of each packet of the video stream that is shown, in file order, and
     the stream's time base; packet headers only, no decoding."""
@@ -137,11 +142,6 @@ def check_video_timestamps(path: Path) -> None:
         av.error.FFmpegError, OSError, engines.decoders.DecodeError: the file cannot be read.
     """
     check_timestamps_go_on(*_packet_times(path))
-
-
-class TimestampsGoBack(Exception):
-    """A video whose frames' times go back or repeat: it cannot be cut into time segments, nor its
-    frames matched to its sorted timestamps (DALI's decoder)."""
 
 
 def check_timestamps_go_on(packets: list[tuple[int, bool]], time_base: float) -> None:
