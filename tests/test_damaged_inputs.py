@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -99,6 +100,41 @@ def test_a_cut_off_file_keeps_its_head(frames, tmp_path):
     assert 20 <= kept < 90
     assert report.stopped_early and report.frames_lost == 90 - kept
     assert report.first_bad_s == pytest.approx(kept / 30, abs=0.05)
+
+
+@pytest.mark.parametrize(("name", "codec"), [("cut.mkv", "libx264"), ("cut.webm", "libvpx-vp9"), ("cut.flv", "flv")])
+def test_a_cut_off_download_without_a_stream_duration_says_so(frames, tmp_path, name, codec):
+    """Matroska and WebM (most downloaded video) time only the whole file and each track's end
+    in a tag, FLV only the file: a copy cut short decoded as a whole, clean video before."""
+    whole = write_clip(tmp_path / f"whole{Path(name).suffix}", frames, 90, codec=codec)
+    _, clean = _decoded(whole)
+    assert not clean.damaged, clean.describe()
+    batches, report = _decoded(truncate(whole, tmp_path / name, 0.6))
+    kept = sum(len(b) for b in batches)
+    last_s = batches[-1].pts_s[-1]
+    assert 20 <= kept < 80
+    assert report.stopped_early == f"the last frame is at {last_s:.3f} s of 3.000 s"
+    # B-frames stored after the last frame that decodes are lost with the rest, and counted.
+    assert report.frames_lost == 90 - kept and report.first_bad_s == pytest.approx(last_s + 1 / 30)
+
+
+def test_a_matroska_video_that_starts_late_is_whole(tmp_path):
+    """Matroska's file duration runs from 0 and its DURATION tag is the track's end time, not its
+    length: a clean video from 10 s to 12 s must not be taken for one cut at 12 of 22 s."""
+    path = tmp_path / "late.mkv"
+    time_base = Fraction(1, 1000)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = time_base
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 10_000 + 40 * i, time_base
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    batches, report = _decoded(path)
+    assert sum(len(b) for b in batches) == 50 and not report.damaged, report.describe()
+    assert batches[0].pts_s[0] == pytest.approx(10.0)
 
 
 def test_a_video_trimmed_by_its_edit_list_is_whole_not_damaged(frames, tmp_path):

@@ -233,6 +233,57 @@ class DecodeReport:
         return f"damaged: {'; '.join(parts + [lost])}"
 
 
+def declared_end_s(stream: av.video.stream.VideoStream) -> float | None:
+    """When the video stream ends (s, the frames' clock) as the file's headers say; None if they do not.
+
+    MP4, MOV and most containers time the stream itself. Matroska and WebM (most downloaded
+    video, and OBS's recordings) time only the whole file, and FFmpeg's and mkvmerge's muxers
+    add each track's end as a ``DURATION`` tag (its end time, not its length: checked on a track
+    from 10 to 12 s), which is used when present. The file's own duration (FLV's, a tagless
+    WebM's) stands in only for a file with no other stream, whose end could be that stream's (an
+    audio track may run on past the last frame).
+    """
+    if stream.duration and stream.time_base:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+    tagged = _clock_time_s(stream.metadata.get("DURATION") or stream.metadata.get("duration") or "")
+    if tagged is not None:
+        return tagged
+    container = stream.container
+    if len(container.streams) == 1 and container.duration:  # microseconds (AV_TIME_BASE)
+        # Matroska's duration runs from 0, not from the first frame (the 10-12 s track: 12 s).
+        start = 0 if "matroska" in container.format.name else (container.start_time or 0)
+        return (start + container.duration) / 1_000_000
+    return None
+
+
+def _clock_time_s(text: str) -> float | None:
+    """Seconds of an ``HH:MM:SS.fraction`` time (Matroska's DURATION tag); None if it is not one."""
+    hours, _, rest = text.strip().partition(":")
+    minutes, _, seconds = rest.partition(":")
+    try:
+        value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return value if value > 0 and math.isfinite(value) else None
+
+
+def check_end(first_s: float, last_s: float, count: int, end_s: float, rate: float, report: DecodeReport) -> None:
+    """A stream whose last frame comes well before the end its headers declare was cut short
+    (an interrupted download or copy, a recorder that stopped): ``report`` says so and counts
+    as lost the frames the stream's rate puts between its first frame and that end, less the
+    ``count`` that came (so frames missing just before the last one count too: B-frames whose
+    packets followed it in the file). Within 2.5 frame periods is the last frame's own duration
+    and rounding."""
+    period = 1.0 / rate
+    if end_s - last_s <= 2.5 * period:
+        return
+    report.stopped_early = report.stopped_early or f"the last frame is at {last_s:.3f} s of {end_s:.3f} s"
+    after = round((end_s - last_s) * rate) - 1
+    report.frames_lost = max(report.frames_lost, after, round((end_s - first_s) * rate) - count)
+    if report.first_bad_s is None:
+        report.first_bad_s = last_s + period
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Which decoded frames to keep: every frame, every n-th, or about ``fps`` per second.

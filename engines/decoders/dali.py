@@ -20,8 +20,9 @@ Why this shape (checked against DALI 2.4):
   exact, and ``every_n``/``fps`` sampling both go through the shared
   :class:`~engines.decoders.FrameSelector`, as in PyAV's path.
 - No seeking and no partial decode: a file is read front to back (segments are PyAV's).
-- DALI reports no damage: a file it cannot decode fails as a whole (the router then falls back
-  to PyAV if nothing was yielded yet; see :mod:`engines.decoders.routed`).
+- DALI reports no damage of its own: a file it cannot decode raises, and the router decodes it,
+  or the rest of it, with PyAV (:mod:`engines.decoders.routed`). A file cut short is found as
+  PyAV's path finds it, its last frame well before the end its headers declare.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import av
 import numpy as np
 import torch
 
-from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling, frame_rate, video_stream
+from engines.decoders import (DecodeError, DecodeReport, FrameBatch, Sampling, check_end, frame_rate,
+                              video_stream)
 from engines.decoders.choice import DALI_CPU_CODECS, NVDEC_CODECS
 from engines.decoders.orientation import UPRIGHT, Orientation
 from engines.decoders.probe import StreamInfo, probe
@@ -213,6 +215,9 @@ class DaliVideoDecoder:
             self.reset()  # the operator may still hold the rest of this file
             raise
         self.files_fed += 1
+        report.frames_decoded = len(times)
+        if info.end_s is not None and info.rate:  # a file cut short holds fewer packets than its header promises
+            check_end(float(times[0]), float(times[-1]), len(times), info.end_s, info.rate, report)
 
     def _sequences(self, pipe: Any, path: Path, sampling: Sampling, times: np.ndarray) -> Iterator[FrameBatch]:
         """One batch per DALI iteration: the kept frames of one sequence (possibly none)."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import av
 
-from engines.decoders import DecodeError, cannot_open, other_video_streams, sample_aspect, video_stream
+from engines.decoders import (DecodeError, cannot_open, declared_end_s, frame_rate, other_video_streams, sample_aspect,
+                              video_stream)
 from engines.decoders.deinterlace import is_interlaced
 from engines.decoders.orientation import UPRIGHT, Orientation, orientation
 from engines.decoders.tonemap import sdr_conversion
@@ -39,6 +40,8 @@ class StreamInfo:
     sample_aspect: float = 1.0  # width over height of a pixel as shown (engines.decoders.sample_aspect)
     hdr: str | None = None  # how the first frame's HDR colours are mapped to SDR (decoders.tonemap); None: SDR
     other_video_streams: int = 0  # moving video streams besides this one (engines.decoders.other_video_streams)
+    end_s: float | None = None  # where the headers say the stream ends (engines.decoders.declared_end_s)
+    rate: float | None = None  # frames per second (engines.decoders.frame_rate)
 
     @property
     def chroma(self) -> str:
@@ -89,6 +92,8 @@ def probe(path: str | Path) -> StreamInfo:
                 sample_aspect=sample_aspect(stream),
                 hdr=sdr_conversion(first)[1] if first is not None else None,
                 other_video_streams=other_video_streams(container),
+                end_s=declared_end_s(stream),
+                rate=float(rate) if (rate := frame_rate(stream)) else None,
             )
     except (av.error.FFmpegError, OSError) as exc:
         raise cannot_open(path, exc) from None

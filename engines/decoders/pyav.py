@@ -18,8 +18,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, FrameBatch, Sampling, batch_shape,
-                              cannot_open, display_size, ffmpeg_reason, frame_rate, other_video_streams,
-                              sample_aspect, video_stream)
+                              cannot_open, check_end, declared_end_s, display_size, ffmpeg_reason, frame_rate,
+                              other_video_streams, sample_aspect, video_stream)
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
 from engines.decoders.segments import Segment, header_frames, packets_from_keyframe, presented
@@ -153,23 +153,8 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
         first = missing[0] if missing else first_error_pts
         if first is not None:
             report.first_bad_s = float(first * time_base)  # the same clock as the rows' pts_s
-    if end is None and decoded and stream.duration and (rate := frame_rate(stream)):
-        stream_end = (stream.start_time or 0) + stream.duration
-        _check_end(float(max(decoded) * time_base), float(stream_end * time_base), float(rate), report)
-
-
-def _check_end(last_s: float, end_s: float, rate: float, report: DecodeReport) -> None:
-    """A stream whose last frame comes well before the duration its header declares was cut.
-
-    Only the video stream's own duration counts (a container's may include a longer audio track).
-    """
-    period = 1.0 / rate
-    if end_s - last_s <= 2.5 * period:
-        return
-    report.stopped_early = report.stopped_early or f"the last frame is at {last_s:.3f} s of {end_s:.3f} s"
-    report.frames_lost = max(report.frames_lost, round((end_s - last_s) * rate) - 1)
-    if report.first_bad_s is None:
-        report.first_bad_s = last_s + period
+    if end is None and decoded and (end_s := declared_end_s(stream)) is not None and (rate := frame_rate(stream)):
+        check_end(float(min(decoded) * time_base), float(max(decoded) * time_base), count, end_s, float(rate), report)
 
 
 class _Batcher:

@@ -18,7 +18,7 @@ from pathlib import Path
 from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
 from engines.decoders.choice import DecoderChoice, choose_decoder
 from engines.decoders.probe import probe
-from engines.decoders.segments import Segment
+from engines.decoders.segments import Segment, shown_times
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,50 @@ class RoutedDecoder:
             return
         log.debug("%s: decoded by DALI: %s", path, choice.reason)
         batches = self._dali_decoder(choice.kind, batch_size).decode(path, sampling, report=report, info=info)
+        last: FrameBatch | None = None
         try:
-            first = next(batches, None)
+            for last in batches:
+                yield last
         except (DecodeError, RuntimeError) as exc:
             reason = str(exc).removeprefix(f"{path}: ")
-            self.last_choice = DecoderChoice("pyav", f"DALI failed before the first frame ({reason})")
-            log.warning("%s: decoded by PyAV: %s", path, self.last_choice.reason)
-            _reset(report)
-            yield from self._pyav(path, sampling, batch_size, report=report)
+            if last is None:
+                self.last_choice = DecoderChoice("pyav", f"DALI failed before the first frame ({reason})")
+                log.warning("%s: decoded by PyAV: %s", path, self.last_choice.reason)
+                _reset(report)
+                yield from self._pyav(path, sampling, batch_size, report=report)
+            else:
+                yield from self._pyav_after(path, sampling, batch_size, report, int(last.frame_index[-1]) + 1, reason)
+
+    def _pyav_after(self, path: Path, sampling: Sampling, batch_size: int, report: DecodeReport,
+                    resume: int, reason: str) -> Iterator[FrameBatch]:
+        """The frames from ``resume`` on, by PyAV, after DALI failed there (a damaged stretch of a
+        file NVDEC rejects, where FFmpeg skips the damaged packets and goes on).
+
+        The rest is decoded as a segment from that frame (a seek to the keyframe before it), so
+        the rows so far stay and no frame comes twice; ``report`` then counts the whole file: the
+        frames DALI handed on, and what PyAV found in the rest (damage, a cut-short end).
+        """
+        self.last_choice = DecoderChoice("pyav", f"DALI stopped at frame {resume}: {reason}; PyAV decoded the rest")
+        log.warning("%s: %s", path, self.last_choice.reason)
+        times, time_base = shown_times(path)
+        if resume >= len(times):  # DALI failed past the last frame: nothing is left to decode
             return
-        if first is not None:
-            yield first
-            yield from batches
+        rest = Segment(0, 1, times[resume], None, resume, previous_s=times[resume - 1] * time_base,
+                       video_start_s=times[0] * time_base)
+        # DALI's report holds no damage (it raises instead) and PyAV's sets the same size,
+        # orientation and streams; only the counts are the whole file's, not the rest's.
+        expected = report.frames_expected
+        try:
+            for batch in self._pyav(path, sampling, batch_size, report=report, segment=rest):
+                report.frames_expected = expected
+                yield batch
+        except DecodeError:  # no frame after the failure decodes: the file is damaged from there on
+            report.stopped_early = report.stopped_early or reason
+            report.frames_lost = max(report.frames_lost, len(times) - resume)
+            if report.first_bad_s is None:
+                report.first_bad_s = times[resume] * time_base
+        report.frames_decoded += resume
+        report.frames_expected = expected
 
     def _dali_decoder(self, kind: str, batch_size: int):
         from engines.decoders.dali import DaliVideoDecoder

@@ -133,6 +133,13 @@ def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:
                 float(stream.time_base or 0))
 
 
+def shown_times(path: Path) -> tuple[list[int], float]:
+    """Presentation times (stream time base, ascending) of the video stream's shown frames (one
+    per packet, as a whole decode numbers them), and the time base; packet headers only."""
+    packets, time_base = _packet_times(path)
+    return sorted(pts for pts, _ in packets), time_base
+
+
 def check_video_timestamps(path: Path) -> None:
     """:func:`check_timestamps_go_on` for a video file: for a plan, or a part stitched from
     segments, made before the check (its segments may have lost frames).
