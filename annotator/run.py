@@ -78,7 +78,8 @@ class RunSummary:
         return EXIT_SOME_INPUTS_FAILED if self.failed or self.damaged else EXIT_OK
 
     def line(self) -> str:
-        damaged = f", {self.damaged} damaged ({self.frames_lost} frames lost)" if self.damaged else ""
+        lost = f"{self.frames_lost} frame{'s' * (self.frames_lost != 1)} lost"
+        damaged = f", {self.damaged} damaged ({lost})" if self.damaged else ""
         skipped = f"; {self.not_videos}" if self.not_videos else ""
         return (f"{self.out}: {counted(self.videos, 'video')} ({self.skipped} already done, {self.failed} failed"
                 f"{damaged}), {counted(self.frames, 'frame')}, {counted(self.faces, 'face')}, {self.fps:.1f} frames/s"

@@ -85,11 +85,15 @@ def test_a_damaged_video_keeps_its_rows_and_ends_with_the_damage(clean300, tmp_p
     message = errors.column("error")[0].as_py()
     assert message.startswith(f"{bad}: damaged: 2 damaged packets skipped;") and "frames lost, the first at 3." in message
     assert errors.column("video_id")[0].as_py() == rows.column("video_id")[0].as_py()
-    assert summary.failed == 0 and summary.damaged == 1 and summary.frames_lost == 2
-    assert summary.exit_code == EXIT_SOME_INPUTS_FAILED and "1 damaged (2 frames lost)" in summary.line()
+    # Of the 2 frames lost, a sampled run may not have decoded one (nothing needed it, see
+    # engines.decoders.skipping): what it could not have checked, it does not count.
+    lost = summary.frames_lost
+    assert summary.failed == 0 and summary.damaged == 1 and lost in (1, 2)
+    assert summary.exit_code == EXIT_SOME_INPUTS_FAILED
+    assert f"1 damaged ({lost} frame{'s' * (lost > 1)} lost)" in summary.line()
     assert any("damaged" in p for p in summary.problems)
     (facts,) = read_metadata(out)["videos"]
-    assert facts["damage"] == message.split(": ", 1)[1] and facts["frames_lost"] == 2
+    assert facts["damage"] == message.split(": ", 1)[1] and facts["frames_lost"] == lost
 
 
 def test_a_cut_off_file_keeps_its_head(frames, tmp_path):

@@ -1,7 +1,8 @@
 """The CPU decoder: PyAV (FFmpeg), sequential decode with frame threading, no seeking.
 
 Frames that sampling drops are never converted to RGB, which is most of a decoder's cost
-after the bitstream itself. Kept frames are converted (and, for frames beyond the batch's pixel
+after the bitstream itself, and those no other frame refers to are not even decoded
+(:mod:`engines.decoders.skipping`). Kept frames are converted (and, for frames beyond the batch's pixel
 budget, scaled) by one FFmpeg call straight into the batch, turned upright as the display matrix
 says, and a damaged file is decoded packet by packet, skipping what FFmpeg refuses.
 """
@@ -23,6 +24,7 @@ from engines.decoders import (CPU_BATCH_PIXELS, DecodeError, DecodeReport, Frame
 from engines.decoders.deinterlace import deinterlaced
 from engines.decoders.orientation import orientation
 from engines.decoders.segments import Segment, header_frames, packets_from_keyframe, presented
+from engines.decoders.skipping import SkipPlan
 from engines.decoders.tonemap import sdr_conversion
 
 
@@ -65,12 +67,13 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
                    else packets_from_keyframe(container, stream, piece.start_pts))
         batcher: _Batcher | None = None
         count = 0
-        frames = _frames(packets, stream, report, piece)
+        plan = SkipPlan.for_decode(path, sampling, piece)  # None: every frame decoded
+        frames = _frames(packets, stream, report, piece, plan)
         if deinterlace:
             frames = deinterlaced(frames, stream, str(path))
         for count, frame in enumerate(frames, start=1):
-            report.frames_decoded = count  # as it goes: a worker's stall watchdog reads it
-            index = piece.first_frame + count - 1
+            index = piece.first_frame + count - 1 if plan is None else plan.index(frame, count)
+            report.frames_decoded = index - piece.first_frame + 1  # as it goes: a worker's stall watchdog reads it
             pts_s = frame.time if frame.time is not None else index / fallback_rate
             if not selector.keep(index, pts_s):
                 continue
@@ -82,7 +85,8 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
                 yield batch
             if (batch := batcher.add(frame, index, pts_s)) is not None:
                 yield batch
-        report.frames_decoded = count
+        # Frames left undecoded on purpose are not lost: they count with the decoded ones.
+        report.frames_decoded = count + (plan.skipped_count if plan is not None else 0)
         if report.frames_decoded == 0:
             what = f"; {report.describe()}" if report.damaged else ""
             raise DecodeError(f"{path}: no frames decoded{what}")
@@ -91,7 +95,7 @@ def decode(path: str | Path, sampling: Sampling, batch_size: int, *, max_pixels:
 
 
 def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
-            report: DecodeReport, piece: Segment) -> Iterator[av.VideoFrame]:
+            report: DecodeReport, piece: Segment, plan: SkipPlan | None = None) -> Iterator[av.VideoFrame]:
     """The segment's decoded frames, packet by packet: a damaged packet is skipped, not fatal.
 
     Frames come out in presentation order, so the segment ends at the first frame at or after
@@ -100,6 +104,8 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
     for a whole file cut short) minus the frames that came out, neither counting the packets an
     edit list hides (:func:`~engines.decoders.segments.presented`); the first lost one is found by
     timestamp, because with frame threading FFmpeg reports a damaged packet a few packets late.
+    ``plan``: frames the sampling drops and nothing refers to are left undecoded
+    (:mod:`engines.decoders.skipping`), and count as neither decoded nor lost.
     """
     start, end = piece.start_pts, piece.end_pts
 
@@ -124,11 +130,15 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
             hidden += 1  # decoded for its references, never shown: an edit list trims it
         elif packet is not None and presented(packet) and inside(packet.pts):
             demuxed.append(packet.pts)
+        if plan is not None and packet is not None:
+            plan.send(stream.codec_context, packet.pts)
         try:
             # A None packet flushes the decoder, so frames it holds come out after a cut.
             frames = stream.codec_context.decode(packet) if packet is None else packet.decode()
         except av.error.FFmpegError:
             report.bad_packets += 1
+            if plan is not None:
+                plan.stop(stream.codec_context)  # from here on, a lost frame is told from a skipped one
             if first_error_pts is None and packet is not None:
                 first_error_pts = packet.pts
             continue
@@ -141,20 +151,29 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
             count += 1
             if frame.pts is not None:
                 decoded.add(frame.pts)
+            if plan is not None:
+                plan.frame_out(frame)
+                if frame.interlaced_frame:
+                    plan.stop(stream.codec_context)  # bwdif reads each frame's neighbours
             yield frame
         if packet is None:
             break
+    skipped = plan.skipped(decoded) & set(demuxed) if plan is not None else set()  # the piece's own
+    count += len(skipped)  # frames the file holds that are accounted for
+    if plan is not None:
+        plan.skipped_count = len(skipped)
     whole = start is None and end is None
     expected = max(len(demuxed), (stream.frames or 0) - hidden if whole else 0)
     report.frames_lost = max(0, expected - count)
     time_base = stream.time_base or 0
     if report.frames_lost or report.bad_packets or report.stopped_early:
-        missing = sorted(set(demuxed) - decoded)
+        missing = sorted(set(demuxed) - decoded - skipped)
         first = missing[0] if missing else first_error_pts
         if first is not None:
             report.first_bad_s = float(first * time_base)  # the same clock as the rows' pts_s
     if end is None and decoded and (end_s := declared_end_s(stream)) is not None and (rate := frame_rate(stream)):
-        check_end(float(min(decoded) * time_base), float(max(decoded) * time_base), count, end_s, float(rate), report)
+        first, last = min(decoded | skipped), max(decoded | skipped)
+        check_end(float(first * time_base), float(last * time_base), count, end_s, float(rate), report)
 
 
 class _Batcher:

@@ -13,6 +13,7 @@ import bisect
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -124,13 +125,19 @@ class TimestampsGoBack(Exception):
     frames matched to its sorted timestamps (DALI's decoder)."""
 
 
-def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:
+def shown_packets(path: Path) -> tuple[list[tuple[int, bool]], Fraction]:
     """(pts, is keyframe) of each packet of the video stream that is shown, in file order, and
-    the stream's time base; packet headers only, no decoding."""
+    the stream's time base (0 if none); packet headers only, no decoding."""
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
         return ([(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)],
-                float(stream.time_base or 0))
+                Fraction(stream.time_base or 0))
+
+
+def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:
+    """:func:`shown_packets` with the time base as a float."""
+    packets, time_base = shown_packets(path)
+    return packets, float(time_base)
 
 
 def shown_times(path: Path) -> tuple[list[int], float]:
