@@ -24,11 +24,13 @@ from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
 from engines.decoders import pyav as pyav_decoder
 from engines.decoders import routed
 from engines.decoders.choice import DecoderChoice
-from faults import carphone_frames, overwrite_packets, write_clip
+from faults import carphone_frames, overwrite_packets, truncate, write_clip
 
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 FRAMES = 90
 SAMPLINGS = [Sampling(), Sampling(every_n=7), Sampling(fps=4.0)]
+needs_dali = pytest.mark.skipif(
+    not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,8 @@ def test_the_rest_of_a_file_dali_fails_on_is_decoded_by_pyav(clean: Path, sampli
     np.testing.assert_allclose(pts, want_pts)
     np.testing.assert_array_equal(pixels, want_pixels)  # the same frames, not their neighbours
     assert report.frames_decoded == FRAMES and report.frames_expected == FRAMES and not report.damaged
-    resume = {Sampling(): 64, Sampling(every_n=7): 50, Sampling(fps=4.0): 54}[sampling]  # after the last batch handed on
+    # The frame after the last batch handed on.
+    resume = {Sampling(): 64, Sampling(every_n=7): 50, Sampling(fps=4.0): 54}[sampling]
     assert decoder.last_choice.reason.startswith(f"DALI stopped at frame {resume}: DALI decode failed")
     assert f"{clean}: DALI stopped at frame {resume}" in caplog.text
 
@@ -122,7 +125,7 @@ def test_a_file_that_decodes_no_further_keeps_its_head_and_says_what_was_lost(
     assert report.damaged and report.frames_decoded == len(head) and report.frames_lost == FRAMES - len(head)
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
+@needs_dali
 @pytest.mark.parametrize("sampling", SAMPLINGS[:2], ids=["every-frame", "every-7th"])
 def test_dalis_cpu_reader_fails_on_a_damaged_vp9_file_and_pyav_decodes_the_rest(
         frames: list[np.ndarray], tmp_path: Path, sampling: Sampling) -> None:
@@ -142,10 +145,8 @@ def test_dalis_cpu_reader_fails_on_a_damaged_vp9_file_and_pyav_decodes_the_rest(
         reference.frames_decoded, reference.frames_lost, reference.bad_packets)
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
+@needs_dali
 def test_dali_says_a_cut_off_webm_download_was_cut(frames: list[np.ndarray], tmp_path: Path) -> None:
-    from faults import truncate
-
     whole = write_clip(tmp_path / "whole.webm", frames, FRAMES, codec="libvpx-vp9")
     cut = truncate(whole, tmp_path / "cut.webm", 0.6)
     decoder = routed.RoutedDecoder("dali", "cpu")

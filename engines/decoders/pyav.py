@@ -2,9 +2,9 @@
 
 Frames that sampling drops are never converted to RGB, which is most of a decoder's cost
 after the bitstream itself, and those no other frame refers to are not even decoded
-(:mod:`engines.decoders.skipping`). Kept frames are converted (and, for frames beyond the batch's pixel
-budget, scaled) by one FFmpeg call straight into the batch, turned upright as the display matrix
-says, and a damaged file is decoded packet by packet, skipping what FFmpeg refuses.
+(:mod:`engines.decoders.skipping`). Kept frames are converted (and, for frames beyond the
+batch's pixel budget, scaled) by one FFmpeg call straight into the batch, turned upright as the
+display matrix says, and a damaged file is decoded packet by packet, skipping what FFmpeg refuses.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _frames(packets: Iterator[av.Packet], stream: av.video.stream.VideoStream,
     edit list hides (:func:`~engines.decoders.segments.presented`); the first lost one is found by
     timestamp, because with frame threading FFmpeg reports a damaged packet a few packets late.
     ``plan``: frames the sampling drops and nothing refers to are left undecoded
-    (:mod:`engines.decoders.skipping`), and count as neither decoded nor lost.
+    (:mod:`engines.decoders.skipping`); they are accounted for with the decoded ones, not lost.
     """
     start, end = piece.start_pts, piece.end_pts
 
