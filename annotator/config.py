@@ -66,6 +66,34 @@ class ConfigError(ValueError):
     """An option value that cannot work; the message is one line naming the option."""
 
 
+#: --out names that ask for a file of another format: annotate writes Parquet only, and would take
+#: such a name for a directory of parts (``--out results.csv`` made a directory named so).
+_OTHER_FORMATS = frozenset({".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".ods",
+                            ".feather", ".arrow", ".ipc", ".orc", ".avro", ".h5", ".hdf5", ".hdf", ".pkl",
+                            ".pickle", ".npy", ".npz", ".mat", ".db", ".sqlite", ".duckdb"})
+#: Other spellings of a Parquet file's suffix, which would also have made a directory.
+_PARQUET_SPELLINGS = frozenset({".pq", ".parq", ".parquet"})
+
+
+def check_out_name(out: Path) -> None:
+    """Refuse an ``--out`` whose name asks for what annotate would not write (an existing
+    directory of that name, an earlier run's output, is left to the ownership check).
+
+    Raises:
+        ConfigError: the name ends in another table format's suffix, or spells Parquet's
+            otherwise than ``.parquet``.
+    """
+    suffix = out.suffix
+    if out.is_dir() or suffix == ".parquet":
+        return
+    if suffix.lower() in _OTHER_FORMATS:
+        raise ConfigError(f"--out {out}: annotate writes Parquet, not {suffix}; give a .parquet file or a "
+                          f"directory (pandas.read_parquet(...).to_csv(...) converts the result)")
+    if suffix.lower() in _PARQUET_SPELLINGS:
+        raise ConfigError(f"--out {out}: a single result file is named *.parquet (another name is taken "
+                          f"for a directory of parts); give {out.with_suffix('.parquet')}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one ``annotate run`` needs; see ``annotate run --help`` for each field."""

@@ -84,6 +84,26 @@ def test_out_dot_overwrite_is_refused_before_any_work(carphone, users_folder):
     assert _tree(users_folder) == before
 
 
+@pytest.mark.parametrize(("name", "says"), [
+    ("results.csv", "annotate writes Parquet, not .csv; give a .parquet file or a directory"),
+    ("results.xlsx", "annotate writes Parquet, not .xlsx"),
+    ("results.pq", "a single result file is named *.parquet"),
+    ("results.PARQUET", "a single result file is named *.parquet"),
+])
+def test_an_out_named_for_another_format_is_refused_before_any_work(carphone, tmp_path, name, says):
+    """Before, ``--out results.csv`` made a directory of that name full of Parquet parts."""
+    done = _annotate("run", str(carphone), "--out", name, "--workers", "0", cwd=tmp_path)
+    assert done.returncode == 2 and says in _one_line(done)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_output_directory_of_such_a_name_still_resumes(carphone, tmp_path):
+    out = tmp_path / "results.csv"
+    run(_config([carphone], out), progress=False)  # as an earlier version wrote it
+    done = _annotate("run", str(carphone), "--out", str(out), "--workers", "0", "--every-n", "10", "--no-progress")
+    assert done.returncode == 0 and "1 already done" in done.stdout, done.stderr[-2000:]
+
+
 def test_overwrite_removes_only_our_parts(carphone, tmp_path):
     out = tmp_path / "results"
     run(_config([carphone], out), progress=False)

@@ -20,6 +20,7 @@ from annotator.config import (
     MAX_PIPELINES_PER_GPU,
     ConfigError,
     RunConfig,
+    check_out_name,
 )
 from engines.decoders import Sampling
 from engines.sources import FetchError
@@ -132,6 +133,7 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
     if scorer.exists():  # a model directory or spec: absolute, so every Ray worker finds it
         options["scorer"] = str(scorer.resolve())
     try:
+        check_out_name(out)
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
         summary = run(config, progress=not no_progress)
     except (ConfigError, OutputBusy) as exc:
