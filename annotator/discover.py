@@ -23,9 +23,12 @@ from engines.decoders import VIDEO_EXTENSIONS
 class Discovery:
     """What the inputs hold."""
 
-    videos: list[Path] = field(default_factory=list)  # sorted, absolute, no duplicates
+    videos: list[Path] = field(default_factory=list)  # sorted, absolute, no duplicates (one path per file)
     problems: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason): error rows
     skipped: Counter[str] = field(default_factory=Counter)  # extension -> files that are not videos
+    # (path left out, path kept): another path to a file already listed (a symbolic link, a
+    # folder given twice under two names), which would have been annotated twice into one part
+    aliases: list[tuple[Path, Path]] = field(default_factory=list)
 
     def skipped_line(self) -> str:
         """e.g. "skipped 3 files that are not videos (.m4a 1, .txt 2)"; empty when none."""
@@ -103,4 +106,19 @@ def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
     if not found and not problems:
         shown = ", ".join(str(p) for p in paths)
         raise ConfigError(f"{shown}: no video files found (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    return Discovery(sorted(found), sorted(problems.items()), skipped)
+    videos, aliases = _one_path_per_file(found)
+    return Discovery(videos, sorted(problems.items()), skipped, aliases=aliases)
+
+
+def _one_path_per_file(found: dict[Path, None]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """The paths of ``found``, one per real file (its own path where given, else the first in
+    order), and the others with the path kept for each. A video's part is named by its real path
+    (annotator.writer.part_key), so two paths to one file were annotated twice into one part."""
+    kept: dict[str, Path] = {}
+    for path in sorted(found):
+        real = os.path.realpath(path)
+        if real not in kept or (str(path) == real and str(kept[real]) != real):
+            kept[real] = path
+    chosen = set(kept.values())
+    aliases = [(path, kept[os.path.realpath(path)]) for path in sorted(found) if path not in chosen]
+    return sorted(chosen), aliases

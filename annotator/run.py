@@ -249,6 +249,9 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     lookup_models(config)
     require_device(config)  # --device cuda without a GPU: one line now, not a wait forever
     found = find_videos(config.inputs)
+    if found.aliases:
+        log.warning("%s to videos listed under another path (symbolic links?), annotated once: %s",
+                    counted(len(found.aliases), "path"), listed([f"{alias} (= {kept})" for alias, kept in found.aliases]))
     layout = OutputLayout(config.out)
     base = _check_single_file(layout, config)
     with OutputClaim(layout.parts_dir) as claim:

@@ -32,3 +32,29 @@ def test_missing_path_and_empty_folder(tmp_path):
         find_videos([tmp_path / "nope"])
     with pytest.raises(ConfigError, match="no video files"):
         find_videos([tmp_path])
+
+
+def test_two_paths_to_one_file_are_one_video(tmp_path):
+    """A dataset's split folders often link into the raw one. Each video's part is named by its
+    real path, so a file found under two paths was annotated twice into one part (the run said
+    "2 videos", the output held one)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.mp4").write_bytes(b"")
+    (raw / "b.mp4").write_bytes(b"")
+    (tmp_path / "train").mkdir()
+    os.symlink(raw / "a.mp4", tmp_path / "train" / "a.mp4")  # a link to a file
+    os.symlink(raw, tmp_path / "everything")  # a link to a folder
+    found = find_videos([tmp_path / "train", raw, tmp_path / "everything", raw / "b.mp4"])
+    assert found.videos == [raw / "a.mp4", raw / "b.mp4"]  # the files' own paths are kept
+    assert found.aliases == [(tmp_path / "everything" / "a.mp4", raw / "a.mp4"),
+                             (tmp_path / "everything" / "b.mp4", raw / "b.mp4"),
+                             (tmp_path / "train" / "a.mp4", raw / "a.mp4")]
+
+
+def test_a_link_alone_keeps_its_own_path(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"")
+    os.symlink(tmp_path / "raw" / "a.mp4", tmp_path / "link.mp4")
+    found = find_videos([tmp_path / "link.mp4"])
+    assert found.videos == [tmp_path / "link.mp4"] and found.aliases == []
