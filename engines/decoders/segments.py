@@ -125,13 +125,39 @@ class TimestampsGoBack(Exception):
     frames matched to its sorted timestamps (DALI's decoder)."""
 
 
-def shown_packets(path: Path) -> tuple[list[tuple[int, bool]], Fraction]:
+#: Packets read past a segment's end keyframe for the frames shown before it but stored after
+#: it (an open GOP's leading pictures).
+_REORDER_PACKETS = 64
+
+
+def shown_packets(path: Path, piece: Segment | None = None) -> tuple[list[tuple[int, bool]], Fraction]:
     """(pts, is keyframe) of each packet of the video stream that is shown, in file order, and
-    the stream's time base (0 if none); packet headers only, no decoding."""
+    the stream's time base (0 if none); packet headers only, no decoding. ``piece``: only the
+    packets from its keyframe to a little past its end (a segment needs no more)."""
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
-        return ([(p.pts, p.is_keyframe) for p in container.demux(stream) if presented(p)],
-                Fraction(stream.time_base or 0))
+        if piece is None or piece.start_pts is None and piece.end_pts is None:
+            packets = container.demux(stream)
+        else:
+            packets = _packets_of(container, stream, piece)
+        return [(p.pts, p.is_keyframe) for p in packets if presented(p)], Fraction(stream.time_base or 0)
+
+
+def _packets_of(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                piece: Segment) -> Iterator[av.Packet]:
+    """The packets of ``piece``: from its keyframe (the file's start for the first) to
+    :data:`_REORDER_PACKETS` past the first keyframe at or after its end."""
+    start, end = piece.start_pts, piece.end_pts
+    packets = container.demux(stream) if start is None else packets_from_keyframe(container, stream, start)
+    after_end = None
+    for packet in packets:
+        yield packet
+        if after_end is not None:
+            after_end += 1
+            if after_end >= _REORDER_PACKETS:
+                return
+        elif end is not None and packet.is_keyframe and packet.pts is not None and packet.pts >= end:
+            after_end = 0
 
 
 def _packet_times(path: Path) -> tuple[list[tuple[int, bool]], float]:

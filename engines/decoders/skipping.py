@@ -62,7 +62,7 @@ class SkipPlan:
         if sampling.every_n == 1 and sampling.fps is None:
             return None
         try:
-            packets, time_base = shown_packets(Path(path))
+            packets, time_base = shown_packets(Path(path), piece)
             check_timestamps_go_on(packets, float(time_base))
         except (TimestampsGoBack, DecodeError, av.error.FFmpegError, OSError):
             return None
@@ -99,8 +99,10 @@ class SkipPlan:
         piece = self.piece
         selector = self.sampling.selector(start_s=piece.video_start_s, previous_s=piece.previous_s)
         stop = len(self.times) if piece.end_pts is None else bisect.bisect_left(self.times, piece.end_pts)
+        # pts * num / den: integer true division rounds as PyAV's frame.time (float(pts * time_base)) does.
+        num, den = self.time_base.numerator, self.time_base.denominator
         return [pts for rank, pts in enumerate(self.times[first_rank:stop], start=first_rank)
-                if selector.keep(piece.first_frame + rank - first_rank, float(pts * self.time_base))]
+                if selector.keep(piece.first_frame + rank - first_rank, pts * num / den)]
 
     def index(self, frame: av.VideoFrame, count: int) -> int:
         """``frame_index`` of the ``count``-th frame out: its position by time (frames left
