@@ -251,7 +251,8 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     found = find_videos(config.inputs)
     if found.aliases:
         log.warning("%s to videos listed under another path (symbolic links?), annotated once: %s",
-                    counted(len(found.aliases), "path"), listed([f"{alias} (= {kept})" for alias, kept in found.aliases]))
+                    counted(len(found.aliases), "path"),
+                    listed([f"{alias} (= {kept})" for alias, kept in found.aliases]))
     layout = OutputLayout(config.out)
     base = _check_single_file(layout, config)
     with OutputClaim(layout.parts_dir) as claim:
