@@ -56,13 +56,15 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
+def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = ()) -> Discovery:
     """Video files under ``paths``, plus the entries that could not be taken and why.
 
     A file named explicitly is taken whatever its extension (the user asked for it; if it is not
     a video, the run records why). Folders are walked recursively for known video extensions;
     hidden files and folders are skipped, and each symlinked folder is followed once, so a link
-    cycle cannot loop.
+    cycle cannot loop. ``own``: the run's output (its parts folder, its merged file), passed over
+    without a word where it lies among the videos (``annotate run . --out results/``), where it
+    was counted among the files that are not videos.
 
     Raises:
         ConfigError: a path given does not exist, or there is nothing to annotate.
@@ -81,6 +83,7 @@ def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
     def unreadable_folder(exc: OSError) -> None:
         problems[Path(exc.filename).absolute()] = f"cannot list the folder ({exc.strerror or exc})"
 
+    ours = {os.path.realpath(p) for p in own}
     for path in paths:
         if not os.path.lexists(path):
             raise ConfigError(f"{path}: no such file or directory")
@@ -94,9 +97,9 @@ def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
                 dirs[:] = []
                 continue
             seen_dirs.add(real)
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _among(root, d, ours))
             for name in files:
-                if name.startswith("."):
+                if name.startswith(".") or (name.endswith(".parquet") and _among(root, name, ours)):
                     continue
                 suffix = Path(name).suffix.lower()
                 if suffix in VIDEO_EXTENSIONS:
@@ -108,6 +111,10 @@ def find_videos(paths: tuple[Path, ...] | list[Path]) -> Discovery:
         raise ConfigError(f"{shown}: no video files found (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
     videos, aliases = _one_path_per_file(found)
     return Discovery(videos, sorted(problems.items()), skipped, aliases=aliases)
+
+
+def _among(root: str, name: str, real_paths: set[str]) -> bool:
+    return bool(real_paths) and os.path.realpath(os.path.join(root, name)) in real_paths
 
 
 def _one_path_per_file(found: dict[Path, None]) -> tuple[list[Path], list[tuple[Path, Path]]]:

@@ -248,12 +248,12 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lookup_models(config)
     require_device(config)  # --device cuda without a GPU: one line now, not a wait forever
-    found = find_videos(config.inputs)
+    layout = OutputLayout(config.out)
+    found = find_videos(config.inputs, own=(layout.parts_dir, layout.out))
     if found.aliases:
         log.warning("%s to videos listed under another path (symbolic links?), annotated once: %s",
                     counted(len(found.aliases), "path"),
                     listed([f"{alias} (= {kept})" for alias, kept in found.aliases]))
-    layout = OutputLayout(config.out)
     base = _check_single_file(layout, config)
     with OutputClaim(layout.parts_dir) as claim:
         try:

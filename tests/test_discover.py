@@ -58,3 +58,18 @@ def test_a_link_alone_keeps_its_own_path(tmp_path):
     os.symlink(tmp_path / "raw" / "a.mp4", tmp_path / "link.mp4")
     found = find_videos([tmp_path / "link.mp4"])
     assert found.videos == [tmp_path / "link.mp4"] and found.aliases == []
+
+
+def test_the_runs_own_output_among_the_videos_is_passed_over(tmp_path):
+    """``annotate run . --out results/`` in the videos' folder: a re-run counted its own parts
+    among "files that are not videos" (10,000 of them for 10,000 videos)."""
+    (tmp_path / "a.mp4").write_bytes(b"")
+    for own in ("results/part-1.parquet", "all.parquet.parts/part-1.parquet", "all.parquet"):
+        (tmp_path / own).parent.mkdir(exist_ok=True)
+        (tmp_path / own).write_bytes(b"")
+    found = find_videos([tmp_path], own=(tmp_path / "results", tmp_path / "results"))
+    assert found.videos == [tmp_path / "a.mp4"]
+    # Another run's output is counted as before: it is not this run's.
+    assert found.skipped_line() == "skipped 2 files that are not videos (.parquet 2)"
+    found = find_videos([tmp_path], own=(tmp_path / "all.parquet.parts", tmp_path / "all.parquet"))
+    assert found.skipped_line() == "skipped 1 file that is not a video (.parquet 1)"
