@@ -51,14 +51,16 @@ class FailingPartWay:
     with a PyAV decode of the whole file; DALI numbers frames in presentation order as PyAV does.
     """
 
-    def __init__(self, fail_at: int) -> None:
-        self.fail_at = fail_at
+    def __init__(self, fail_at: int, then_remove: bool = False) -> None:
+        self.fail_at, self.then_remove = fail_at, then_remove
 
     def decode(self, path: Path, sampling: Sampling, *, report: DecodeReport, info: object) -> Iterator[FrameBatch]:
         report.frames_expected = FRAMES  # DALI's: the packets the file holds
         found = DecodeReport()
         for batch in pyav_decoder.decode(path, sampling, 8, report=found):
             if batch.frame_index[-1] >= self.fail_at:
+                if self.then_remove:  # the file goes (a network share drops, a copy is moved away)
+                    path.unlink()
                 raise DecodeError(f"{path}: DALI decode failed (Failed to send packet to decoder)")
             report.frames_decoded = int(batch.frame_index[-1]) + 1
             yield batch
@@ -123,6 +125,17 @@ def test_a_file_that_decodes_no_further_keeps_its_head_and_says_what_was_lost(
     head = _frames_of(batches)[0]
     assert head == _frames_of(want)[0] and len(head) >= 32  # (B-frames stored after frame 40 go with it)
     assert report.damaged and report.frames_decoded == len(head) and report.frames_lost == FRAMES - len(head)
+
+
+def test_a_file_gone_when_dali_fails_keeps_what_dali_handed_on(clean: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(clean.read_bytes())
+    batches, report = _decoded(_routed_through(monkeypatch, FailingPartWay(fail_at=40, then_remove=True)), copy,
+                               Sampling())
+    assert _frames_of(batches)[0] == list(range(40))
+    assert report.damaged and report.stopped_early.startswith("DALI decode failed")
+    assert (report.frames_decoded, report.frames_lost) == (40, FRAMES - 40)
 
 
 @needs_dali

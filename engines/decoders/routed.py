@@ -15,6 +15,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
+
 from engines.decoders import DecodeError, DecodeReport, FrameBatch, Sampling
 from engines.decoders.choice import DecoderChoice, choose_decoder
 from engines.decoders.probe import probe
@@ -109,11 +111,17 @@ class RoutedDecoder:
 
         The rest is decoded as a segment from that frame (a seek to the keyframe before it), so
         the rows so far stay and no frame comes twice; ``report`` then counts the whole file: the
-        frames DALI handed on, and what PyAV found in the rest (damage, a cut-short end).
+        frames DALI handed on, and what PyAV found in the rest (damage, a cut-short end). A file
+        that can no longer be read keeps what DALI handed on, and the rest is reported lost.
         """
         self.last_choice = DecoderChoice("pyav", f"DALI stopped at frame {resume}: {reason}; PyAV decoded the rest")
         log.warning("%s: %s", path, self.last_choice.reason)
-        times, time_base = shown_times(path)
+        try:
+            times, time_base = shown_times(path)
+        except (av.error.FFmpegError, OSError, DecodeError):  # gone or unreadable since DALI opened it
+            report.stopped_early = reason  # what DALI handed on stays; the rest is lost
+            report.frames_lost = max(report.frames_lost, report.frames_expected - resume)
+            return
         if resume >= len(times):  # DALI failed past the last frame: nothing is left to decode
             return
         rest = Segment(0, 1, times[resume], None, resume, previous_s=times[resume - 1] * time_base,
