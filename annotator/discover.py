@@ -118,14 +118,31 @@ def _among(root: str, name: str, real_paths: set[str]) -> bool:
 
 
 def _one_path_per_file(found: dict[Path, None]) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """The paths of ``found``, one per real file (its own path where given, else the first in
-    order), and the others with the path kept for each. A video's part is named by its real path
-    (annotator.writer.part_key), so two paths to one file were annotated twice into one part."""
-    kept: dict[str, Path] = {}
+    """The paths of ``found``, one per file (its own path where given, else the first in order),
+    and the others with the path kept for each. A file is its device and inode, so symbolic
+    links and hard links both count: a video's part is named by its real path
+    (annotator.writer.part_key), so two symbolic links to one file were annotated twice into one
+    part, and two hard links twice into two parts, the same rows under two names."""
+    kept: dict[object, Path] = {}
+    identity: dict[Path, object] = {}
     for path in sorted(found):
-        real = os.path.realpath(path)
-        if real not in kept or (str(path) == real and str(kept[real]) != real):
-            kept[real] = path
+        identity[path] = ident = _file_identity(path)
+        if ident not in kept or (_is_own_path(path) and not _is_own_path(kept[ident])):
+            kept[ident] = path
     chosen = set(kept.values())
-    aliases = [(path, kept[os.path.realpath(path)]) for path in sorted(found) if path not in chosen]
+    aliases = [(path, kept[identity[path]]) for path in sorted(found) if path not in chosen]
     return sorted(chosen), aliases
+
+
+def _file_identity(path: Path) -> object:
+    """(device, inode) of the file ``path`` leads to; its real path if it is gone meanwhile."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (info.st_dev, info.st_ino)
+
+
+def _is_own_path(path: Path) -> bool:
+    """Whether ``path`` names its file without passing through a symbolic link."""
+    return str(path) == os.path.realpath(path)

@@ -251,7 +251,7 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     layout = OutputLayout(config.out)
     found = find_videos(config.inputs, own=(layout.parts_dir, layout.out))
     if found.aliases:
-        log.warning("%s to videos listed under another path (symbolic links?), annotated once: %s",
+        log.warning("%s to videos listed under another path (links?), annotated once: %s",
                     counted(len(found.aliases), "path"),
                     listed([f"{alias} (= {kept})" for alias, kept in found.aliases]))
     base = _check_single_file(layout, config)

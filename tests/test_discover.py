@@ -52,6 +52,21 @@ def test_two_paths_to_one_file_are_one_video(tmp_path):
                              (tmp_path / "train" / "a.mp4", raw / "a.mp4")]
 
 
+def test_hard_links_to_one_file_are_one_video(tmp_path):
+    """A hard link has a real path of its own, so it passed as another video: its part, named by
+    that path, held the same rows again under another name. A copy stays a video of its own."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"same bytes")
+    (tmp_path / "raw" / "copy.mp4").write_bytes(b"same bytes")
+    os.link(tmp_path / "raw" / "a.mp4", tmp_path / "test" / "a.mp4")
+    os.symlink(tmp_path / "test" / "a.mp4", tmp_path / "soft.mp4")  # a symbolic link to the hard link
+    found = find_videos([tmp_path / "test", tmp_path / "soft.mp4", tmp_path / "raw"])
+    assert found.videos == [tmp_path / "raw" / "a.mp4", tmp_path / "raw" / "copy.mp4"]
+    assert found.aliases == [(tmp_path / "soft.mp4", tmp_path / "raw" / "a.mp4"),
+                             (tmp_path / "test" / "a.mp4", tmp_path / "raw" / "a.mp4")]
+
+
 def test_a_link_alone_keeps_its_own_path(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.mp4").write_bytes(b"")
