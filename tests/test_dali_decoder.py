@@ -2,8 +2,8 @@
 
 Without a GPU the graph runs on DALI's CPU backend, which reads only VP8/VP9/MJPEG, so the clips
 here are VP9 made with PyAV, with the frame number burned in as a grey level. The H.264 path
-(NVDEC) is covered by the ``gpu`` test on the carphone clip. CI installs ``.[test]`` only (DALI's
-wheel is ~0.8 GB installed), so there this module skips with that reason.
+(NVDEC) is covered by the ``gpu`` test on the carphone clip. ``.[test]`` installs DALI on x86-64
+Linux, so CI runs this module; elsewhere it skips with that reason.
 """
 
 from __future__ import annotations

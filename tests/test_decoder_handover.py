@@ -30,7 +30,7 @@ HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.fin
 FRAMES = 90
 SAMPLINGS = [Sampling(), Sampling(every_n=7), Sampling(fps=4.0)]
 needs_dali = pytest.mark.skipif(
-    not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
+    not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120; .[test] has it on x86-64 Linux)")
 
 
 @pytest.fixture(scope="module")

@@ -263,7 +263,7 @@ def test_gpu_family(name: str | None, family: str | None) -> None:
     assert gpu_family(name) == family
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120; .[test] has it on x86-64 Linux)")
 def test_dali_on_a_cpu_reads_vp9_and_mjpeg_and_hands_the_rest_to_pyav(clips: dict[str, Path]) -> None:
     from engines.decoders.routed import RoutedDecoder
 
@@ -281,7 +281,7 @@ def test_dali_on_a_cpu_reads_vp9_and_mjpeg_and_hands_the_rest_to_pyav(clips: dic
     assert pipeline.files_fed == 3  # one DALI pipeline, fed three files in turn
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120); CI installs .[test] only")
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120; .[test] has it on x86-64 Linux)")
 def test_a_file_dali_fails_on_falls_back_to_pyav(clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     from engines.decoders import choice as choice_module
