@@ -94,6 +94,10 @@ def check_out_name(out: Path) -> None:
                           f"for a directory of parts); give {out.with_suffix('.parquet')}")
 
 
+#: Input paths a run's metadata lists; past this many it gives their count (options_for_metadata).
+INPUTS_RECORDED = 20
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one ``annotate run`` needs; see ``annotate run --help`` for each field."""
@@ -124,6 +128,10 @@ class RunConfig:
     temporal: bool = False  # the scorer directory's CNN + GRU head over each face track (annotator.temporal)
     # A Ray worker with no progress this long ends (annotator.watchdog); one frozen is killed (actor_pool).
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S
+    # Paths read from --files-from (annotator.file_list), and the list's name ("-": standard input).
+    # Unlike ``inputs``, a listed path that does not exist is that path's error row, not a usage error.
+    listed: tuple[Path, ...] = ()
+    files_from: str | None = None
 
 
     def __post_init__(self) -> None:
@@ -191,7 +199,15 @@ class RunConfig:
     def options_for_metadata(self) -> dict[str, object]:
         """The run's options as plain JSON values, for the Parquet file metadata."""
         values = dataclasses.asdict(self)
-        values["inputs"] = [str(p) for p in self.inputs]
+        # Every part's footer carries these options: a run over 10,000 paths named one by one
+        # would write them all into each of its 10,000 parts (twice a part: about 1 MB each), so
+        # past a few the paths are counted, not listed (the rows name each video anyway).
+        values["inputs"] = [str(p) for p in self.inputs[:INPUTS_RECORDED]]
+        if len(self.inputs) > INPUTS_RECORDED:
+            values["inputs_count"] = len(self.inputs)
+        del values["listed"]
+        if self.files_from is not None:
+            values["files_listed"] = len(self.listed)
         values["out"] = str(self.out)
         values["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         return values

@@ -56,7 +56,8 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = ()) -> Discovery:
+def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = (),
+                listed: tuple[Path, ...] | list[Path] = (), list_name: str = "") -> Discovery:
     """Video files under ``paths``, plus the entries that could not be taken and why.
 
     A file named explicitly is taken whatever its extension (the user asked for it; if it is not
@@ -66,8 +67,13 @@ def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = ()
     without a word where it lies among the videos (``annotate run . --out results/``), where it
     was counted among the files that are not videos.
 
+    ``listed``: paths read from ``list_name`` (``--files-from``), taken as ``paths`` are, except
+    that one that does not exist is a problem (its error row), not the end of the run: a
+    manifest of a corpus outlives some of its files.
+
     Raises:
-        ConfigError: a path given does not exist, or there is nothing to annotate.
+        ConfigError: a path given does not exist, none of ``listed`` exists (relative paths from
+            the wrong folder), or there is nothing to annotate.
     """
     found: dict[Path, None] = {}
     problems: dict[Path, str] = {}
@@ -84,9 +90,15 @@ def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = ()
         problems[Path(exc.filename).absolute()] = f"cannot list the folder ({exc.strerror or exc})"
 
     ours = {os.path.realpath(p) for p in own}
-    for path in paths:
+    if listed and not any(os.path.lexists(path) for path in listed):
+        raise ConfigError(f"--files-from {list_name}: none of its {counted(len(listed), 'path')} exists (the first: "
+                          f"{listed[0]}); relative paths are taken from the current folder ({os.getcwd()})")
+    for path, from_list in [*((p, False) for p in paths), *((p, True) for p in listed)]:
         if not os.path.lexists(path):
-            raise ConfigError(f"{path}: no such file or directory")
+            if not from_list:
+                raise ConfigError(f"{path}: no such file or directory")
+            problems[path.absolute()] = f"no such file or directory (listed in {list_name})"
+            continue
         if not path.is_dir():
             consider(path.absolute())
             continue
@@ -107,7 +119,7 @@ def find_videos(paths: tuple[Path, ...] | list[Path], own: tuple[Path, ...] = ()
                 else:
                     skipped[suffix or "(no extension)"] += 1
     if not found and not problems:
-        shown = ", ".join(str(p) for p in paths)
+        shown = ", ".join([*(str(p) for p in paths), *([f"the paths listed in {list_name}"] if listed else [])])
         raise ConfigError(f"{shown}: no video files found (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
     videos, aliases = _one_path_per_file(found)
     return Discovery(videos, sorted(problems.items()), skipped, aliases=aliases)

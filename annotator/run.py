@@ -249,7 +249,8 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
     lookup_models(config)
     require_device(config)  # --device cuda without a GPU: one line now, not a wait forever
     layout = OutputLayout(config.out)
-    found = find_videos(config.inputs, own=(layout.parts_dir, layout.out))
+    found = find_videos(config.inputs, own=(layout.parts_dir, layout.out), listed=config.listed,
+                        list_name=config.files_from or "")
     if found.aliases:
         log.warning("%s to videos listed under another path (links?), annotated once: %s",
                     counted(len(found.aliases), "path"),

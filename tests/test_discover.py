@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import pytest
 
 from annotator.config import ConfigError
 from annotator.discover import find_videos
+from annotator.file_list import read_file_list
 
 
 def test_recursive_by_extension_skipping_hidden_and_following_links_once(tmp_path):
@@ -88,3 +91,34 @@ def test_the_runs_own_output_among_the_videos_is_passed_over(tmp_path):
     assert found.skipped_line() == "skipped 2 files that are not videos (.parquet 2)"
     found = find_videos([tmp_path], own=(tmp_path / "all.parquet.parts", tmp_path / "all.parquet"))
     assert found.skipped_line() == "skipped 1 file that is not a video (.parquet 1)"
+
+
+def test_listed_paths_that_are_gone_are_problems_not_the_end_of_the_run(tmp_path):
+    """--files-from: a manifest outlives some of its files; those become error rows. A path on
+    the command line that does not exist still stops the run at once (a typo)."""
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "b.mkv").write_bytes(b"")
+    found = find_videos([], listed=[tmp_path / "a.mp4", tmp_path / "gone.mp4", tmp_path / "folder"],
+                        list_name="list.txt")
+    assert found.videos == [tmp_path / "a.mp4", tmp_path / "folder" / "b.mkv"]
+    assert found.problems == [(tmp_path / "gone.mp4", "no such file or directory (listed in list.txt)")]
+    with pytest.raises(ConfigError, match="none of its 2 paths exists .*relative paths are taken from the current"):
+        find_videos([], listed=[Path("gone.mp4"), Path("nope/b.mp4")], list_name="list.txt")
+    with pytest.raises(ConfigError, match="gone.mp4: no such file"):
+        find_videos([tmp_path / "gone.mp4"], listed=[tmp_path / "a.mp4"], list_name="list.txt")
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"a.mp4\nb c.mp4\n", ["a.mp4", "b c.mp4"]),  # spaces belong to the name
+    (b"a.mp4\r\n\r\n  \nb.mp4", ["a.mp4", "b.mp4"]),  # CRLF, blank lines, no final line break
+    (b"line\nbreak.mp4\0b.mp4\0", ["line\nbreak.mp4", "b.mp4"]),  # find -print0
+    (b"caf\xe9.mp4\n", [os.fsdecode(b"caf\xe9.mp4")]),  # a Latin-1 name survives
+])
+def test_a_file_list_is_read_as_the_file_system_names_paths(data, expected):
+    assert read_file_list(io.BytesIO(data), "list.txt") == tuple(Path(p) for p in expected)
+
+
+def test_an_empty_file_list_is_refused():
+    with pytest.raises(ConfigError, match="list.txt: lists no paths"):
+        read_file_list(io.BytesIO(b"\n \n"), "list.txt")

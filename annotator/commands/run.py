@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -22,6 +23,7 @@ from annotator.config import (
     RunConfig,
     check_out_name,
 )
+from annotator.file_list import read_file_list
 from engines.decoders import Sampling
 from engines.sources import FetchError
 
@@ -30,6 +32,7 @@ Examples:
   annotate run videos/ --out results.parquet
   annotate run a.mp4 b.mkv --out results/ --sample-fps 5
   annotate run /data/corpus --out /data/out/ --address auto --device cuda
+  find /data -name '*.mp4' -print0 | annotate run --files-from - --out out/
 
 \b
 Exit codes:
@@ -46,9 +49,13 @@ _PROBLEMS_SHOWN = 10
 
 
 @click.command("run", epilog=EPILOG)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="A .parquet file, or a directory of Parquet parts (one per video).")
+@click.option("--files-from", type=click.File("rb"), default=None, metavar="LIST",
+              help="Also annotate the paths listed in LIST, one a line (or NUL-separated, as find -print0 "
+                   "writes them; '-': standard input). A listed path that does not exist becomes its error "
+                   "row, not the end of the run; relative paths are taken from the current folder.")
 @click.option("--sample-fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Keep about F frames per second (by timestamp).  [default: every frame]")
 @click.option("--every-n", type=click.IntRange(min=1), default=None, help="Keep every N-th frame.")
@@ -113,8 +120,8 @@ _PROBLEMS_SHOWN = 10
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
 @cache_dir
 def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, every_n: int | None,
-                no_progress: bool, **options) -> int:
-    """Annotate every video in PATHS (files, or folders searched recursively) into OUT.
+                no_progress: bool, files_from: BinaryIO | None, **options) -> int:
+    """Annotate every video in PATHS (files, or folders searched recursively) and in --files-from LIST into OUT.
 
     One row per face per sampled frame, one row per sampled frame without a face, one row per
     video that failed, and for a damaged video the rows of every frame that decodes plus one row
@@ -129,11 +136,16 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
 
     if sample_fps is not None and every_n is not None:
         raise click.UsageError("--sample-fps and --every-n are exclusive; give one")
+    if not paths and files_from is None:
+        raise click.UsageError("give the videos: PATHS (files or folders), or --files-from LIST")
     scorer = Path(options["scorer"]).expanduser()
     if scorer.exists():  # a model directory or spec: absolute, so every Ray worker finds it
         options["scorer"] = str(scorer.resolve())
     try:
         check_out_name(out)
+        if files_from is not None:
+            options["files_from"] = files_from.name if files_from.name != "<stdin>" else "-"
+            options["listed"] = read_file_list(files_from, options["files_from"])
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
         summary = run(config, progress=not no_progress)
     except (ConfigError, OutputBusy) as exc:
