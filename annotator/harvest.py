@@ -259,10 +259,11 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
         ConfigError: no video in the inputs, or shards from another teacher or sampling.
     """
     start = time.perf_counter()
-    found = find_videos(config.inputs)
+    found = find_videos(config.inputs, listed=config.listed, list_name=config.files_from or "")
     if not found.videos:
         reasons = "; ".join(f"{p}: {why}" for p, why in found.problems[:3])
-        raise ConfigError(f"no video found in {', '.join(map(str, config.inputs))}" + (f" ({reasons})" if reasons else ""))
+        given = [*map(str, config.inputs), *([f"the paths listed in {config.files_from}"] if config.listed else [])]
+        raise ConfigError(f"no video found in {', '.join(given)}" + (f" ({reasons})" if reasons else ""))
     directory = out / SHARDS
     directory.mkdir(parents=True, exist_ok=True)
     print_ = fingerprint(config, teacher_id)

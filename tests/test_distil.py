@@ -8,6 +8,7 @@ one); and the registered FER2013 teacher for the expression-only case.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -208,6 +209,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, carphone: Path) -> None:
     code, output = _distil([carphone], "fer-minixception", tmp_path / "theirs", "--workers", "0")
     assert code == 2 and "not written by annotate distil" in output
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+
+
+def test_the_harvest_takes_a_file_list(carphone: Path, tmp_path: Path) -> None:
+    """--files-from, as annotate run takes it: the listed videos are harvested, a listed path that
+    is gone is reported, not the end of the harvest, and a list of only such paths is refused."""
+    from annotator.config import ConfigError, RunConfig
+    from annotator.harvest import harvest
+    from engines.decoders import Sampling
+
+    config = RunConfig(inputs=(), out=tmp_path / "unused", workers=0, scorer="fer-minixception",
+                       sampling=Sampling(every_n=8), listed=(carphone, tmp_path / "gone.mp4"), files_from="list.txt")
+    summary = harvest(config, "fer-minixception", tmp_path / "distilled", progress=False)
+    assert (summary.videos, summary.frames) == (1, 15)
+    assert summary.failed == [f"{tmp_path / 'gone.mp4'}: no such file or directory (listed in list.txt)"]
+    gone = dataclasses.replace(config, listed=(tmp_path / "gone.mp4",))
+    with pytest.raises(ConfigError, match="list.txt: none of its 1 path exists"):
+        harvest(gone, "fer-minixception", tmp_path / "distilled", progress=False)
+    code, output = _distil([], "fer-minixception", tmp_path / "b", "--workers", "0")
+    assert code == 2 and "--files-from LIST" in output
 
 
 def test_labels_mix_ground_truth_and_teacher_as_the_paper_does(carphone: Path, tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
-from annotator.commands.options import cache_dir
+from annotator.commands.options import cache_dir, files_from, listed_videos
 
 EPILOG = """\b
 Examples:
@@ -38,7 +39,8 @@ Exit codes:
 
 
 @click.command("distil", epilog=EPILOG)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@files_from
 @click.option("--teacher", required=True,
               help="The teacher: a scorer name (annotate models list), a model directory, or an ONNX model's SPEC.toml.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory (see below).")
@@ -67,8 +69,9 @@ Exit codes:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @cache_dir
 def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps: float, labels: Path | None,
-                   epochs: int, batch_size: int, steps_per_epoch: int, student_backbone: str, init: str | None, no_progress: bool, **options) -> int:
-    """Distil TEACHER into a fast student on the videos in PATHS (unlabelled; files or folders).
+                   epochs: int, batch_size: int, steps_per_epoch: int, student_backbone: str, init: str | None, no_progress: bool,
+                   files_from: BinaryIO | None, **options) -> int:
+    """Distil TEACHER into a fast student on the videos in PATHS and in --files-from LIST (unlabelled; files or folders).
 
     Phase 1 (Ray, like annotate run): the teacher scores every face of the sampled frames.
     Phase 2: a student learns the teacher's outputs (T^2 KL at T = 1.5; valence/arousal through
@@ -82,6 +85,7 @@ def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps:
     from engines.sources import FetchError
     from training.distil import DistilOptions
 
+    options.update(listed_videos(paths, files_from))
     path = Path(teacher).expanduser()
     if path.exists():  # a model directory or spec: absolute, so every Ray worker finds it
         teacher = str(path.resolve())

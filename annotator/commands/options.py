@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -14,6 +15,36 @@ cache_dir = click.option(
     show_envvar=True,
     help="Model cache directory [default: ~/.cache/annotator].",
 )
+
+files_from = click.option(
+    "--files-from",
+    type=click.File("rb"),
+    default=None,
+    metavar="LIST",
+    help="Also take the paths listed in LIST, one a line (or NUL-separated, as find -print0 writes them; "
+         "'-': standard input). A listed path that does not exist becomes its error row, not the end of "
+         "the run; relative paths are taken from the current folder.",
+)
+
+
+def listed_videos(paths: tuple[Path, ...], listing: BinaryIO | None) -> dict[str, object]:
+    """The RunConfig fields for ``--files-from`` (none without it).
+
+    Raises:
+        click.UsageError: neither PATHS nor a list were given, or the list lists nothing.
+    """
+    from annotator.config import ConfigError
+    from annotator.file_list import read_file_list
+
+    if listing is None:
+        if not paths:
+            raise click.UsageError("give the videos: PATHS (files or folders), or --files-from LIST")
+        return {}
+    name = "-" if listing.name == "<stdin>" else listing.name
+    try:
+        return {"files_from": name, "listed": read_file_list(listing, name)}
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def spec_error(message: str) -> click.ClickException:

@@ -8,7 +8,7 @@ from typing import BinaryIO
 import click
 
 from annotator.cluster import release_ray
-from annotator.commands.options import cache_dir
+from annotator.commands.options import cache_dir, files_from, listed_videos
 from annotator.config import (
     DEFAULT_DET_SIZE,
     DEFAULT_DET_THRESHOLD,
@@ -23,7 +23,6 @@ from annotator.config import (
     RunConfig,
     check_out_name,
 )
-from annotator.file_list import read_file_list
 from engines.decoders import Sampling
 from engines.sources import FetchError
 
@@ -52,10 +51,7 @@ _PROBLEMS_SHOWN = 10
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="A .parquet file, or a directory of Parquet parts (one per video).")
-@click.option("--files-from", type=click.File("rb"), default=None, metavar="LIST",
-              help="Also annotate the paths listed in LIST, one a line (or NUL-separated, as find -print0 "
-                   "writes them; '-': standard input). A listed path that does not exist becomes its error "
-                   "row, not the end of the run; relative paths are taken from the current folder.")
+@files_from
 @click.option("--sample-fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Keep about F frames per second (by timestamp).  [default: every frame]")
 @click.option("--every-n", type=click.IntRange(min=1), default=None, help="Keep every N-th frame.")
@@ -136,16 +132,12 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
 
     if sample_fps is not None and every_n is not None:
         raise click.UsageError("--sample-fps and --every-n are exclusive; give one")
-    if not paths and files_from is None:
-        raise click.UsageError("give the videos: PATHS (files or folders), or --files-from LIST")
+    options.update(listed_videos(paths, files_from))
     scorer = Path(options["scorer"]).expanduser()
     if scorer.exists():  # a model directory or spec: absolute, so every Ray worker finds it
         options["scorer"] = str(scorer.resolve())
     try:
         check_out_name(out)
-        if files_from is not None:
-            options["files_from"] = files_from.name if files_from.name != "<stdin>" else "-"
-            options["listed"] = read_file_list(files_from, options["files_from"])
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
         summary = run(config, progress=not no_progress)
     except (ConfigError, OutputBusy) as exc:
