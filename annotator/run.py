@@ -81,9 +81,9 @@ class RunSummary:
         lost = f"{self.frames_lost} frame{'s' * (self.frames_lost != 1)} lost"
         damaged = f", {self.damaged} damaged ({lost})" if self.damaged else ""
         skipped = f"; {self.not_videos}" if self.not_videos else ""
+        rate = f", {self.fps:.1f} frames/s" if self.frames else ""  # nothing decoded: no rate (it read "0.0")
         return (f"{self.out}: {counted(self.videos, 'video')} ({self.skipped} already done, {self.failed} failed"
-                f"{damaged}), {counted(self.frames, 'frame')}, {counted(self.faces, 'face')}, {self.fps:.1f} frames/s"
-                f"{skipped}")
+                f"{damaged}), {counted(self.frames, 'frame')}, {counted(self.faces, 'face')}{rate}{skipped}")
 
 
 def _model_record(role: str, artifacts: Artifacts) -> dict[str, object]:

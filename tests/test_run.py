@@ -107,6 +107,7 @@ def test_running_again_into_a_finished_single_file_changes_nothing(carphone_tabl
     before = out.stat()
     again = run(_config([carphone], out), progress=False)
     assert again.skipped == 1 and again.frames == 0
+    assert again.line() == f"{out}: 1 video (1 already done, 0 failed), 0 frames, 0 faces"  # no "0.0 frames/s"
     after = out.stat()
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert not OutputLayout(out).parts_dir.exists()
