@@ -224,9 +224,12 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
         # Ray reserves each CPU actor's memory, so no node gets more workers than it can hold.
         memory=None if num_gpus else worker_memory_bytes(config),
     )
-    actors = [actor_class.remote(config, threads) for _ in range(workers)]
+    # A worker gets its videos as items: the run's paths (100,000 of them from a --files-from
+    # list) need not travel with every actor, nor with each replacement.
+    shipped = dataclasses.replace(config, inputs=(), listed=())
+    actors = [actor_class.remote(shipped, threads) for _ in range(workers)]
     try:
-        yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(config, threads),
+        yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(shipped, threads),
                                     gave_up=worker_died, stall_s=config.stall_timeout)
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows, and a video that kills its worker

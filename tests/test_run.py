@@ -183,9 +183,10 @@ def test_files_from_a_list_and_from_standard_input(carphone, tmp_path):
     options = read_metadata(OutputLayout(out).parts()[0])["options"]
     assert options["files_from"] == str(listing) and options["files_listed"] == 2 and options["inputs"] == []
 
-    # find -print0 | annotate run --files-from -: NUL-separated on standard input
+    # find -print0 | annotate run --files-from -: NUL-separated on standard input, through Ray
+    # (whose workers get the run's options without its paths)
     piped = subprocess.run([sys.executable, "-c", "from annotator.cli import main; main()", "run", "--files-from", "-",
-                            "--out", str(tmp_path / "piped.parquet"), "--workers", "0", "--every-n", "10",
+                            "--out", str(tmp_path / "piped.parquet"), "--workers", "1", "--every-n", "10",
                             "--no-progress"], input=f"{carphone}\0".encode(), capture_output=True, timeout=120)
     assert piped.returncode == 0, piped.stderr
     assert pq.read_table(tmp_path / "piped.parquet").num_rows == 12
