@@ -19,6 +19,7 @@ from annotator.cluster import release_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.harvest import SHARDS, HarvestSummary, harvest
 from annotator.ownership import writing
+from annotator.progress import STATUS_EVERY_S
 from engines.saving import staged, write_whole
 from training.distil import DistilOptions
 
@@ -92,7 +93,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progress: bool = True) -> DistilSummary:
+def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progress: bool = True,
+           status_every: float = STATUS_EVERY_S) -> DistilSummary:
     """Distil ``config.scorer`` (the teacher) into a student on the videos of ``config.inputs``.
 
     Raises:
@@ -114,7 +116,7 @@ def distil(config: RunConfig, labels: Path | None, options: DistilOptions, progr
         raise ConfigError(str(exc)) from None
     claim_out(out, config.overwrite)
     teacher = teacher_record(config)
-    summary = harvest(config, str(teacher["id"]), out, progress)
+    summary = harvest(config, str(teacher["id"]), out, progress, status_every)
     release_ray()  # the harvest was its last use: training runs in this process
     corpus = load_corpus(out)
     label_counts = attach_labels(corpus, labels) if labels is not None else {"expr": 0, "va": 0}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,13 +31,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from annotator.config import ConfigError, RunConfig
 from annotator.discover import find_videos
 from annotator.orchestrate import on_cluster, stream_in_process, stream_with_ray
 from annotator.ownership import writing
 from annotator.pipeline import VideoPipeline
+from annotator.progress import STATUS_EVERY_S, RunProgress
 from annotator.wording import utf8_text
 from annotator.stages import FaceBatch
 from annotator.collect import split_runs
@@ -247,7 +248,8 @@ class _ShardWriter:
             self.abandon(key)
 
 
-def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True) -> HarvestSummary:
+def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True,
+            status_every: float = STATUS_EVERY_S) -> HarvestSummary:
     """Teacher outputs and crops of every video of ``config.inputs`` into ``out/shards/``.
 
     ``config.scorer`` is the teacher. Videos with a shard of the same fingerprint are skipped,
@@ -288,8 +290,8 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
                     counted(len(changed), "video"), listed(changed))
     videos = {item.key: str(item.path) for item in pending}
     writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
-    bar = tqdm(total=len(found.videos), initial=summary.skipped, unit="video", desc="distil: harvest",
-               disable=not progress, dynamic_ncols=True)
+    bar = RunProgress(len(found.videos), summary.skipped, "distil: harvest", bar=progress and sys.stderr.isatty(),
+                      every_s=status_every)
     # A generator: nothing starts (no Ray) until it is read, and only when there is work.
     stream = (stream_in_process(config, pending, HarvestPipeline) if config.workers == 0
               else stream_with_ray(on_cluster(config), pending, RayHarvestWorker))
@@ -307,7 +309,8 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
     return summary
 
 
-def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary: HarvestSummary, bar: tqdm) -> None:
+def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary: HarvestSummary,
+          bar: RunProgress) -> None:
     """One streamed table (Ray may join several a worker yielded): rows to their shards, finished
     videos committed, failures noted."""
     for key, status, rows, _, _ in split_runs(table):
@@ -317,7 +320,7 @@ def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary
                 frames, faces = writer.abandon(key)  # its rows so far are not kept, nor counted
                 summary.frames, summary.faces = summary.frames - frames, summary.faces - faces
                 summary.failed.append(errors[0].as_py())
-                bar.update(1)
+                bar.advance(1, frames=summary.frames, faces=summary.faces, failed=len(summary.failed))
                 continue
             log.warning("%s", errors[0].as_py())  # damaged: the frames that decoded are kept
         else:
@@ -332,8 +335,7 @@ def _take(table: pa.Table, writer: _ShardWriter, videos: dict[str, str], summary
             summary.frames, summary.faces = summary.frames + frames, summary.faces + faces
         if status == "done":
             writer.commit(key, videos[key])
-            bar.update(1)
-            bar.set_postfix(faces=summary.faces, refresh=False)
+            bar.advance(1, frames=summary.frames, faces=summary.faces, failed=len(summary.failed))
 
 
 def read_shards(out: Path) -> pa.Table:

@@ -10,12 +10,12 @@ import datetime
 import functools
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 import annotator
 from annotator.collect import PartCollector
@@ -24,6 +24,7 @@ from annotator.discover import Discovery, find_videos
 from annotator import segmenting
 from annotator.orchestrate import cluster_workers, on_cluster, require_device, stream_in_process, stream_with_ray
 from annotator.ownership import OutputClaim, writing
+from annotator.progress import STATUS_EVERY_S, RunProgress
 from annotator.schema import error_row
 from annotator.temporal_card import temporal_card, temporal_record
 from annotator.wording import counted, listed
@@ -233,8 +234,11 @@ def comparable_fingerprint(fingerprint: str) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def run(config: RunConfig, progress: bool = True) -> RunSummary:
+def run(config: RunConfig, progress: bool = True, status_every: float = STATUS_EVERY_S) -> RunSummary:
     """Annotate every video of ``config.inputs`` into ``config.out``.
+
+    ``progress``: a bar on a terminal; ``status_every``: seconds between status lines on stderr
+    where no bar is drawn (0: none).
 
     Raises:
         ConfigError: bad paths or options, or an output that cannot be used; raised before
@@ -264,7 +268,8 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
             if claim.created and not layout.parts():
                 claim.dissolve()  # nothing of ours worth keeping: leave no empty folder behind
             raise
-        summary = _annotate(config, layout, found, existing, schema_with_metadata(metadata), progress, start)
+        summary = _annotate(config, layout, found, existing, schema_with_metadata(metadata), progress, start,
+                            status_every)
         if layout.single_file:
             keys = [part_key(p) for p in found.videos] + [part_key(p) for p, _ in found.problems]
             candidates = (layout.part_path(k, failed=failed) for k in keys for failed in (False, True))
@@ -278,16 +283,6 @@ def run(config: RunConfig, progress: bool = True) -> RunSummary:
                     merge_parts(parts, layout.out, schema_with_metadata({**metadata, "timing": timing}), base)
             claim.dissolve()
     return summary
-
-
-def advance_bar(bar: tqdm, videos: float) -> None:
-    """Move the bar by ``videos`` (fractions of videos), never past its total.
-
-    A video's fractions add up to 1 only up to float rounding (0.1 thirty times is
-    3.0000000000000013), so over many videos the sum can pass the total by a hair, and tqdm then
-    warns and shows a negative time left.
-    """
-    bar.update(min(videos, max(bar.total - bar.n, 0)))
 
 
 def _forget_changed(layout: OutputLayout, existing: ExistingParts, keys: dict[Path, str]) -> None:
@@ -323,8 +318,10 @@ def _forget_split_in_error(layout: OutputLayout, existing: ExistingParts, keys: 
 
 
 def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,
-              schema: pa.Schema, progress: bool, start: float) -> RunSummary:
-    """Stream every video not yet done into its part; return what happened."""
+              schema: pa.Schema, progress: bool, start: float, status_every: float) -> RunSummary:
+    """Stream every video not yet done into its part; return what happened. ``progress``: a bar
+    where stderr is a terminal; otherwise, and with ``progress`` off, a status line every
+    ``status_every`` seconds (annotator.progress)."""
     videos = found.videos
     keys = {v: part_key(v) for v in videos}
     _forget_changed(layout, existing, keys)
@@ -344,9 +341,8 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
     items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
     # Videos done, in hundredths: each table of rows counts the part of its video it finishes
     # (annotator.collect.PartCollector.add), so a long video moves the bar and its time left.
-    bar = tqdm(total=len(videos), initial=len(videos) - len(pending), unit="video", disable=not progress,
-               desc="annotate", dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.6g}/{total_fmt} videos [{elapsed}<{remaining}{postfix}]")
+    bar = RunProgress(len(videos), len(videos) - len(pending), "annotate", bar=progress and sys.stderr.isatty(),
+                      every_s=status_every)
     written = functools.partial(writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
     try:
@@ -355,9 +351,9 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
                 collector.add_failure(part_key(path), pa.Table.from_batches([error_row(str(path), f"{path}: {why}")]))
         for table in (stream if items else ()):
             with written():
-                advance_bar(bar, collector.add(table))
+                share = collector.add(table)
             rate = collector.frames / (time.perf_counter() - start)
-            bar.set_postfix(fps=f"{rate:.1f}", faces=collector.faces, failed=collector.failed, refresh=False)
+            bar.advance(share, frames=collector.frames, faces=collector.faces, failed=collector.failed, fps=f"{rate:.1f}")
     finally:
         # Stop the workers now, while Ray is up: a stream left to the garbage collector after an
         # error (a full disk) would run its clean-up after Ray's shutdown, and Ray's calls there

@@ -276,9 +276,8 @@ def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(car
                                                                             monkeypatch: pytest.MonkeyPatch):
     """A video starts again from its first frame when its worker dies: the shard then holds each
     frame once and the counts are those of one pass (as annotate run's PartCollector does)."""
-    from tqdm import tqdm
-
     from annotator import worker
+    from annotator.progress import RunProgress
 
     monkeypatch.setattr(worker, "TABLE_EVERY_S", 0.0)  # a table per batch: a death between two of them
 
@@ -298,7 +297,7 @@ def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(car
         out.mkdir()
         writer, summary = _ShardWriter(out, "print"), HarvestSummary(videos=1)
         for table in stream:
-            _take(table, writer, {"k": str(carphone)}, summary, tqdm(disable=True))
+            _take(table, writer, {"k": str(carphone)}, summary, RunProgress(1, 0, "harvest", bar=False, every_s=0))
         shard = out / "k.parquet"
         return summary, pq.read_table(shard) if shard.exists() else None
 

@@ -283,15 +283,27 @@ def test_the_progress_bar_never_passes_its_total():
     import io
     import warnings
 
-    from tqdm import tqdm
-
-    from annotator.run import advance_bar
+    from annotator.progress import RunProgress
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bar = tqdm(total=3, file=io.StringIO())
+        progress = RunProgress(3, 0, "annotate", bar=True, stream=io.StringIO())
         for _ in range(30):
-            advance_bar(bar, 0.1)
-        bar.close()
-    assert bar.n == pytest.approx(3) and bar.n <= 3
-    assert "-00:00" not in bar.fp.getvalue()
+            progress.advance(0.1, faces=1)
+        progress.close()
+    assert progress.bar.n == pytest.approx(3) and progress.bar.n <= 3
+    assert "-00:00" not in progress.stream.getvalue()
+
+
+def test_a_run_logged_to_a_file_writes_status_lines_not_a_bar(carphone, tmp_path, capfd):
+    """stderr to a file (a batch job, ray job submit): tqdm's carriage-return redraws made one
+    endless line (4 KB for a 7-second run); now a plain line every --status-every seconds."""
+    for name in "abc":
+        shutil.copy(carphone, tmp_path / f"{name}.mp4")
+    run(_config([tmp_path], tmp_path / "out", sampling=Sampling(every_n=30)), progress=True, status_every=1e-9)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "|" not in err  # no bar
+    lines = [line for line in err.splitlines() if line.startswith("annotate: ")]
+    assert lines[0] == "annotate: 1/3 videos (33.3 %), 4 frames, 4 faces, 0 failed, " + lines[0].split(", ")[-1]
+    assert lines[-1].startswith("annotate: 3/3 videos (100.0 %), 12 frames, 12 faces, 0 failed, ")
+    assert lines[0].endswith("frames/s") and "left" in lines[1] and "left" not in lines[-1]

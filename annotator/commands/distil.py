@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import click
 
-from annotator.commands.options import cache_dir, files_from, listed_videos
+from annotator.commands.options import cache_dir, files_from, listed_videos, status_every
 
 EPILOG = """\b
 Examples:
@@ -67,10 +67,11 @@ Exit codes:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start over: remove the shards, checkpoints and model distil wrote in OUT.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@status_every
 @cache_dir
 def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps: float, labels: Path | None,
                    epochs: int, batch_size: int, steps_per_epoch: int, student_backbone: str, init: str | None, no_progress: bool,
-                   files_from: BinaryIO | None, **options) -> int:
+                   status_every: float, files_from: BinaryIO | None, **options) -> int:
     """Distil TEACHER into a fast student on the videos in PATHS and in --files-from LIST (unlabelled; files or folders).
 
     Phase 1 (Ray, like annotate run): the teacher scores every face of the sampled frames.
@@ -93,7 +94,8 @@ def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps:
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(fps=sample_fps), scorer=teacher, **options)
         summary = distil(config, labels, DistilOptions(backbone=student_backbone, init=init, epochs=epochs, batch_size=batch_size,
                                                         min_steps_per_epoch=steps_per_epoch,
-                                                        progress=not no_progress), progress=not no_progress)
+                                                        progress=not no_progress), progress=not no_progress,
+                         status_every=status_every)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except (FetchError, ClusterError, OutputWriteError, ValueError, OSError) as exc:

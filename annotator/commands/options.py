@@ -7,6 +7,8 @@ from typing import BinaryIO
 
 import click
 
+from annotator.progress import STATUS_EVERY_S
+
 cache_dir = click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -24,6 +26,16 @@ files_from = click.option(
     help="Also take the paths listed in LIST, one a line (or NUL-separated, as find -print0 writes them; "
          "'-': standard input). A listed path that does not exist becomes its error row, not the end of "
          "the run; relative paths are taken from the current folder.",
+)
+
+status_every = click.option(
+    "--status-every",
+    type=click.FloatRange(min=0),
+    default=STATUS_EVERY_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Where no progress bar is drawn (stderr not a terminal: a batch log, ray job submit; or "
+         "--no-progress), a status line on stderr this often: videos done, frames, rate, time left. 0: none.",
 )
 
 

@@ -8,7 +8,7 @@ from typing import BinaryIO
 import click
 
 from annotator.cluster import release_ray
-from annotator.commands.options import cache_dir, files_from, listed_videos
+from annotator.commands.options import cache_dir, files_from, listed_videos, status_every
 from annotator.config import (
     DEFAULT_DET_SIZE,
     DEFAULT_DET_THRESHOLD,
@@ -114,9 +114,10 @@ _PROBLEMS_SHOWN = 10
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
+@status_every
 @cache_dir
 def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, every_n: int | None,
-                no_progress: bool, files_from: BinaryIO | None, **options) -> int:
+                no_progress: bool, status_every: float, files_from: BinaryIO | None, **options) -> int:
     """Annotate every video in PATHS (files, or folders searched recursively) and in --files-from LIST into OUT.
 
     One row per face per sampled frame, one row per sampled frame without a face, one row per
@@ -139,7 +140,7 @@ def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, ev
     try:
         check_out_name(out)
         config = RunConfig(inputs=paths, out=out, sampling=Sampling(every_n=every_n or 1, fps=sample_fps), **options)
-        summary = run(config, progress=not no_progress)
+        summary = run(config, progress=not no_progress, status_every=status_every)
     except (ConfigError, OutputBusy) as exc:
         raise click.UsageError(str(exc)) from None
     except (FetchError, ClusterError, OutputWriteError, ValueError) as exc:
