@@ -2,9 +2,10 @@
 
 tqdm redraws its bar with carriage returns about ten times a second. On a terminal that is a
 bar; in a batch job's log (stderr to a file, ``ray job submit``, a cluster scheduler) it is one
-endless line, 4 KB for a 7-second run, hundreds of MB for a week's. And with ``--no-progress`` a
-week-long run said nothing until its end. So the bar is drawn only on a terminal, and otherwise
-one plain line is written every ``every_s`` seconds: what is done, the rate, the time left.
+endless line, 4 KB for a 7-second run, hundreds of MB for a week's, and logs were run with
+``--no-progress``, which left a week-long run silent until its end. So the bar is drawn only on a
+terminal, and otherwise one plain line is written every ``every_s`` seconds: what is done, the
+rate, the time left. ``--no-progress`` still turns both off.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class RunProgress:
     Args:
         total: videos in the run, ``initial`` of them done before it started.
         desc: what the bar and the lines are headed with ("annotate").
-        bar: draw a bar (a terminal and no ``--no-progress``); otherwise status lines.
+        bar: draw a bar (stderr is a terminal); otherwise status lines.
         every_s: seconds between status lines (0: none).
     """
 

@@ -237,8 +237,8 @@ def comparable_fingerprint(fingerprint: str) -> str:
 def run(config: RunConfig, progress: bool = True, status_every: float = STATUS_EVERY_S) -> RunSummary:
     """Annotate every video of ``config.inputs`` into ``config.out``.
 
-    ``progress``: a bar on a terminal; ``status_every``: seconds between status lines on stderr
-    where no bar is drawn (0: none).
+    ``progress``: a bar on a terminal, else a status line on stderr every ``status_every``
+    seconds (0: none); no progress output at all without it.
 
     Raises:
         ConfigError: bad paths or options, or an output that cannot be used; raised before
@@ -320,8 +320,8 @@ def _forget_split_in_error(layout: OutputLayout, existing: ExistingParts, keys: 
 def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existing: ExistingParts,
               schema: pa.Schema, progress: bool, start: float, status_every: float) -> RunSummary:
     """Stream every video not yet done into its part; return what happened. ``progress``: a bar
-    where stderr is a terminal; otherwise, and with ``progress`` off, a status line every
-    ``status_every`` seconds (annotator.progress)."""
+    where stderr is a terminal, otherwise a status line every ``status_every`` seconds
+    (annotator.progress); neither without it."""
     videos = found.videos
     keys = {v: part_key(v) for v in videos}
     _forget_changed(layout, existing, keys)
@@ -342,7 +342,7 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
     # Videos done, in hundredths: each table of rows counts the part of its video it finishes
     # (annotator.collect.PartCollector.add), so a long video moves the bar and its time left.
     bar = RunProgress(len(videos), len(videos) - len(pending), "annotate", bar=progress and sys.stderr.isatty(),
-                      every_s=status_every)
+                      every_s=status_every if progress else 0)
     written = functools.partial(writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
     try:

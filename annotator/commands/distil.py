@@ -66,7 +66,7 @@ Exit codes:
 @click.option("--address", default=None, help="Join this Ray cluster ('auto' or host:port).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start over: remove the shards, checkpoints and model distil wrote in OUT.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress output: no bars, no status lines.")
 @status_every
 @cache_dir
 def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps: float, labels: Path | None,

@@ -34,8 +34,8 @@ status_every = click.option(
     default=STATUS_EVERY_S,
     show_default=True,
     metavar="SECONDS",
-    help="Where no progress bar is drawn (stderr not a terminal: a batch log, ray job submit; or "
-         "--no-progress), a status line on stderr this often: videos done, frames, rate, time left. 0: none.",
+    help="Where stderr is not a terminal (a batch log, ray job submit), a status line this often instead of "
+         "a progress bar: videos done, frames, rate, time left. 0: none.",
 )
 
 

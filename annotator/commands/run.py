@@ -113,7 +113,8 @@ _PROBLEMS_SHOWN = 10
                    "one line naming the video. 0: never.")
 @click.option("--overwrite", is_flag=True,
               help="Start over instead of resuming: remove the parts annotate wrote in OUT (nothing else).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in batch logs).")
+@click.option("--no-progress", is_flag=True,
+              help="No progress output: neither the bar (on a terminal) nor status lines (in a log).")
 @status_every
 @cache_dir
 def run_command(paths: tuple[Path, ...], out: Path, sample_fps: float | None, every_n: int | None,
