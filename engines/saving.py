@@ -46,7 +46,12 @@ def write_torch(obj: Any, path: Path) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_whole(path, buffer.getbuffer())
+    # The view is released however the write ends: a failed write's traceback keeps this frame,
+    # and a BytesIO view still exported in that reference cycle crashed CPython 3.12's garbage
+    # collector (gh-111049, gh-77894): `annotate distil` on a full disk printed its error line
+    # and then died of SIGSEGV on 3.12.1.
+    with buffer.getbuffer() as view:
+        write_whole(path, view)
 
 
 @contextmanager

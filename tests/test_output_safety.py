@@ -338,6 +338,33 @@ def test_a_checkpoint_that_does_not_fit_raises_os_error_and_keeps_the_one_before
 
 # 12 MB: the student's checkpoint (~30 MB) does not fit beside the harvested faces; 35 MB: it
 # does, and the exported model (~20 MB) does not.
+def test_a_failed_model_write_leaves_nothing_the_garbage_collector_trips_on(tmp_path):
+    """A checkpoint that cannot be written (a full disk) raises OSError from inside
+    ``write_whole``, whose caller held a BytesIO view. The traceback kept that frame in a
+    reference cycle, and collecting it crashed CPython 3.12.1 (gh-111049): `annotate distil` on
+    a full disk printed its one line, then died of SIGSEGV. In a fresh interpreter, so a crash
+    is a failed exit code, not a dead test run."""
+    script = (
+        "import gc\n"
+        "from pathlib import Path\n"
+        "from engines.saving import write_torch\n"
+        "def save():\n"
+        "    try:\n"
+        f"        write_torch({{'w': 1}}, Path({str(tmp_path / 'missing' / 'x.pt')!r}))\n"
+        "    except OSError as exc:\n"
+        "        kept = exc  # its traceback holds this frame, which holds it: a cycle\n"
+        "        return kept\n"
+        "failure = save()\n"
+        "assert isinstance(failure, OSError)\n"
+        "del failure\n"
+        "gc.collect()\n"
+        "print('collected')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "collected", (done.returncode, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("size", ["12m", "35m"], ids=["while-training", "while-exporting"])
 def test_distil_on_a_full_disk_is_one_line_and_resumes_from_what_it_kept(carphone, tmp_path, mounted, size):
     """One line naming the output and what is kept, no half-written file and no part of a model;
