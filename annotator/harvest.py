@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -290,8 +289,7 @@ def harvest(config: RunConfig, teacher_id: str, out: Path, progress: bool = True
                     counted(len(changed), "video"), listed(changed))
     videos = {item.key: str(item.path) for item in pending}
     writer = _ShardWriter(directory, print_, {item.key: item.stamp for item in pending})
-    bar = RunProgress(len(found.videos), summary.skipped, "distil: harvest", bar=progress and sys.stderr.isatty(),
-                      every_s=status_every if progress else 0)
+    bar = RunProgress(len(found.videos), summary.skipped, "distil: harvest", shown=progress, every_s=status_every)
     # A generator: nothing starts (no Ray) until it is read, and only when there is work.
     stream = (stream_in_process(config, pending, HarvestPipeline) if config.workers == 0
               else stream_with_ray(on_cluster(config), pending, RayHarvestWorker))

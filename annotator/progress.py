@@ -29,15 +29,17 @@ class RunProgress:
     Args:
         total: videos in the run, ``initial`` of them done before it started.
         desc: what the bar and the lines are headed with ("annotate").
-        bar: draw a bar (stderr is a terminal); otherwise status lines.
-        every_s: seconds between status lines (0: none).
+        shown: any progress output at all (``--no-progress`` turns it off).
+        every_s: seconds between status lines where no bar is drawn (0: none).
+        bar: draw a bar; by default where ``stream`` (stderr) is a terminal, else status lines.
     """
 
-    def __init__(self, total: int, initial: int, desc: str, bar: bool, every_s: float = STATUS_EVERY_S,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, total: int, initial: int, desc: str, shown: bool = True, every_s: float = STATUS_EVERY_S,
+                 bar: bool | None = None, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.done = total, float(initial)
-        self.desc, self.every_s, self.clock = desc, every_s, clock
-        self.stream = stream
+        self.desc, self.every_s, self.clock, self.stream = desc, every_s if shown else 0, clock, stream
+        drawn = shown and ((stream or sys.stderr).isatty() if bar is None else bar)
         self.last_line = clock()
         # The time left is reckoned from the first progress on: loading the models and starting
         # Ray (seconds, which would stretch the first lines' estimates) lie before it.
@@ -45,7 +47,7 @@ class RunProgress:
         self.counts: dict[str, object] = {}
         self.bar = tqdm(total=total, initial=initial, unit="video", desc=desc, dynamic_ncols=True, file=stream,
                         bar_format="{l_bar}{bar}| {n:.6g}/{total_fmt} videos [{elapsed}<{remaining}{postfix}]",
-                        ) if bar else None
+                        ) if drawn else None
 
     def advance(self, videos: float, **counts: object) -> None:
         """Count ``videos`` more done (never past the total: a video's fractions add up to 1 only

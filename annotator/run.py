@@ -10,7 +10,6 @@ import datetime
 import functools
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,8 +340,7 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
     items = segmenting.work_items(layout, pending, cluster_workers(config) if split else 1)
     # Videos done, in hundredths: each table of rows counts the part of its video it finishes
     # (annotator.collect.PartCollector.add), so a long video moves the bar and its time left.
-    bar = RunProgress(len(videos), len(videos) - len(pending), "annotate", bar=progress and sys.stderr.isatty(),
-                      every_s=status_every if progress else 0)
+    bar = RunProgress(len(videos), len(videos) - len(pending), "annotate", shown=progress, every_s=status_every)
     written = functools.partial(writing, layout.parts_dir, "finished videos are kept, re-run to resume")
     stream = stream_in_process(config, items) if config.workers == 0 else stream_with_ray(config, items)
     try:

@@ -297,7 +297,7 @@ def test_a_video_started_again_is_harvested_once_and_one_given_up_not_at_all(car
         out.mkdir()
         writer, summary = _ShardWriter(out, "print"), HarvestSummary(videos=1)
         for table in stream:
-            _take(table, writer, {"k": str(carphone)}, summary, RunProgress(1, 0, "harvest", bar=False, every_s=0))
+            _take(table, writer, {"k": str(carphone)}, summary, RunProgress(1, 0, "harvest", shown=False))
         shard = out / "k.parquet"
         return summary, pq.read_table(shard) if shard.exists() else None
 

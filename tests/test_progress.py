@@ -47,3 +47,17 @@ def test_no_status_lines_with_zero_or_with_a_bar():
 def test_times_left_read_as_a_person_says_them():
     assert [duration(s) for s in (0, 59, 60, 3599, 3600 + 12 * 60, 2 * 86400 + 3 * 3600 + 59)] == [
         "under 1 min", "under 1 min", "about 1 min", "about 59 min", "about 1 h 12 min", "about 2 d 3 h"]
+
+
+def test_off_means_neither_bar_nor_lines_and_a_file_gets_lines():
+    """--no-progress (shown=False) silences both; left to decide, a stream that is no terminal
+    (a log file) gets status lines, not a bar."""
+    clock, stream = Clock(), io.StringIO()
+    off = RunProgress(10, 0, "annotate", shown=False, every_s=1, stream=stream, clock=clock)
+    clock.now += 5
+    off.advance(1, frames=5)
+    assert off.bar is None and stream.getvalue() == ""
+    logged = RunProgress(10, 0, "annotate", every_s=1, stream=stream, clock=clock)
+    clock.now += 5
+    logged.advance(1, frames=5)
+    assert logged.bar is None and stream.getvalue() == "annotate: 1/10 videos (10.0 %), 5 frames\n"
