@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engines.align import CROP_SIZE, warp
 from engines.models.student import VA_BIN_CENTRES, build_student, va_expectation
@@ -58,6 +57,7 @@ from training import checkpoint
 from training.datasets.affwild2 import read_expr_file, read_va_file
 from training.datasets.images import FLIP_P, jitter_matrix
 from training.labels import MISSING
+from training.progress import set_postfix, step_bar
 from training.losses import ccc, distillation, expr_ce, expr_labelled, student_mix, va_gt_loss, va_labelled
 
 log = logging.getLogger(__name__)
@@ -348,15 +348,14 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
     logp = torch.from_numpy(np.log(np.clip(corpus.teacher_probs, 1e-8, 1.0)))
     teacher_va = torch.from_numpy(corpus.teacher_va) if corpus.teacher_va is not None else None
     while state["epoch"] < options.epochs:
-        epoch = state["epoch"]
+        epoch, started = state["epoch"], time.monotonic()
         for group in optimizer.param_groups:  # from the epoch alone, so a resumed run follows the same curve
             group["lr"] = cosine_lr(options.lr, epoch, options.epochs)
         # Seeded by (seed, epoch): a resumed run draws exactly what an uninterrupted one would.
         generator = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
         model.train()
         sums: dict[str, float] = {}
-        bar = tqdm(range(1, steps + 1), desc=f"distil: epoch {epoch + 1}/{options.epochs}", leave=False,
-                   disable=not options.progress, dynamic_ncols=True)
+        bar = step_bar(range(1, steps + 1), steps, f"distil: epoch {epoch + 1}/{options.epochs}", options.progress)
         for step in bar:
             index = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (batch,), generator=generator)]
             loss, parts = distil_loss(model, augment(images[index], generator), expr_all[index], va_all[index],
@@ -366,10 +365,11 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
             optimizer.step()
             for key, value in (("loss", float(loss.detach())), *parts.items()):
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
+            set_postfix(bar, {key: value / step for key, value in sums.items()})
         probs, va_pred = student_outputs(model, corpus, val_idx)
         metrics = agreement_metrics(probs, va_pred, corpus, val_idx)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info("epoch %d/%d: %s (%.0f s)", epoch + 1, options.epochs, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                 time.monotonic() - started)
         checkpoint.end_epoch(state, _selection(metrics), metrics, {"arch": arch, "init": init, "corpus": corpus_id},
                              model, optimizer, work, select=False)
     return state["best_metrics"]

@@ -10,12 +10,12 @@ statistics are per stream.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from engines.models.student import MultitaskNet, va_expectation
 from training import checkpoint
@@ -25,6 +25,7 @@ from training.loaders import Batch, TrainStreams
 from training.losses import (distillation, expr_ce, expr_labelled, student_mix, task_total, va_gt_loss,
                              va_labelled)
 from training.metrics import abaw_metrics
+from training.progress import set_postfix, step_bar
 from training.teachers import Teacher, soft_labels
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,7 @@ def train_epoch(model: MultitaskNet, streams: TrainStreams, optimizer: torch.opt
     model.train()
     device = torch.device(config.device)
     sums = {"loss": 0.0, "expr": 0.0, "va": 0.0}
-    bar = tqdm(streams.epoch(epoch), total=streams.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-               leave=False)
+    bar = step_bar(streams.epoch(epoch), streams.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
     for step, batches in enumerate(bar, start=1):
         batches = {name: tuple(t.to(device) for t in batch) for name, batch in batches.items()}
         loss, parts = step_loss(model, batches, teacher, config)
@@ -109,7 +109,7 @@ def train_epoch(model: MultitaskNet, streams: TrainStreams, optimizer: torch.opt
         optimizer.step()
         for key, value in (("loss", float(loss.detach())), *parts.items()):
             sums[key] += value
-        bar.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
+        set_postfix(bar, {key: value / step for key, value in sums.items()})
     return {key: value / streams.steps_per_epoch for key, value in sums.items()}
 
 
@@ -150,11 +150,11 @@ def fit(model: MultitaskNet, optimizer: torch.optim.Optimizer, streams: TrainStr
     state = checkpoint.start(out_dir, model, optimizer, config.seed)
     # Recomputed from the current config, so a resumed run with more epochs continues.
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
-        epoch = state["epoch"]
+        epoch, started = state["epoch"], time.monotonic()
         losses = train_epoch(model, streams, optimizer, epoch, config, teacher)
         metrics = evaluate(model, val_loader, config.device)
-        logger.info("epoch %d: loss %.4f, %s", epoch + 1, losses["loss"],
-                    ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        logger.info("epoch %d/%d: loss %.4f, %s (%.0f s)", epoch + 1, config.epochs, losses["loss"],
+                    ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), time.monotonic() - started)
         checkpoint.end_epoch(state, metrics["selection"], metrics, {"arch": arch}, model, optimizer, out_dir)
     logger.info("done after %d epochs; best selection score %.4f", state["epoch"], state["best_score"])
     return state["best_metrics"]

@@ -85,7 +85,9 @@ def distil_command(paths: tuple[Path, ...], teacher: str, out: Path, sample_fps:
     from engines.decoders import Sampling
     from engines.sources import FetchError
     from training.distil import DistilOptions
+    from training.progress import show_epochs
 
+    show_epochs(not no_progress)
     options.update(listed_videos(paths, files_from))
     path = Path(teacher).expanduser()
     if path.exists():  # a model directory or spec: absolute, so every Ray worker finds it

@@ -64,6 +64,9 @@ _init_option = click.option("--init", type=_FILE, default=None, help="Backbone w
 @click.group()
 def train() -> None:
     """Train the multitask teacher, then the student that is deployed."""
+    from training.progress import show_epochs
+
+    show_epochs()  # one line per epoch, as a batch job's log needs, without -v
 
 
 @train.command(epilog="""Examples:

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -133,3 +135,16 @@ def test_student_of_the_external_fer_teacher(workspace):
     result = CliRunner().invoke(train, ["student", "--external-teacher", "fer-minixception",
                                         "--config", small, "--out", workspace / "x"])
     assert result.exit_code == 2 and "'image_size' must be 112" in result.output
+
+
+def test_training_in_a_batch_log_is_one_line_per_epoch_without_bar_redraws(workspace):
+    """stderr to a file or pipe, as a batch job has it: no tqdm redraws (carriage returns), and the
+    epoch lines, the only progress a log can use, shown without ``-v``."""
+    out = workspace / "logged"
+    run = subprocess.run([sys.executable, "-m", "annotator", "train", "teacher", "--config", str(_config(workspace, 2)),
+                          "--out", str(out)], capture_output=True, text=True, cwd=workspace, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr
+    epochs = [line for line in run.stderr.splitlines() if "training.loops: epoch " in line]
+    assert [line.split("epoch ")[1].split(":")[0] for line in epochs] == ["1/2", "2/2"], run.stderr
+    assert all(line.rstrip().endswith(" s)") and "loss " in line for line in epochs), epochs
