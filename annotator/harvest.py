@@ -155,7 +155,7 @@ class HarvestSummary:
     failed: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"harvest: {counted(self.videos, 'video')} ({self.skipped} already done, {len(self.failed)} failed), "
+        return (f"harvest: {counted(self.videos, 'video')} ({self.skipped:,} already done, {len(self.failed):,} failed), "
                 f"{counted(self.frames, 'frame')}, {counted(self.faces, 'face')} in {self.seconds:.1f} s")
 
 

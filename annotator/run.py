@@ -78,11 +78,11 @@ class RunSummary:
         return EXIT_SOME_INPUTS_FAILED if self.failed or self.damaged else EXIT_OK
 
     def line(self) -> str:
-        lost = f"{self.frames_lost} frame{'s' * (self.frames_lost != 1)} lost"
-        damaged = f", {self.damaged} damaged ({lost})" if self.damaged else ""
+        lost = f"{counted(self.frames_lost, 'frame')} lost"
+        damaged = f", {self.damaged:,} damaged ({lost})" if self.damaged else ""
         skipped = f"; {self.not_videos}" if self.not_videos else ""
-        rate = f", {self.fps:.1f} frames/s" if self.frames else ""  # nothing decoded: no rate (it read "0.0")
-        return (f"{self.out}: {counted(self.videos, 'video')} ({self.skipped} already done, {self.failed} failed"
+        rate = f", {self.fps:,.1f} frames/s" if self.frames else ""  # nothing decoded: no rate (it read "0.0")
+        return (f"{self.out}: {counted(self.videos, 'video')} ({self.skipped:,} already done, {self.failed:,} failed"
                 f"{damaged}), {counted(self.frames, 'frame')}, {counted(self.faces, 'face')}{rate}{skipped}")
 
 
@@ -351,7 +351,7 @@ def _annotate(config: RunConfig, layout: OutputLayout, found: Discovery, existin
             with written():
                 share = collector.add(table)
             rate = collector.frames / (time.perf_counter() - start)
-            bar.advance(share, frames=collector.frames, faces=collector.faces, failed=collector.failed, fps=f"{rate:.1f}")
+            bar.advance(share, frames=collector.frames, faces=collector.faces, failed=collector.failed, fps=f"{rate:,.1f}")
     finally:
         # Stop the workers now, while Ray is up: a stream left to the garbage collector after an
         # error (a full disk) would run its clean-up after Ray's shutdown, and Ray's calls there

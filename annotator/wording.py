@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural (with an s) unless ``n`` is 1."""
-    return f"{n} {noun}{'s' * (n != 1)}"
+    """``n`` (with thousands separators: "7,500 frames") and ``noun``, plural (with an s) unless
+    ``n`` is 1."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
 def listed(items: list, shown: int = 3) -> str:

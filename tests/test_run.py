@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import DEFAULT_SCORER, ConfigError, RunConfig
-from annotator.run import run
+from annotator.run import RunSummary, run
 from annotator.schema import PROB_COLUMNS, SCHEMA
 from annotator.writer import OutputLayout, read_metadata
 from engines.decoders import Sampling
@@ -310,3 +310,9 @@ def test_a_run_logged_to_a_file_writes_status_lines_not_a_bar(carphone, tmp_path
     assert lines and all(shape.fullmatch(line) for line in lines), lines
     assert lines[-1].startswith("annotate: 3/3 videos (100.0 %), 12 frames, 12 faces, 0 failed, ")
     assert "left" not in lines[-1] and any("left" in line for line in lines[:-1]), lines
+
+def test_a_summary_line_of_a_large_run_reads_with_thousands_separators() -> None:
+    summary = RunSummary(Path("out/"), videos=12_345, skipped=1_001, failed=2, frames=98_765_432, faces=101_234_567,
+                         seconds=100.0, damaged=1_500, frames_lost=1)
+    assert summary.line() == ("out: 12,345 videos (1,001 already done, 2 failed, 1,500 damaged (1 frame lost)), "
+                              "98,765,432 frames, 101,234,567 faces, 987,654.3 frames/s")
