@@ -358,10 +358,43 @@ class MergedResult:
         return True
 
 
+class _RowGroups:
+    """Tables gathered into row groups of :data:`ROW_GROUP_ROWS` rows for a merged file.
+
+    A part holds one short video's rows in one small row group; copied group for group, a merged
+    file of 2,000 four-frame videos had 2,000 row groups, a 7.3 MB footer (each group describes
+    each of its columns) for 8,000 rows, and took 1.7 s to read. Memory stays bounded by one
+    row group (about 10 MB)."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema) -> None:
+        self.writer, self.schema = writer, schema
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.tables.append(table)
+            self.rows += table.num_rows
+        while self.rows >= ROW_GROUP_ROWS:  # whole groups out, the rest kept (slices: no copy)
+            gathered = pa.concat_tables(self.tables)
+            self._write(gathered.slice(0, ROW_GROUP_ROWS))
+            self.tables, self.rows = [gathered.slice(ROW_GROUP_ROWS)], self.rows - ROW_GROUP_ROWS
+
+    def flush(self) -> None:
+        """Write what is gathered (the file's last, shorter row group)."""
+        if self.rows:
+            self._write(pa.concat_tables(self.tables))
+        self.tables, self.rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        self.writer.write_table(table.replace_schema_metadata(self.schema.metadata), row_group_size=ROW_GROUP_ROWS)
+
+
 def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedResult | None = None) -> int:
     """Concatenate part files (in the given order) into one Parquet file, atomically.
 
-    Streams row group by row group, so memory stays flat however large the result. The facts
+    Streams row group by row group, so memory stays flat however large the result; the parts'
+    rows are gathered into row groups of :data:`ROW_GROUP_ROWS`. The facts
     of videos that were turned or mirrored, stretched to square pixels, shown as SDR (HDR
     sources) or damaged are gathered into the file's metadata, and every part is listed in its
     inventory (:data:`INVENTORY`).
@@ -389,14 +422,16 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
     with open(tmp, "wb") as fh:
         try:
             with pq.ParquetWriter(fh, schema, compression=_COMPRESSION) as writer:
+                pending = _RowGroups(writer, schema)
                 for source_path in ([base.path] if base else []) + parts:
                     source = pq.ParquetFile(source_path)
                     for group in range(source.num_row_groups):
                         table = source.read_row_group(group).cast(SCHEMA)
                         if base is not None and source_path is base.path and len(drop):
                             table = table.filter(pc.invert(pc.is_in(table["video_path"], value_set=drop)))
-                        writer.write_table(table.replace_schema_metadata(schema.metadata))
+                        pending.add(table)
                         rows += table.num_rows
+                pending.flush()
             _sync_and_rename(fh, tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
