@@ -8,6 +8,7 @@ and the reason. Nothing here reads rows; callers scan the dataset with the colum
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,11 @@ class Results:
     files: tuple[Path, ...]
     metadata: dict[str, object]
 
-    def dataset(self) -> ds.Dataset:
-        """All rows as one dataset, read lazily (older parts are cast to the current schema)."""
-        return ds.dataset([str(f) for f in self.files], schema=SCHEMA, format="parquet")
+    def dataset(self, files: Iterable[str | Path] | None = None) -> ds.Dataset:
+        """All rows as one dataset, read lazily (older parts are cast to the current schema);
+        ``files``: only these of the result's files (where a caller knows which hold its rows)."""
+        paths = [str(f) for f in self.files] if files is None else sorted(map(str, files))
+        return ds.dataset(paths, schema=SCHEMA, format="parquet")
 
     @property
     def num_rows(self) -> int:

@@ -10,6 +10,7 @@ anything reaches matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,9 @@ class Corpus:
     va_counts: np.ndarray = field(default_factory=lambda: np.zeros((VA_BINS, VA_BINS), np.int64))
     va_faces: int = 0  # faces with valence and arousal
     track_faces: pa.Table | None = None  # video_path, track_id, faces
+    # The files each video's rows are in (one part in a directory of parts), so that a
+    # timeline reads those, not every file of a result of 100,000 parts.
+    files_of: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def mean_probabilities(self) -> np.ndarray:
@@ -114,11 +118,8 @@ def aggregate(results: Results, batch_rows: int = 1 << 18) -> Corpus:
     per_track: list[pa.Table] = []
     errors: list[pa.Table] = []
     scanner = results.dataset().scanner(columns=_SCAN_COLUMNS, batch_size=batch_rows)
-    for batch in scanner.to_batches():
-        if batch.num_rows == 0:
-            continue
-        corpus.rows += batch.num_rows
-        table = pa.Table.from_batches([batch])
+    for table in _gathered(scanner.scan_batches(), batch_rows, corpus.files_of):
+        corpus.rows += table.num_rows
         per_video.append(_video_partials(table))
         errors.append(table.filter(pc.is_valid(table["error"])).select(["video_path", "error"]))
         faces = table.filter(pc.is_valid(table["face_index"]))
@@ -222,6 +223,27 @@ class TrackTimeline:
     arousal: np.ndarray | None
 
 
+def _gathered(tagged: Iterator[ds.TaggedRecordBatch], rows: int, files_of: dict[str, set[str]]) -> Iterator[pa.Table]:
+    """The scan's batches as tables of about ``rows`` rows, noting in ``files_of`` the file each
+    video's rows came from. A directory of parts yields one small batch per part (a short
+    video's few hundred rows), and reducing each on its own cost 5 ms of Python a part: 11.4 s
+    for a report of 2,000 four-frame videos."""
+    batches: list[pa.RecordBatch] = []
+    held = 0
+    for batch, fragment in tagged:
+        if batch.num_rows == 0:
+            continue
+        for video in pc.unique(batch.column("video_path")).to_pylist():
+            files_of.setdefault(video, set()).add(fragment.path)
+        batches.append(batch)
+        held += batch.num_rows
+        if held >= rows:
+            yield pa.Table.from_batches(batches)
+            batches, held = [], 0
+    if batches:
+        yield pa.Table.from_batches(batches)
+
+
 def timelines(results: Results, corpus: Corpus, video: VideoStats, max_tracks: int,
               smooth_s: float) -> tuple[list[TrackTimeline], int]:
     """Smoothed expression and valence/arousal curves of the ``max_tracks`` largest tracks of a video.
@@ -235,7 +257,7 @@ def timelines(results: Results, corpus: Corpus, video: VideoStats, max_tracks: i
         return [], total
     columns = ["track_id", "pts_s", *PROB_COLUMNS, "valence", "arousal"]
     condition = (ds.field("video_path") == video.path) & ds.field("track_id").isin(track_ids)
-    rows = results.dataset().to_table(columns=columns, filter=condition)
+    rows = results.dataset(corpus.files_of.get(video.path)).to_table(columns=columns, filter=condition)
     start = video.first_s or 0.0
     # No finer than the sampled frames: a bin per frame at most, so a track has no empty bins.
     width = max(video.length_s / TIMELINE_POINTS, video.length_s / max(video.frames - 1, 1), 1e-6)
