@@ -110,6 +110,35 @@ def init_ray(config: RunConfig) -> None:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"cannot {where}: {reason}") from None
     stop_on_sigterm()  # Ray's handler replaced ours: a SIGTERM now ends the run cleanly again
+    _watch_head(ray, config)
+
+
+#: The running watch on the cluster's head (:mod:`annotator.head_watch`), while Ray is in use.
+_head_watch = None
+
+
+def _watch_head(ray, config: RunConfig) -> None:  # noqa: ANN001 - the ray module
+    """Watch the GCS the driver depends on (a local instance's too: the OOM killer may take it)."""
+    global _head_watch
+    from annotator.head_watch import HeadWatch, exit_lost, gcs_answers, give_up_after_s
+
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except (AttributeError, RuntimeError) as exc:  # a Ray that no longer says: Ray's own exit stays
+        log.debug("the head is not watched: %s", exc)
+        return
+    token = _ray_token() if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+
+    def still_on_it() -> bool:  # Ray shut down or started again elsewhere (tests do): not ours to watch
+        try:
+            return ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs
+        except Exception:  # noqa: BLE001 - Ray's "not connected" errors vary between versions
+            return False
+
+    if _head_watch is not None:
+        _head_watch.stop()
+    _head_watch = HeadWatch(gcs_answers(gcs, token), exit_lost(gcs, config.out), give_up_after_s(), still_on_it)
+    _head_watch.start()
 
 
 def release_ray() -> None:
@@ -119,6 +148,10 @@ def release_ray() -> None:
     raylet and idle workers hold no memory and take no CPU through training."""
     import sys
 
+    global _head_watch
+    if _head_watch is not None:  # first: the GCS is about to stop on purpose
+        _head_watch.stop()
+        _head_watch = None
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         _stop_autoscaler_monitor(ray)

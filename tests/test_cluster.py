@@ -528,3 +528,55 @@ def lose_a_node_then_rerun(cluster: Cluster, videos: Path, out: Path, want: dict
     assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(4))
     for rows in got.values():
         same_rows(rows, {key: {**row} for key, row in want.items()})
+
+
+def test_a_head_lost_mid_run_ends_in_one_line_and_a_rerun_gives_every_frame_once(
+        token_file: Path, warm_models: None, carphone: Path, tmp_path: Path) -> None:
+    """The head (its GCS, raylet and workers) goes away once some videos are written and others
+    are not. Left to Ray, the driver waited 60 s and was ended by Ray's core with a C++ line about
+    the GCS; now it says in one line that the head is lost, what is kept and how to resume (exit 1,
+    10 s before Ray would give up: 20 s here, so 10 s). A re-run on a new cluster completes every
+    video, each frame once."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        shutil.copyfile(carphone, videos / f"clip{i}.mp4")
+    out = tmp_path / "out"
+    (tmp_path / "lost").mkdir()
+    cluster = Cluster(tmp_path / "lost", token_file, head_cpus=1, dashboard=False)
+    try:
+        env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"],
+                         RAY_gcs_rpc_server_reconnect_timeout_s="20")
+        command = [str(videos), "--out", str(out), "--every-n", "2", "--no-progress"]
+        with open(tmp_path / "first.err", "w+") as err:
+            first = subprocess.Popen([sys.executable, "-m", "annotator", "run", *command, "--workers", "1",
+                                      "--address", cluster.address],
+                                     env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+            deadline = time.monotonic() + 240
+            while not 1 <= len(list(out.glob("part-*.parquet"))) < 4:
+                assert first.poll() is None, Path(err.name).read_text() + cluster.diagnosis()
+                assert time.monotonic() < deadline, "no video was written in time" + cluster.diagnosis()
+                time.sleep(0.1)
+            lost_at = time.monotonic()
+            cluster.nodes[0].kill()
+            code = first.wait(timeout=120)
+            waited = time.monotonic() - lost_at
+            err.seek(0)
+            lines = err.read().strip().splitlines()
+    finally:
+        cluster.stop()
+    assert code == 1, lines
+    assert lines[-1].startswith(f"{ERROR_PREFIX}lost the Ray cluster's head: its GCS at ") and \
+        f"what is finished is kept in {out}, re-run the same command to resume" in lines[-1], lines
+    assert not any("Failed to connect to GCS" in line for line in lines), lines  # Ray's own ending came not
+    assert 8 <= waited < 19, waited  # silence counts from the last answer, up to 2 s before the loss
+    kept = len(list(out.glob("part-*.parquet")))  # whole parts only: one in writing is a dot-file
+    assert kept >= 1
+
+    again = annotate(*command, "--workers", "0", env=driver_env(tmp_path), timeout=300)  # resumes, here without Ray
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"({kept} already done, 0 failed)" in again.stdout, again.stdout
+    assert not list(out.glob(".*.tmp"))  # a part the lost run was writing is written again, whole
+    got = frames_of(ds.dataset(out, format="parquet").to_table())
+    assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(4))
+    assert all(sorted({frame for frame, _ in rows}) == list(range(0, CARPHONE_FRAMES, 2)) for rows in got.values())

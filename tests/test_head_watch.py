@@ -1,0 +1,69 @@
+"""The driver's watch on the Ray cluster's head (annotator.head_watch), on its own; test_cluster
+kills a real head under a real run."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from annotator.head_watch import HeadWatch, gcs_answers, give_up_after_s
+
+
+def _watch(ask, give_up_s=0.2, watching=lambda: True) -> tuple[HeadWatch, list[float], threading.Event]:
+    lost: list[float] = []
+    called = threading.Event()
+
+    def on_lost(silent: float) -> None:
+        lost.append(silent)
+        called.set()
+
+    watch = HeadWatch(ask, on_lost, give_up_s, watching, every_s=0.02)
+    watch.start()
+    return watch, lost, called
+
+
+def test_a_head_that_stops_answering_is_lost_after_the_grace_period() -> None:
+    answers = [True] * 5  # answers for a while, then never again
+    started = time.monotonic()
+    watch, lost, called = _watch(lambda: bool(answers and answers.pop()))
+    assert called.wait(5)
+    watch.join(5)
+    assert len(lost) == 1 and lost[0] >= 0.2 and time.monotonic() - started >= 0.3
+
+
+def test_a_head_that_answers_is_never_lost_and_the_watch_stops_when_told() -> None:
+    watch, lost, called = _watch(lambda: True)
+    assert not called.wait(0.5)
+    watch.stop()
+    watch.join(5)
+    assert not watch.is_alive() and lost == []
+
+
+def test_a_watch_ends_quietly_once_this_process_left_the_cluster() -> None:
+    """Ray shut down, or started again elsewhere: the old head's silence is no loss."""
+    on_it = threading.Event()
+    on_it.set()
+    watch, lost, called = _watch(lambda: False, give_up_s=0.3, watching=on_it.is_set)
+    on_it.clear()
+    watch.join(5)
+    assert not watch.is_alive() and lost == []
+
+
+def test_no_gcs_at_an_address_is_no_answer() -> None:
+    with socket.socket() as sock:  # a port nobody listens on (bound, never listening)
+        sock.bind(("127.0.0.1", 0))
+        ask = gcs_answers(f"127.0.0.1:{sock.getsockname()[1]}", token=None)
+        assert ask() is False
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 50.0), ("20", 10.0), ("8", 4.0), ("1", 3.0), ("bad", 50.0)])
+def test_the_watch_gives_up_before_ray_does(monkeypatch, setting, expected) -> None:
+    """Ray ends the driver itself after RAY_gcs_rpc_server_reconnect_timeout_s (60 s by default)."""
+    if setting is None:
+        monkeypatch.delenv("RAY_gcs_rpc_server_reconnect_timeout_s", raising=False)
+    else:
+        monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", setting)
+    assert give_up_after_s() == expected
