@@ -23,8 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-
-log = logging.getLogger(__name__)
+from pathlib import Path
 
 #: Seconds between two questions to the GCS (each a tiny RPC).
 ASK_EVERY_S = 2.0
@@ -92,7 +91,7 @@ class HeadWatch(threading.Thread):
         self.stopped.set()
 
 
-def exit_lost(gcs: str, out: object) -> Callable[[float], None]:
+def exit_lost(gcs: str, out: Path) -> Callable[[float], None]:
     """What the driver does when the head is lost: one line on stderr, exit 1."""
 
     def lost(silent_s: float) -> None:
