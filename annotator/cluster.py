@@ -7,6 +7,7 @@ from another, its later calls hang).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -120,7 +121,7 @@ _head_watch = None
 def _watch_head(ray, config: RunConfig) -> None:  # noqa: ANN001 - the ray module
     """Watch the GCS the driver depends on (a local instance's too: the OOM killer may take it)."""
     global _head_watch
-    from annotator.head_watch import HeadWatch, exit_lost, gcs_answers, give_up_after_s
+    from annotator.head_watch import GcsQuestion, HeadWatch, exit_lost, give_up_after_s
 
     try:
         gcs = ray.get_runtime_context().gcs_address
@@ -135,10 +136,20 @@ def _watch_head(ray, config: RunConfig) -> None:  # noqa: ANN001 - the ray modul
         except Exception:  # noqa: BLE001 - Ray's "not connected" errors vary between versions
             return False
 
+    _stop_head_watch()
+    _head_watch = HeadWatch(GcsQuestion(gcs, token), exit_lost(gcs, config.out), give_up_after_s(), still_on_it)
+    _head_watch.start()
+    # Before Ray's own exit hook stops a local instance (hooks run last registered first): an
+    # interrupted run, or a test's process, ends without release_ray.
+    atexit.unregister(_stop_head_watch)  # one hook, the latest (a process may start Ray more than once)
+    atexit.register(_stop_head_watch)
+
+
+def _stop_head_watch() -> None:
+    global _head_watch
     if _head_watch is not None:
         _head_watch.stop()
-    _head_watch = HeadWatch(gcs_answers(gcs, token), exit_lost(gcs, config.out), give_up_after_s(), still_on_it)
-    _head_watch.start()
+        _head_watch = None
 
 
 def release_ray() -> None:
@@ -148,10 +159,7 @@ def release_ray() -> None:
     raylet and idle workers hold no memory and take no CPU through training."""
     import sys
 
-    global _head_watch
-    if _head_watch is not None:  # first: the GCS is about to stop on purpose
-        _head_watch.stop()
-        _head_watch = None
+    _stop_head_watch()  # first: the GCS is about to stop on purpose
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         _stop_autoscaler_monitor(ray)

@@ -44,24 +44,33 @@ def give_up_after_s() -> float:
     return max(ray_s - MARGIN_S, ray_s / 2, 3.0)
 
 
-def gcs_answers(gcs: str, token: str | None) -> Callable[[], bool]:
-    """A question for the GCS at ``host:port``: does it answer at all (within 5 s)?"""
-    import grpc
+class GcsQuestion:
+    """A question for the GCS at ``host:port``: does it answer at all (within 5 s)? Its channel
+    stays open between questions (gRPC reconnects by itself) until :meth:`close`, which must come
+    before the GCS stops on purpose: a channel open then logs gRPC's "Got goaway" on stderr."""
 
-    channel = grpc.insecure_channel(gcs)  # kept open: it reconnects by itself
-    get_cluster_id = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
-                                         request_serializer=lambda request: request,
-                                         response_deserializer=lambda reply: reply)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    def __init__(self, gcs: str, token: str | None) -> None:
+        import grpc
 
-    def ask() -> bool:
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(gcs)
+        self._get_cluster_id = self._channel.unary_unary(
+            "/ray.rpc.NodeInfoGcsService/GetClusterId",
+            request_serializer=lambda request: request, response_deserializer=lambda reply: reply)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __call__(self) -> bool:
+        grpc = self._grpc
         try:
-            get_cluster_id(b"", timeout=5, metadata=metadata)
+            self._get_cluster_id(b"", timeout=5, metadata=self._metadata)
         except grpc.RpcError as exc:
             return exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        except ValueError:  # the channel was closed meanwhile (a watch being stopped)
+            return True
         return True
 
-    return ask
+    def close(self) -> None:
+        self._channel.close()
 
 
 class HeadWatch(threading.Thread):
@@ -88,7 +97,10 @@ class HeadWatch(threading.Thread):
                 return
 
     def stop(self) -> None:
+        """End the watch (and close the question's channel, if it has one) before Ray stops."""
         self.stopped.set()
+        if callable(close := getattr(self.ask, "close", None)):
+            close()
 
 
 def exit_lost(gcs: str, out: Path) -> Callable[[float], None]:
