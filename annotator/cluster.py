@@ -137,7 +137,8 @@ def _watch_head(ray, config: RunConfig) -> None:  # noqa: ANN001 - the ray modul
             return False
 
     _stop_head_watch()
-    _head_watch = HeadWatch(GcsQuestion(gcs, token), exit_lost(gcs, config.out), give_up_after_s(), still_on_it)
+    question = GcsQuestion(gcs, token)
+    _head_watch = HeadWatch(question, exit_lost(gcs, config.out), give_up_after_s(), still_on_it, question.close)
     _head_watch.start()
     # Before Ray's own exit hook stops a local instance (hooks run last registered first): an
     # interrupted run, or a test's process, ends without release_ray.

@@ -76,14 +76,15 @@ class GcsQuestion:
 class HeadWatch(threading.Thread):
     """Calls ``on_lost(seconds)`` once ``ask`` has said no for ``give_up_s`` seconds in a row,
     unless ``watching()`` has turned false (this process left that cluster: Ray shut down, or
-    started again elsewhere), which ends the watch quietly."""
+    started again elsewhere), which ends the watch quietly. ``close`` is called when the watch is
+    stopped (a :class:`GcsQuestion`'s, whose channel must be closed before the GCS stops)."""
 
     def __init__(self, ask: Callable[[], bool], on_lost: Callable[[float], None], give_up_s: float,
-                 watching: Callable[[], bool] = lambda: True, every_s: float = ASK_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 watching: Callable[[], bool] = lambda: True, close: Callable[[], None] = lambda: None,
+                 every_s: float = ASK_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name="annotate-head-watch", daemon=True)
         self.ask, self.on_lost, self.give_up_s, self.watching = ask, on_lost, give_up_s, watching
-        self.every_s, self.clock = every_s, clock
+        self.close, self.every_s, self.clock = close, every_s, clock
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -97,10 +98,9 @@ class HeadWatch(threading.Thread):
                 return
 
     def stop(self) -> None:
-        """End the watch (and close the question's channel, if it has one) before Ray stops."""
+        """End the watch, and close what it asks through, before Ray stops."""
         self.stopped.set()
-        if callable(close := getattr(self.ask, "close", None)):
-            close()
+        self.close()
 
 
 def exit_lost(gcs: str, out: Path) -> Callable[[float], None]:

@@ -35,11 +35,14 @@ def test_a_head_that_stops_answering_is_lost_after_the_grace_period() -> None:
 
 
 def test_a_head_that_answers_is_never_lost_and_the_watch_stops_when_told() -> None:
-    watch, lost, called = _watch(lambda: True)
-    assert not called.wait(0.5)
+    closed = threading.Event()
+    watch = HeadWatch(lambda: True, lambda silent: pytest.fail("lost"), 0.2, close=closed.set, every_s=0.02)
+    watch.start()
+    time.sleep(0.5)
+    assert watch.is_alive() and not closed.is_set()
     watch.stop()
     watch.join(5)
-    assert not watch.is_alive() and lost == []
+    assert not watch.is_alive() and closed.is_set()  # what it asks through is closed with it
 
 
 def test_a_watch_ends_quietly_once_this_process_left_the_cluster() -> None:

@@ -57,7 +57,7 @@ from training import checkpoint
 from training.datasets.affwild2 import read_expr_file, read_va_file
 from training.datasets.images import FLIP_P, jitter_matrix
 from training.labels import MISSING
-from training.progress import set_postfix, step_bar
+from training.progress import step_bar
 from training.losses import ccc, distillation, expr_ce, expr_labelled, student_mix, va_gt_loss, va_labelled
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def train_student(corpus: Corpus, work: Path, options: DistilOptions, cache_dir:
             optimizer.step()
             for key, value in (("loss", float(loss.detach())), *parts.items()):
                 sums[key] = sums.get(key, 0.0) + value
-            set_postfix(bar, {key: value / step for key, value in sums.items()})
+            bar.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
         probs, va_pred = student_outputs(model, corpus, val_idx)
         metrics = agreement_metrics(probs, va_pred, corpus, val_idx)
         log.info("epoch %d/%d: %s (%.0f s)", epoch + 1, options.epochs, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),

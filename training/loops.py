@@ -25,7 +25,7 @@ from training.loaders import Batch, TrainStreams
 from training.losses import (distillation, expr_ce, expr_labelled, student_mix, task_total, va_gt_loss,
                              va_labelled)
 from training.metrics import abaw_metrics
-from training.progress import set_postfix, step_bar
+from training.progress import step_bar
 from training.teachers import Teacher, soft_labels
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def train_epoch(model: MultitaskNet, streams: TrainStreams, optimizer: torch.opt
         optimizer.step()
         for key, value in (("loss", float(loss.detach())), *parts.items()):
             sums[key] += value
-        set_postfix(bar, {key: value / step for key, value in sums.items()})
+        bar.set_postfix({key: f"{value / step:.3f}" for key, value in sums.items()})
     return {key: value / streams.steps_per_epoch for key, value in sums.items()}
 
 

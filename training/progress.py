@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -23,19 +23,11 @@ T = TypeVar("T")
 PROGRESS_LOGGERS = ("training",)
 
 
-def step_bar(steps: Iterable[T], total: int, desc: str, shown: bool = True) -> Iterator[T] | tqdm:
-    """``steps`` with a bar (left behind by none: the epoch's line says the rest) where ``shown``
-    and stderr is a terminal; otherwise ``steps`` as they are. Callers may call
-    :func:`set_postfix` on what this returns either way."""
-    if not (shown and sys.stderr.isatty()):
-        return iter(steps)
-    return tqdm(steps, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def set_postfix(bar: Iterator[T] | tqdm, values: dict[str, float]) -> None:
-    """Show the running means beside the bar (nothing without one)."""
-    if isinstance(bar, tqdm):
-        bar.set_postfix({key: f"{value:.3f}" for key, value in values.items()})
+def step_bar(steps: Iterable[T], total: int, desc: str, shown: bool = True) -> tqdm:
+    """``steps`` with a bar (left behind by none: the epoch's line says the rest), drawn only
+    where ``shown`` and stderr is a terminal; elsewhere tqdm passes the steps through as they are."""
+    return tqdm(steps, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (shown and sys.stderr.isatty()))
 
 
 def show_epochs(shown: bool = True) -> None:
