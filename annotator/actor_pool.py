@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from annotator.node_access import BenchedNodes, Misplaced
+
 log = logging.getLogger(__name__)
 
 #: Tables one actor may yield before the driver has taken them (Ray then pauses the generator).
@@ -99,7 +101,8 @@ class LivenessChecks:
 def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate", *,
                      replace: Callable[[], Any] | None = None,
                      gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES,
-                     stall_s: float = 0.0) -> Iterator[Any]:
+                     stall_s: float = 0.0, misplaced: Callable[[Any, Any], Misplaced | None] | None = None,
+                     bench: BenchedNodes | None = None) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -128,11 +131,18 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     so an item whose probe failed too was never begun, and it goes to the next free actor without
     counting as a death on it, up to :data:`START_DEATHS` times.
 
+    ``misplaced(item, result)``: the node at fault when ``result`` says its actor could not open
+    the item while the driver can (:mod:`annotator.node_access`). The result is not yielded; the
+    item goes to another actor, and the actor's node is benched (``bench``, a
+    :class:`BenchedNodes` by default): its actors get no items until the bench ends.
+
     Raises:
         ray.exceptions.RayError: an actor's constructor raised; actors died starting
             :data:`START_DEATHS` times per worker in a row; or one died and ``replace`` is None
             (or on an item's last try, and ``gave_up`` is None). The caller turns it into one
             line for the user.
+        NoNodeCanRead: every actor is on a benched node, and none has yielded a result that
+            was not misplaced.
     """
     import ray
 
@@ -140,7 +150,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     starting = {actor.__ray_ready__.remote(): actor for actor in actors}  # Ray's "constructor done" call
     pool = list(actors)  # alive, or not yet known dead: killed at the end
     idle: list[Any] = []
-    running: dict[Any, tuple[Any, Any]] = {}  # ObjectRefGenerator → (the actor producing it, its item)
+    # ObjectRefGenerator → (the actor producing it, its item; None once the item went elsewhere)
+    running: dict[Any, tuple[Any, Any]] = {}
     deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
     unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
     probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
@@ -150,10 +161,19 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     # A frozen actor is killed: only where it can be replaced and its item given up.
     checks = LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None else None
     wait_s = min(_WAIT_S, checks.every_s) if checks is not None else _WAIT_S
+    bench = bench if bench is not None else BenchedNodes()  # benches nobody without ``misplaced``
+
+    def free_actor() -> Any | None:
+        """An idle actor that is not on a benched node (the last such to become idle)."""
+        for i in range(len(idle) - 1, -1, -1):
+            if not bench.benched(idle[i]):
+                return idle.pop(i)
+        return None
 
     def replace_dead(actor: Any) -> None:
         ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
         pool.remove(actor)
+        bench.forget(actor)
         fresh = replace()
         pool.append(fresh)
         starting[fresh.__ray_ready__.remote()] = fresh
@@ -179,6 +199,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         if checks is not None:
             checks.stop(generator)
         replace_dead(actor)
+        if item is None:  # it had gone elsewhere already
+            del probes[generator]
+            return False, None
         name = getattr(item, "path", item)
         began = charged(generator, item)
         del probes[generator]
@@ -197,8 +220,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
 
     try:
         while queue or running:
-            while queue and idle:
-                actor = idle.pop()
+            while queue and (actor := free_actor()) is not None:
                 call = getattr(actor, method).options(num_returns="streaming",
                                                       _generator_backpressure_num_objects=BACKPRESSURE)
                 item = queue.popleft()
@@ -217,8 +239,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                                                    "on a read) and was killed")
                     if gave:
                         yield result
+            waiting_on = [*running, *(starting if queue else ())]
+            if not waiting_on:  # every actor idle on a benched node: stop, or wait for a bench to end
+                bench.check_all_benched(pool)
+                time.sleep(min(wait_s, max(bench.seconds_to_next(), 0.05)))
+                continue
             # A generator is "ready" when its next table is, or when it has ended.
-            ready, _ = ray.wait([*running, *(starting if queue else ())], num_returns=1, timeout=wait_s)
+            ready, _ = ray.wait(waiting_on, num_returns=1, timeout=wait_s)
             if not ready:
                 waited += wait_s
                 if not running and waited >= _WARN_AFTER_S:
@@ -255,8 +282,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     continue
                 except ray.exceptions.RayActorError as exc:
                     _, item = running[ready_one]
-                    if replace is None or (gave_up is None and deaths.get(id(item), 0) + 1 >= tries
-                                           and charged(ready_one, item)):
+                    if replace is None or (item is not None and gave_up is None
+                                           and deaths.get(id(item), 0) + 1 >= tries and charged(ready_one, item)):
                         raise
                     silent_s = time.monotonic() - heard.pop(ready_one)
                     reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
@@ -264,6 +291,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     gave, result = died(ready_one, reason)
                     if not gave:
                         continue
+                actor, item = running.get(ready_one, (None, None))
+                if misplaced is not None and item is not None and (wrong := misplaced(item, result)) is not None:
+                    bench.bench(actor, wrong)
+                    running[ready_one] = (actor, None)  # its generator ends after this result
+                    queue.appendleft(item)
+                    continue
+                bench.note_read()
                 yield result
     finally:
         # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call

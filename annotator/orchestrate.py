@@ -19,9 +19,11 @@ import pyarrow as pa
 from annotator.cluster import ClusterError, init_ray
 from annotator.config import ConfigError, RunConfig
 from annotator.actor_pool import TRIES
+from annotator.node_access import Misplaced, NoNodeCanRead, misplaced
 from annotator.schema import error_row
 from annotator.watchdog import StallWatchdog
-from annotator.worker import RayVideoWorker, WorkItem, annotate_watched, return_freed_memory, tag_table
+from annotator.worker import (STATUS_COLUMN, VIDEO_COLUMN, RayVideoWorker, WorkItem, annotate_watched,
+                              return_freed_memory, tag_table)
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,15 @@ def worker_died(item: WorkItem, reason: str) -> pa.Table:
     return tag_table(error_row(str(item.path), message), item.tag, "failed")
 
 
+def misplaced_item(item: WorkItem, table: pa.Table) -> Misplaced | None:
+    """The node at fault when ``table`` is the failed row of a worker that could not open the
+    item's video while this process can (:mod:`annotator.node_access`)."""
+    if table.num_rows != 1:  # a failed video is one row
+        return None
+    return misplaced(item.path, table[STATUS_COLUMN][0].as_py(), table[VIDEO_COLUMN][0].as_py(),
+                     table["error"][0].as_py())
+
+
 def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:
     """Tagged tables from a pool of Ray actors (see :func:`pool_size`), as they are produced.
 
@@ -230,7 +241,9 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     actors = [actor_class.remote(shipped, threads) for _ in range(workers)]
     try:
         yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(shipped, threads),
-                                    gave_up=worker_died, stall_s=config.stall_timeout)
+                                    gave_up=worker_died, stall_s=config.stall_timeout, misplaced=misplaced_item)
+    except NoNodeCanRead as exc:
+        raise ClusterError(f"{exc}; finished videos are kept, re-run to resume") from None
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows, and a video that kills its worker
         # twice becomes one too): this is the cluster failing.

@@ -4,7 +4,8 @@ tables, failures included.
 Each table carries the output columns plus four internal ones the driver strips: ``_part``
 (the :attr:`WorkItem.tag`: which part file the rows belong to), ``_status`` (``rows``; ``done`` on the video's last
 table; ``failed`` on the single error row of a video that could not be annotated), ``_video``
-(on ``done`` rows: the video's facts as JSON, for the part's file metadata) and ``_progress``
+(on ``done`` rows: the video's facts as JSON, for the part's file metadata; on the ``failed`` row
+of a video its worker could not open, the worker's node: :mod:`annotator.node_access`) and ``_progress``
 (how much of the work item is done with this table, 0-1, for the driver's progress bar). The
 last table is held back one step so it can be tagged ``done`` without an extra empty message.
 
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from annotator.config import RunConfig
 from annotator.logs import log_to_stderr
+from annotator.node_access import this_node, unreadable_facts, unreadable_here
 from annotator.schema import constant_column, error_row
 from annotator.watchdog import StallWatchdog
 from annotator.writer import KEYFRAMES_INT8_FACT
@@ -138,6 +140,10 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
     def rows_table() -> pa.Table:
         return tag_table(pending, part, "rows", progress=rows_progress(pending[-1], first_frame, report.frames_expected))
 
+    if (why := unreadable_here(path)) is not None:  # here: another node may read it (annotator.node_access)
+        log.info("%s: %s", path, why)
+        yield tag_table(error_row(str(path), f"{path}: {why}"), part, "failed", unreadable_facts(this_node()))
+        return
     try:
         for batch in pipeline.annotate(path, report, item.segment):
             if pending and time.monotonic() - sent_at >= TABLE_EVERY_S:

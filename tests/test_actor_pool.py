@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from annotator.actor_pool import HEALTH_GROUP, stream_from_pool  # noqa: E402
 from annotator.cluster import init_ray  # noqa: E402
 from annotator.config import RunConfig  # noqa: E402
+from annotator.node_access import BenchedNodes, Misplaced, NoNodeCanRead  # noqa: E402
 
 
 class Yielder:
@@ -242,3 +243,101 @@ def _exists(pid: int, within_s: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+class Node:
+    """An actor on a node that cannot open the videos while ``blind`` exists (a share not mounted
+    there); otherwise it yields (item, step, pid) 3 times, 0.2 s apart. Its "node" is its pid."""
+
+    def __init__(self, blind: str | None) -> None:
+        self.blind = blind
+
+    def annotate(self, item: str) -> Iterator[tuple[str, int, int]]:
+        if self.blind is not None and os.path.exists(self.blind):
+            yield ("cannot open", item, os.getpid())
+            return
+        for step in range(3):
+            time.sleep(0.2)
+            yield (item, step, os.getpid())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _nodes(*blind: str | None) -> list:
+    return [ray.remote(Node).options(num_cpus=0.5).remote(b) for b in blind]
+
+
+def _misplaced(item: str, result: tuple) -> Misplaced | None:
+    return Misplaced(str(result[2]), f"10.0.0.{result[2] % 250}", f"/shared/{item}: No such file or directory") \
+        if result[0] == "cannot open" else None
+
+
+def test_an_item_a_node_cannot_open_goes_to_another_and_that_node_is_benched(local_ray: None, tmp_path,
+                                                                             caplog) -> None:
+    """One node cannot open the videos: without a bench it took nearly every item, each failed in
+    a millisecond (7 of 8 on a real 2-node cluster). Now its first item goes to the other node and
+    it gets no more while benched: every item is done once, by the node that can read them."""
+    (tmp_path / "blind").touch()
+    seeing, blind = _nodes(None, str(tmp_path / "blind"))
+    items = [f"video{i}" for i in range(6)]
+    seeing_pid, _ = ray.get([seeing.ping.remote(), blind.ping.remote()])  # both started: each gets an item
+    got = list(stream_from_pool([seeing, blind], items, misplaced=_misplaced))
+    assert sorted((name, step) for name, step, _ in got) == [(i, s) for i in items for s in range(3)]
+    assert {pid for *_, pid in got} == {seeing_pid}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "cannot open /shared/video" in warning and "(No such file or directory)" in warning
+    assert "it gets none for 1 min" in warning
+
+
+def test_a_benched_node_gets_items_again_once_its_bench_ends(local_ray: None, tmp_path, caplog) -> None:
+    """A share that comes back (a remount): after its bench the node works again; a node that
+    still cannot read is benched twice as long."""
+    blind = tmp_path / "blind"
+    blind.touch()
+    seen: list[str] = []
+
+    def misplaced(item: str, result: tuple) -> Misplaced | None:
+        wrong = _misplaced(item, result)
+        if wrong is not None:
+            seen.append(item)
+            blind.unlink(missing_ok=True)  # mounted again
+        return wrong
+
+    pool = _nodes(str(blind), None)
+    once_blind, _ = ray.get([actor.ping.remote() for actor in pool])
+    items = [f"video{i}" for i in range(8)]
+    got = list(stream_from_pool(pool, items, misplaced=misplaced, bench=BenchedNodes(first_s=1.0)))
+    assert sorted((name, step) for name, step, _ in got) == [(i, s) for i in items for s in range(3)]
+    assert len(seen) == 1 and "it gets none for 1 s" in caplog.text  # benched once
+    assert once_blind in {pid for *_, pid in got}  # then it read again
+
+
+def test_a_node_benched_again_waits_twice_as_long() -> None:
+    bench = BenchedNodes(first_s=0.2, longest_s=0.5)
+    wrong = Misplaced("n1", "10.0.0.1", "/shared/a.mp4: Stale file handle")
+    bench.bench("actor", wrong)
+    assert bench.benched("actor") and not bench.benched("other")
+    time.sleep(0.25)
+    assert not bench.benched("actor")
+    bench.bench("actor", wrong)
+    assert bench.benches["n1"].seconds == 0.4
+    time.sleep(0.45)
+    bench.bench("actor", wrong)
+    assert bench.benches["n1"].seconds == 0.5  # at most longest_s
+    bench.forget("actor")  # dead, replaced: its successor may be placed anywhere
+    assert not bench.benched("actor")
+
+
+def test_when_no_actor_can_open_anything_the_stream_stops(local_ray: None, tmp_path, caplog) -> None:
+    """Every actor on a benched node and none has opened a video: waiting would not help. The
+    benches' warnings are held back: the error says it all, in one line."""
+    (tmp_path / "blind").touch()
+    pool = _nodes(str(tmp_path / "blind"), str(tmp_path / "blind"))
+    with pytest.raises(NoNodeCanRead) as stopped:
+        list(stream_from_pool(pool, [f"video{i}" for i in range(4)], misplaced=_misplaced))
+    message = str(stopped.value)
+    assert message.startswith("no Ray worker can open the videos this machine reads: ")
+    assert "cannot open /shared/video" in message and "(No such file or directory)" in message
+    assert all(dies_soon(actor) for actor in pool)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
