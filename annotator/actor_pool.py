@@ -48,6 +48,8 @@ _WAIT_S = 5.0
 _PROBE_WAIT_S = 10.0
 _WARN_AFTER_S = 60.0
 _CHECK_EVERY_S = 30.0
+#: How often the pool asks whether the cluster has grown (``wanted``): one small call to the GCS.
+GROW_EVERY_S = 10.0
 
 
 class LivenessChecks:
@@ -102,7 +104,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                      replace: Callable[[], Any] | None = None,
                      gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES,
                      stall_s: float = 0.0, misplaced: Callable[[Any, Any], Misplaced | None] | None = None,
-                     bench: BenchedNodes | None = None) -> Iterator[Any]:
+                     bench: BenchedNodes | None = None, wanted: Callable[[int], int] | None = None) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -136,6 +138,11 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     item goes to another actor, and the actor's node is benched (``bench``, a
     :class:`BenchedNodes` by default): its actors get no items until the bench ends.
 
+    ``wanted(n)``: how many actors the pool should have, now, for ``n`` items left (queued or
+    running); asked every :data:`GROW_EVERY_S` seconds, and the pool grows to it with actors from
+    ``replace()`` (it never shrinks: an actor is killed only at the end, or when it is dead). So
+    nodes that join a running cluster (added by hand, or by Ray's autoscaler) get workers.
+
     Raises:
         ray.exceptions.RayError: an actor's constructor raised; actors died starting
             :data:`START_DEATHS` times per worker in a row; or one died and ``replace`` is None
@@ -162,6 +169,17 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     checks = LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None else None
     wait_s = min(_WAIT_S, checks.every_s) if checks is not None else _WAIT_S
     bench = bench if bench is not None else BenchedNodes()  # benches nobody without ``misplaced``
+    grown_at = time.monotonic()
+
+    def grow() -> None:
+        """New actors where the cluster now holds more than the pool has (see ``wanted``)."""
+        more = wanted(len(queue) + len(running)) - len(pool) if wanted is not None and replace is not None else 0
+        if more > 0:
+            log.info("the cluster has grown: %d more worker%s", more, "s" * (more > 1))
+        for _ in range(max(more, 0)):
+            fresh = replace()  # type: ignore[misc]  (checked above)
+            pool.append(fresh)
+            starting[fresh.__ray_ready__.remote()] = fresh
 
     def free_actor() -> Any | None:
         """An idle actor that is not on a benched node (the last such to become idle)."""
@@ -239,6 +257,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                                                    "on a read) and was killed")
                     if gave:
                         yield result
+            if queue and time.monotonic() - grown_at >= GROW_EVERY_S:
+                grow()
+                grown_at = time.monotonic()
             waiting_on = [*running, *(starting if queue else ())]
             if not waiting_on:  # every actor idle on a benched node: stop, or wait for a bench to end
                 bench.check_all_benched(pool)

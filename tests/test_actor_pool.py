@@ -341,3 +341,20 @@ def test_when_no_actor_can_open_anything_the_stream_stops(local_ray: None, tmp_p
     assert "cannot open /shared/video" in message and "(No such file or directory)" in message
     assert all(dies_soon(actor) for actor in pool)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_the_pool_grows_to_what_the_cluster_holds_now(local_ray: None, monkeypatch, caplog) -> None:
+    """``wanted`` says the cluster now holds two workers (a node joined): a second actor starts
+    and takes items; asked with fewer items left than actors, the pool does not shrink."""
+    monkeypatch.setattr("annotator.actor_pool.GROW_EVERY_S", 0.5)
+    asked: list[int] = []
+
+    def wanted(left: int) -> int:
+        asked.append(left)
+        return min(2, left)
+
+    caplog.set_level("INFO", logger="annotator.actor_pool")
+    got = list(stream_from_pool(actors(1), [f"video{i}" for i in range(8)], replace=_replacement, wanted=wanted))
+    assert sorted({name for name, *_ in got}) == [f"video{i}" for i in range(8)]
+    assert len({pid for *_, pid in got}) == 2 and "the cluster has grown: 1 more worker" in caplog.text
+    assert asked and asked[0] <= 8

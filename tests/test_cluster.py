@@ -637,3 +637,43 @@ def test_a_node_that_cannot_see_the_videos_gets_none_of_them(token_file: Path, w
     got = frames_of(ds.dataset(tmp_path / "both", format="parquet").to_table())
     assert sorted(got) == sorted(str(videos / f"clip{i}.mp4") for i in range(8))
     assert all(len(rows) == CARPHONE_FRAMES for rows in got.values())
+
+
+def test_a_node_that_joins_mid_run_gets_workers(token_file: Path, warm_models: None, carphone: Path,
+                                                tmp_path: Path) -> None:
+    """A run sized to a 1-CPU cluster; a second node joins once videos are being written (added
+    by hand, or by Ray's autoscaler). Before, the pool kept its one worker to the end; now it
+    grows onto the new node, and every video is annotated once."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(24):
+        shutil.copyfile(carphone, videos / f"clip{i:02d}.mp4")
+    out = tmp_path / "out"
+    cluster = Cluster(tmp_path / "cluster", token_file, head_cpus=1, dashboard=False)
+    env = driver_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.auth_env["RAY_AUTH_TOKEN_PATH"])
+    try:
+        with open(tmp_path / "run.err", "w+") as err:
+            run = subprocess.Popen([sys.executable, "-m", "annotator", "-v", "run", str(videos), "--out", str(out),
+                                    "--address", cluster.address, "--no-progress"], env=env, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=err, text=True)
+            deadline = time.monotonic() + 240
+            while not list(out.glob("part-*.parquet")):
+                assert run.poll() is None, Path(err.name).read_text()[-3000:] + cluster.diagnosis()
+                assert time.monotonic() < deadline, "no video was written in time" + cluster.diagnosis()
+                time.sleep(0.1)
+            node = cluster.add_node(cpus=1)
+            joined = False
+            while run.poll() is None and not joined:
+                joined = hosts_a_video_worker(node)
+                time.sleep(0.2)
+            stdout, _ = run.communicate(timeout=300)
+            err.seek(0)
+            stderr = err.read()
+    finally:
+        cluster.stop()
+    assert run.returncode == 0, stderr[-3000:]
+    assert joined, f"the node that joined never got a worker before the run ended:\n{stderr[-3000:]}"
+    assert "the cluster has grown: 1 more worker" in stderr
+    assert stdout.strip().splitlines()[-1].startswith(f"{out}: 24 videos (0 already done, 0 failed), 2,880 frames")
+    got = frames_of(ds.dataset(out, format="parquet").to_table())
+    assert len(got) == 24 and all(len(rows) == CARPHONE_FRAMES for rows in got.values())
