@@ -36,6 +36,10 @@ _COMPRESSION = "zstd"
 METADATA_KEY = b"annotator"
 #: Per-video facts (size, rotation applied, damage) in a part's footer; see worker.video_facts.
 VIDEO_KEY = b"annotator.video"
+#: A merged file's footer key for its inventory (:data:`INVENTORY`): a key of its own, not in the
+#: run's metadata, because that one is also stored in Arrow's schema (base64) and so twice: for
+#: 100,000 videos the footer would hold about 40 MB, decoded on every read of the file.
+PARTS_KEY = b"annotator.parts"
 #: The video fact naming the int8 detector copy that a part's keyframes took (its sha256).
 KEYFRAMES_INT8_FACT = "keyframes_int8_sha256"
 
@@ -179,6 +183,8 @@ def read_metadata(path: Path) -> dict[str, object]:
     meta = json.loads(raw[METADATA_KEY])
     if VIDEO_KEY in raw:
         meta["video"] = json.loads(raw[VIDEO_KEY])
+    if PARTS_KEY in raw:  # else a file merged before it had a key of its own: in the run's metadata
+        meta[INVENTORY] = json.loads(raw[PARTS_KEY])
     return meta
 
 
@@ -415,7 +421,8 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
     run = json.loads(schema.metadata[METADATA_KEY])
     int8_copy = _int8_copy(run)
     notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v, int8_copy))]
-    schema = schema_with_metadata({**run, "videos": notable, INVENTORY: [*kept, *entries]})
+    run.pop(INVENTORY, None)  # the base's, in a file merged before PARTS_KEY
+    schema = schema_with_metadata({**run, "videos": notable})
     drop = pa.array(sorted(dropped), pa.string())  # the base's rows of videos annotated again
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
@@ -432,6 +439,7 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
                         pending.add(table)
                         rows += table.num_rows
                 pending.flush()
+                writer.add_key_value_metadata({PARTS_KEY: json.dumps([*kept, *entries], sort_keys=True).encode()})
             _sync_and_rename(fh, tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

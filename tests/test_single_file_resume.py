@@ -16,7 +16,7 @@ import pytest
 
 from annotator.config import ConfigError, RunConfig
 from annotator.run import run
-from annotator.writer import INVENTORY, METADATA_KEY, OutputLayout, read_metadata, schema_with_metadata
+from annotator.writer import INVENTORY, METADATA_KEY, PARTS_KEY, OutputLayout, read_metadata, schema_with_metadata
 from engines.decoders import Sampling
 
 SORT = [("frame_index", "ascending"), ("face_index", "ascending")]
@@ -119,6 +119,39 @@ def test_a_file_without_an_inventory_needs_overwrite(videos: Path, tmp_path: Pat
         _run(videos, out)
     redone = _run(videos, out, overwrite=True)
     assert redone.skipped == 0 and redone.frames == 12 and INVENTORY in read_metadata(out)
+
+
+def test_the_inventory_is_stored_once_outside_arrows_schema(videos: Path, tmp_path: Path) -> None:
+    """The run's metadata is also kept in Arrow's schema (base64); the inventory, one entry per
+    video, has a footer key of its own, so it is not stored twice: 1,500 videos' merged file
+    had a 0.58 MB footer with it in both, 0.26 MB now (about 40 MB against 17 for 100,000)."""
+    out = tmp_path / "out.parquet"
+    _run(videos, out)
+    footer = pq.read_metadata(out).metadata
+    assert [Path(e["video_path"]).name for e in json.loads(footer[PARTS_KEY])] == ["a.mp4", "broken.mp4"]
+    assert INVENTORY not in json.loads(footer[METADATA_KEY])
+    arrow = pq.read_schema(out).metadata  # what Arrow's stored schema holds
+    assert PARTS_KEY not in arrow and INVENTORY not in json.loads(arrow[METADATA_KEY])
+    assert len(read_metadata(out)[INVENTORY]) == 2
+
+
+def test_a_file_merged_with_its_inventory_in_the_run_metadata_is_added_to(videos: Path, carphone: Path,
+                                                                          tmp_path: Path) -> None:
+    """A file merged before the inventory had a key of its own (it was in the run's metadata)
+    resumes as before, and is rewritten the new way."""
+    (videos / "broken.mp4").unlink()
+    out = tmp_path / "out.parquet"
+    _run(videos, out)
+    table, meta = pq.read_table(out), read_metadata(out)
+    pq.write_table(table.replace_schema_metadata(schema_with_metadata(meta).metadata), out)  # the old layout
+    assert PARTS_KEY not in pq.read_metadata(out).metadata and INVENTORY in json.loads(
+        pq.read_metadata(out).metadata[METADATA_KEY])
+    shutil.copy(carphone, videos / "b.mp4")
+    again = _run(videos, out)
+    assert (again.skipped, again.failed, again.frames) == (1, 0, 12)
+    footer = pq.read_metadata(out).metadata
+    assert sorted(Path(e["video_path"]).name for e in json.loads(footer[PARTS_KEY])) == ["a.mp4", "b.mp4"]
+    assert INVENTORY not in json.loads(footer[METADATA_KEY]) and pq.read_table(out).num_rows == 24
 
 
 def test_a_parquet_file_annotate_did_not_write_is_refused(videos: Path, tmp_path: Path) -> None:
