@@ -36,6 +36,13 @@ BACKPRESSURE = 4
 #: Deaths of its worker after which an item is given up: one retry, for a node lost or an OOM kill
 #: caused by a neighbour; a file that kills its worker twice is taken to be the cause.
 TRIES = 2
+#: What :func:`death_reason` says of an actor whose node was lost (Ray's "its node has died").
+NODE_LOST = "its node was lost"
+#: Node losses an item may meet before it is given up. A lost node (a spot instance taken back, a
+#: machine gone) is not the video's doing, so these count apart from the deaths of :data:`TRIES`:
+#: on a preemptible cluster, a long video's segment that met two of them was recorded as failed.
+#: The cap only keeps an item from going round for ever.
+NODE_LOSSES = 4
 #: Workers (per worker of the pool) that may die while starting, one after another, before the
 #: run stops: one that dies loading its models every time (too little memory) must not loop.
 START_DEATHS = 3
@@ -102,7 +109,7 @@ class LivenessChecks:
 
 def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "annotate", *,
                      replace: Callable[[], Any] | None = None,
-                     gave_up: Callable[[Any, str], Any] | None = None, tries: int = TRIES,
+                     gave_up: Callable[[Any, str, int], Any] | None = None, tries: int = TRIES,
                      stall_s: float = 0.0, misplaced: Callable[[Any, Any], Misplaced | None] | None = None,
                      bench: BenchedNodes | None = None, wanted: Callable[[int], int] | None = None) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
@@ -116,8 +123,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     An actor that dies on an item (a native crash on a hostile file, the OOM killer, its node
     lost) is replaced by ``replace()``, and the item is given to the next free actor, from its
     start: the consumer sees its results again from the first (the collector starts its part
-    over). After ``tries`` deaths on one item, the stream yields ``gave_up(item, reason)`` in its
-    place and goes on: one file that kills its worker every time must not end a week-long run
+    over). After ``tries`` deaths on one item, the stream yields ``gave_up(item, reason, tries)`` in
+    its place and goes on (after :data:`NODE_LOSSES` if each death was its node being lost, which
+    counts apart: ``gave_up(item, reason, NODE_LOSSES)``): one file that kills its worker every time must not end a week-long run
     at the same place on every resume. (Where every item kills its worker, a broken node or
     driver, every item ends that way, each with its reason: the run ends, its failures listed.)
     ``stall_s``: the workers' stall timeout (:mod:`annotator.watchdog`; 0: none), so that a
@@ -159,7 +167,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     idle: list[Any] = []
     # ObjectRefGenerator → (the actor producing it, its item; None once the item went elsewhere)
     running: dict[Any, tuple[Any, Any]] = {}
-    deaths: dict[int, int] = {}  # id(item) → how often its actor died on it
+    deaths: dict[tuple[int, bool], int] = {}  # (id(item), node lost) → how often its actor died on it so
     unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
     probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
@@ -210,6 +218,12 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         except ray.exceptions.GetTimeoutError:
             return True
 
+    def limit(reason: str) -> int:
+        return NODE_LOSSES if reason == NODE_LOST else tries
+
+    def last_try(item: Any, reason: str) -> bool:
+        return deaths.get((id(item), reason == NODE_LOST), 0) + 1 >= limit(reason)
+
     def died(generator: Any, reason: str) -> tuple[bool, Any]:
         """The item of ``generator``, whose actor is dead (replaced now): tried again, or given
         up: (True, what ``gave_up`` made of it) after its last try."""
@@ -228,13 +242,14 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
             log.warning("a worker died before it began %s (%s); it goes to another worker", name, reason)
             queue.appendleft(item)
             return False, None
-        deaths[id(item)] = deaths.get(id(item), 0) + 1
-        if deaths[id(item)] < tries:
+        if not last_try(item, reason):
+            key = (id(item), reason == NODE_LOST)
+            deaths[key] = deaths.get(key, 0) + 1
             log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
             queue.appendleft(item)
             return False, None
-        log.warning("%s: its worker died on it %d times (%s); skipped", name, tries, reason)
-        return True, gave_up(item, reason)  # type: ignore[misc]  (checked by the caller)
+        log.warning("%s: its worker died on it %d times (%s); skipped", name, limit(reason), reason)
+        return True, gave_up(item, reason, limit(reason))  # type: ignore[misc]  (checked by the caller)
 
     try:
         while queue or running:
@@ -303,12 +318,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     continue
                 except ray.exceptions.RayActorError as exc:
                     _, item = running[ready_one]
-                    if replace is None or (item is not None and gave_up is None
-                                           and deaths.get(id(item), 0) + 1 >= tries and charged(ready_one, item)):
-                        raise
-                    silent_s = time.monotonic() - heard.pop(ready_one)
+                    silent_s = time.monotonic() - heard[ready_one]
                     reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
                               if 0 < stall_s <= silent_s else death_reason(exc))
+                    if replace is None or (item is not None and gave_up is None and last_try(item, reason)
+                                           and charged(ready_one, item)):
+                        raise
+                    del heard[ready_one]
                     gave, result = died(ready_one, reason)
                     if not gave:
                         continue
@@ -334,5 +350,5 @@ def death_reason(exc: Exception) -> str:
     if "running low on memory" in str(exc):
         return "Ray's memory monitor killed it, the node running low on memory"
     if "because its node has died" in str(exc):
-        return "its node was lost"
+        return NODE_LOST
     return "its process crashed or was killed: a native crash, the kernel's OOM killer, or its node lost"

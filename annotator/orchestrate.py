@@ -194,9 +194,9 @@ def cluster_workers(config: RunConfig) -> int:
     return pool_size(config, videos=1 << 30)
 
 
-def worker_died(item: WorkItem, reason: str) -> pa.Table:
+def worker_died(item: WorkItem, reason: str, times: int = TRIES) -> pa.Table:
     """The failed row of a work item whose worker died on it every time it was tried."""
-    message = f"{item.path}: its worker died on it {TRIES} times ({reason}); skipped"
+    message = f"{item.path}: its worker died on it {times} times ({reason}); skipped"
     return tag_table(error_row(str(item.path), message), item.tag, "failed")
 
 

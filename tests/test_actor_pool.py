@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from annotator.actor_pool import HEALTH_GROUP, stream_from_pool  # noqa: E402
+from annotator.actor_pool import HEALTH_GROUP, NODE_LOSSES, NODE_LOST, TRIES, stream_from_pool  # noqa: E402
 from annotator.cluster import init_ray  # noqa: E402
 from annotator.config import RunConfig  # noqa: E402
 from annotator.node_access import BenchedNodes, Misplaced, NoNodeCanRead  # noqa: E402
@@ -133,7 +133,7 @@ def _replacement():
 def test_an_item_whose_actor_dies_starts_again_on_a_new_actor(local_ray: None, tmp_path) -> None:
     item = f"die-once:{tmp_path / 'died'}"
     got = list(stream_from_pool(actors(1, steps=3), [item, "after"], replace=_replacement,
-                                gave_up=lambda item, reason: ("gave up", item)))
+                                gave_up=lambda item, reason, times: ("gave up", item)))
     assert (tmp_path / "died").exists()  # its first actor died on it
     # (What that actor yielded just before dying may or may not have reached the driver.)
     again = [result for result in got if result[0] == item][-3:]
@@ -144,7 +144,7 @@ def test_an_item_whose_actor_dies_starts_again_on_a_new_actor(local_ray: None, t
 def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(local_ray: None) -> None:
     reasons = []
 
-    def gave_up(item, reason):
+    def gave_up(item, reason, times):
         reasons.append(reason)
         return ("gave up", item)
 
@@ -154,6 +154,30 @@ def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(l
     assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
 
 
+def test_a_lost_node_is_not_counted_as_the_items_fault(local_ray: None, monkeypatch) -> None:
+    """Deaths that Ray says came with the worker's node (a spot instance taken back) count apart
+    from the item's own: the item is given up only after NODE_LOSSES of them (here every death is
+    told as a node lost), where a crash gives it up after TRIES."""
+    assert NODE_LOSSES > TRIES
+    made: list[int] = []
+
+    def replacement():
+        made.append(1)
+        return _replacement()
+
+    for told, times in ((None, TRIES), (NODE_LOST, NODE_LOSSES)):
+        if told is not None:
+            monkeypatch.setattr("annotator.actor_pool.death_reason", lambda exc: told)
+        made.clear()
+        gave: list[tuple[str, int]] = []
+        got = list(stream_from_pool(actors(1, steps=3), ["die", "after"], replace=replacement,
+                                    gave_up=lambda item, reason, n: gave.append((reason, n)) or ("gave up", item)))
+        assert ("gave up", "die") in got and [n for _, n in gave] == [times]
+        assert len(made) == times  # one new worker per death
+        assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
+    assert gave == [(NODE_LOST, NODE_LOSSES)]
+
+
 def test_a_worker_that_died_idle_costs_its_next_item_no_try(local_ray: None, tmp_path, caplog) -> None:
     """A worker that dies between two items (the OOM killer making room for a neighbour, a node
     lost) is found dead only when it is handed the next item: that item goes to a new worker
@@ -161,7 +185,7 @@ def test_a_worker_that_died_idle_costs_its_next_item_no_try(local_ray: None, tmp
     counting the idle death as a second would give it up."""
     item = f"die-once-late:{tmp_path / 'died'}"  # kills its first worker after 3 s, then runs
     got = list(stream_from_pool(actors(2, steps=3), ["then-dies", item], replace=_replacement,
-                                gave_up=lambda item, reason: ("gave up", item)))
+                                gave_up=lambda item, reason, times: ("gave up", item)))
     assert ("gave up", item) not in got
     assert [step for name, step, _ in got if name == "then-dies"] == [0, 1, 2]
     assert [step for name, step, _ in got if name == item][-3:] == [0, 1, 2]
@@ -171,7 +195,7 @@ def test_a_worker_that_died_idle_costs_its_next_item_no_try(local_ray: None, tmp
 def test_an_actor_that_dies_starting_is_replaced(local_ray: None) -> None:
     doomed = ray.remote(DiesStarting).options(num_cpus=0.5).remote()
     got = list(stream_from_pool([doomed], ["a", "b"], replace=_replacement,
-                                gave_up=lambda item, reason: ("gave up", item)))
+                                gave_up=lambda item, reason, times: ("gave up", item)))
     assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in "ab" for s in range(3)]
 
 
@@ -213,7 +237,7 @@ def test_a_frozen_actor_is_killed_and_its_item_starts_again(local_ray: None) -> 
     end itself and Ray does not see it: the pool's liveness checks go unanswered, and after
     ``stall_s`` the actor is killed and replaced, its item done again from the start."""
     stream = stream_from_pool([_checked(steps=30)], ["a", "b"], replace=lambda: _checked(steps=3),
-                              gave_up=lambda item, reason: ("gave up", item, reason), stall_s=2.0)
+                              gave_up=lambda item, reason, times: ("gave up", item, reason), stall_s=2.0)
     name, step, pid = next(stream)
     assert (name, step) == ("a", 0)
     os.kill(pid, signal.SIGSTOP)
@@ -229,7 +253,7 @@ def test_a_busy_actor_that_answers_is_not_killed(local_ray: None) -> None:
     """An item that yields nothing for longer than ``stall_s`` on a live actor (a long stretch
     without faces, sparse sampling) is not taken for a frozen one."""
     got = list(stream_from_pool([_checked(steps=3)], ["slow"], replace=lambda: _checked(steps=3),
-                                gave_up=lambda item, reason: ("gave up", item, reason), stall_s=1.0))
+                                gave_up=lambda item, reason, times: ("gave up", item, reason), stall_s=1.0))
     assert [step for _, step, _ in got] == [0, 1, 2] and len({pid for *_, pid in got}) == 1
 
 
