@@ -22,6 +22,7 @@ mount), and Ray does not notice one either, as its sockets stay open.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -134,8 +135,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     as its death on the item. The actors then need the :data:`ALIVE_METHOD`, in their
     :data:`HEALTH_GROUP`.
 
-    A worker that dies while starting (its node lost, the OOM killer) is replaced too; one whose
-    constructor raises is not, as every worker's would. So is one that died while idle (its node
+    A worker that dies while starting (its node lost, the OOM killer) is replaced too. One whose
+    constructor raises is not: it is left out, with a warning once another worker has started,
+    and the stream stops only when no worker is left (as when every worker's constructor raises). So is one that died while idle (its node
     lost, the OOM killer making room for a neighbour), which Ray tells only when the next item's
     call fails: each item's call follows a probe (Ray's ``__ray_ready__``) in the actor's queue,
     so an item whose probe failed too was never begun, and it goes to the next free actor without
@@ -152,7 +154,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     nodes that join a running cluster (added by hand, or by Ray's autoscaler) get workers.
 
     Raises:
-        ray.exceptions.RayError: an actor's constructor raised; actors died starting
+        ray.exceptions.RayError: an actor's constructor raised and no other actor is left; actors died starting
             :data:`START_DEATHS` times per worker in a row; or one died and ``replace`` is None
             (or on an item's last try, and ``gave_up`` is None). The caller turns it into one
             line for the user.
@@ -172,6 +174,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
     start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
+    started_any = False  # a worker has loaded its models
+    cannot_start: list[str] = []  # a line for each worker whose constructor raised
     waited = 0.0
     # A frozen actor is killed: only where it can be replaced and its item given up.
     checks = LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None else None
@@ -181,7 +185,9 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
 
     def grow() -> None:
         """New actors where the cluster now holds more than the pool has (see ``wanted``)."""
-        more = wanted(len(queue) + len(running)) - len(pool) if wanted is not None and replace is not None else 0
+        # Workers that could not start keep their places: new ones could land where they failed.
+        more = (wanted(len(queue) + len(running)) - len(pool) - len(cannot_start)
+                if wanted is not None and replace is not None else 0)
         if more > 0:
             log.info("the cluster has grown: %d more worker%s", more, "s" * (more > 1))
         for _ in range(max(more, 0)):
@@ -295,16 +301,31 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                     try:
                         ray.get(ready_one)
                     except ray.exceptions.RayActorError as exc:
-                        # Its constructor raised (the models do not load): every worker's would.
-                        # Else it died starting (its node lost, the OOM killer): start another.
+                        if getattr(exc, "actor_init_failed", False):
+                            # Its constructor raised: the driver loaded the same models, so this is
+                            # its node (a full or read-only cache, no PyPI there). The run goes on
+                            # without it while another worker lives; where none does, it ends.
+                            ray.kill(actor)
+                            pool.remove(actor)
+                            cannot_start.append(f"a worker could not start ({creation_error(exc)}); the run goes "
+                                                "on without it")
+                            if not pool:
+                                raise
+                            if started_any:
+                                log.warning("%s", cannot_start[-1])
+                            continue
+                        # It died starting (its node lost, the OOM killer): start another.
                         start_deaths += 1
-                        if (replace is None or getattr(exc, "actor_init_failed", False)
-                                or start_deaths > START_DEATHS * len(actors)):
+                        if replace is None or start_deaths > START_DEATHS * len(actors):
                             raise
                         log.warning("a worker died while starting (%s); starting another", death_reason(exc))
                         replace_dead(actor)
                         continue
                     start_deaths = 0
+                    if not started_any:  # the workers that could not start so far: now worth telling
+                        started_any = True
+                        for line in cannot_start:
+                            log.warning("%s", line)
                     idle.append(actor)
                     continue
                 try:
@@ -344,11 +365,19 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                 ray.kill(actor)
 
 
+def creation_error(exc: Exception) -> str:
+    """Where and why an actor's constructor raised, from Ray's message (its first line names the
+    node's address; its last is the exception): ``on 10.0.0.7: ValueError: ...``."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    where = re.search(r"\bip=([^,)\s]+)", lines[0]) if lines else None
+    return f"{'on ' + where.group(1) + ': ' if where else ''}{lines[-1].strip() if lines else type(exc).__name__}"
+
+
 def death_reason(exc: Exception) -> str:
     """What killed an actor, in a few words, from Ray's long message about it (which lists the
     usual causes whatever the cause was, so only its memory monitor's own words are told apart)."""
     if "running low on memory" in str(exc):
         return "Ray's memory monitor killed it, the node running low on memory"
-    if "because its node has died" in str(exc):
+    if "because its node has died" in str(exc) or getattr(exc, "preempted", False):
         return NODE_LOST
     return "its process crashed or was killed: a native crash, the kernel's OOM killer, or its node lost"

@@ -218,7 +218,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     init_ray(config)  # first: it sets Ray's auth mode before Ray is imported
     import ray
 
-    from annotator.actor_pool import HEALTH_GROUP, stream_from_pool
+    from annotator.actor_pool import HEALTH_GROUP, creation_error, stream_from_pool
 
     workers = pool_size(config, len(items))
     num_cpus, num_gpus, threads = _worker_resources(config, workers)
@@ -248,5 +248,8 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     except ray.exceptions.RayError as exc:
         # Bad videos never get here (workers report them as rows, and a video that kills its worker
         # twice becomes one too): this is the cluster failing.
+        if getattr(exc, "actor_init_failed", False):
+            raise ClusterError(f"no Ray worker could start (the last one {creation_error(exc)}); finished videos "
+                               "are kept, re-run to resume") from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"the Ray run failed ({reason}); finished videos are kept, re-run to resume") from exc

@@ -382,3 +382,31 @@ def test_the_pool_grows_to_what_the_cluster_holds_now(local_ray: None, monkeypat
     assert sorted({name for name, *_ in got}) == [f"video{i}" for i in range(8)]
     assert len({pid for *_, pid in got}) == 2 and "the cluster has grown: 1 more worker" in caplog.text
     assert asked and asked[0] <= 8
+
+
+class BrokenCache:
+    """A worker whose node cannot hold the models: its constructor raises."""
+
+    def __init__(self) -> None:
+        raise OSError("/node/cache: cannot write the model cache (No space left on device)")
+
+
+def test_a_worker_that_cannot_start_on_its_node_is_left_out(local_ray: None, caplog) -> None:
+    """The driver loaded the same models, so a constructor that raises is that node's doing (a
+    full cache, no PyPI there): the run goes on with the others, with one warning. Before, it
+    ended the whole run, whatever the other workers could do."""
+    good = actors(1, steps=2)[0]
+    broken = ray.remote(BrokenCache).options(num_cpus=0.5).remote()
+    got = list(stream_from_pool([broken, good], ["a", "b", "c"], replace=_replacement,
+                                gave_up=lambda item, reason, times: ("gave up", item)))
+    assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in "abc" for s in range(2)]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("a worker could not start (on ") and warning.endswith(
+        ": OSError: /node/cache: cannot write the model cache (No space left on device)); the run goes on without it")
+
+
+def test_when_no_worker_can_start_the_stream_ends_without_warnings(local_ray: None, caplog) -> None:
+    broken = [ray.remote(BrokenCache).options(num_cpus=0.5).remote() for _ in range(2)]
+    with pytest.raises(ray.exceptions.RayActorError, match="No space left on device"):
+        list(stream_from_pool(broken, ["a"], replace=_replacement))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # the error says it all
