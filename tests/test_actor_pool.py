@@ -154,7 +154,7 @@ def test_an_item_that_kills_every_actor_it_meets_is_given_up_and_the_rest_done(l
     assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
 
 
-def test_a_lost_node_is_not_counted_as_the_items_fault(local_ray: None, monkeypatch) -> None:
+def test_a_lost_node_is_not_counted_as_the_items_fault(local_ray: None, monkeypatch, caplog) -> None:
     """Deaths that Ray says came with the worker's node (a spot instance taken back) count apart
     from the item's own: the item is given up only after NODE_LOSSES of them (here every death is
     told as a node lost), where a crash gives it up after TRIES."""
@@ -169,11 +169,14 @@ def test_a_lost_node_is_not_counted_as_the_items_fault(local_ray: None, monkeypa
         if told is not None:
             monkeypatch.setattr("annotator.actor_pool.death_reason", lambda exc: told)
         made.clear()
+        caplog.clear()
         gave: list[tuple[str, int]] = []
         got = list(stream_from_pool(actors(1, steps=3), ["die", "after"], replace=replacement,
                                     gave_up=lambda item, reason, n: gave.append((reason, n)) or ("gave up", item)))
         assert ("gave up", "die") in got and [n for _, n in gave] == [times]
-        assert len(made) == times  # one new worker per death
+        # Deaths counted against it: each but the last sends it to a new worker. (A death whose
+        # probe is lost counts as one before the item began, not against it: a worker more.)
+        assert caplog.text.count("die: its worker died (") == times - 1 and len(made) >= times
         assert [step for name, step, *_ in got if name == "after"] == [0, 1, 2]
     assert gave == [(NODE_LOST, NODE_LOSSES)]
 
@@ -378,7 +381,9 @@ def test_the_pool_grows_to_what_the_cluster_holds_now(local_ray: None, monkeypat
         return min(2, left)
 
     caplog.set_level("INFO", logger="annotator.actor_pool")
-    got = list(stream_from_pool(actors(1), [f"video{i}" for i in range(8)], replace=_replacement, wanted=wanted))
+    # 2 s an item on the first actor: a second one that starts within 16 s (a loaded machine) gets some.
+    got = list(stream_from_pool(actors(1, steps=20), [f"video{i}" for i in range(8)], replace=_replacement,
+                                wanted=wanted))
     assert sorted({name for name, *_ in got}) == [f"video{i}" for i in range(8)]
     assert len({pid for *_, pid in got}) == 2 and "the cluster has grown: 1 more worker" in caplog.text
     assert asked and asked[0] <= 8
