@@ -112,7 +112,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                      replace: Callable[[], Any] | None = None,
                      gave_up: Callable[[Any, str, int], Any] | None = None, tries: int = TRIES,
                      stall_s: float = 0.0, misplaced: Callable[[Any, Any], Misplaced | None] | None = None,
-                     bench: BenchedNodes | None = None, wanted: Callable[[int], int] | None = None) -> Iterator[Any]:
+                     bench: BenchedNodes | None = None,
+                     wanted: Callable[[int], int] | None = None) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -124,24 +125,26 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     An actor that dies on an item (a native crash on a hostile file, the OOM killer, its node
     lost) is replaced by ``replace()``, and the item is given to the next free actor, from its
     start: the consumer sees its results again from the first (the collector starts its part
-    over). After ``tries`` deaths on one item, the stream yields ``gave_up(item, reason, tries)`` in
-    its place and goes on (after :data:`NODE_LOSSES` if each death was its node being lost, which
-    counts apart: ``gave_up(item, reason, NODE_LOSSES)``): one file that kills its worker every time must not end a week-long run
-    at the same place on every resume. (Where every item kills its worker, a broken node or
+    over). After ``tries`` deaths on one item, the stream yields ``gave_up(item, reason, tries)``
+    in its place and goes on: one file that kills its worker every time must not end a week-long
+    run at the same place on every resume. (Where every item kills its worker, a broken node or
     driver, every item ends that way, each with its reason: the run ends, its failures listed.)
+    Deaths with the actor's node (:data:`NODE_LOST`) count apart, up to :data:`NODE_LOSSES`:
+    ``gave_up(item, reason, NODE_LOSSES)``.
     ``stall_s``: the workers' stall timeout (:mod:`annotator.watchdog`; 0: none), so that a
     death that long after an item's last result is told as the hang it most likely was; and a
     busy actor that does not answer :class:`LivenessChecks` for that long is killed, which counts
     as its death on the item. The actors then need the :data:`ALIVE_METHOD`, in their
     :data:`HEALTH_GROUP`.
 
-    A worker that dies while starting (its node lost, the OOM killer) is replaced too. One whose
-    constructor raises is not: it is left out, with a warning once another worker has started,
-    and the stream stops only when no worker is left (as when every worker's constructor raises). So is one that died while idle (its node
-    lost, the OOM killer making room for a neighbour), which Ray tells only when the next item's
-    call fails: each item's call follows a probe (Ray's ``__ray_ready__``) in the actor's queue,
-    so an item whose probe failed too was never begun, and it goes to the next free actor without
-    counting as a death on it, up to :data:`START_DEATHS` times.
+    A worker that dies while starting (its node lost, the OOM killer) is replaced too. So is one
+    that died while idle (its node lost, the OOM killer making room for a neighbour), which Ray
+    tells only when the next item's call fails: each item's call follows a probe (Ray's
+    ``__ray_ready__``) in the actor's queue, so an item whose probe failed too was never begun,
+    and it goes to the next free actor without counting as a death on it, up to
+    :data:`START_DEATHS` times. One whose constructor raises is
+    not replaced: it is left out, with a warning once another worker has started, and the stream
+    stops only when no worker is left (as when every worker's constructor raises).
 
     ``misplaced(item, result)``: the node at fault when ``result`` says its actor could not open
     the item while the driver can (:mod:`annotator.node_access`). The result is not yielded; the
@@ -154,10 +157,10 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     nodes that join a running cluster (added by hand, or by Ray's autoscaler) get workers.
 
     Raises:
-        ray.exceptions.RayError: an actor's constructor raised and no other actor is left; actors died starting
-            :data:`START_DEATHS` times per worker in a row; or one died and ``replace`` is None
-            (or on an item's last try, and ``gave_up`` is None). The caller turns it into one
-            line for the user.
+        ray.exceptions.RayError: an actor's constructor raised and no other actor is left;
+            actors died starting :data:`START_DEATHS` times per worker in a row; or one died and
+            ``replace`` is None (or on an item's last try, and ``gave_up`` is None). The caller
+            turns it into one line for the user.
         NoNodeCanRead: every actor is on a benched node, and none has yielded a result that
             was not misplaced.
     """
@@ -169,7 +172,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     idle: list[Any] = []
     # ObjectRefGenerator → (the actor producing it, its item; None once the item went elsewhere)
     running: dict[Any, tuple[Any, Any]] = {}
-    deaths: dict[tuple[int, bool], int] = {}  # (id(item), node lost) → how often its actor died on it so
+    deaths: dict[tuple[int, bool], int] = {}  # (id(item), with its node) → how often its actor died so
     unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
     probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
     heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
