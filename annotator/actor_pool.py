@@ -378,7 +378,8 @@ def creation_error(exc: Exception) -> str:
 
 def death_reason(exc: Exception) -> str:
     """What killed an actor, in a few words, from Ray's long message about it (which lists the
-    usual causes whatever the cause was, so only its memory monitor's own words are told apart)."""
+    usual causes whatever the cause was, so only its memory monitor's words, its node's death
+    and its preempted flag are told apart)."""
     if "running low on memory" in str(exc):
         return "Ray's memory monitor killed it, the node running low on memory"
     if "because its node has died" in str(exc) or getattr(exc, "preempted", False):

@@ -242,7 +242,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     try:
         yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(shipped, threads),
                                     gave_up=worker_died, stall_s=config.stall_timeout, misplaced=misplaced_item,
-                                    wanted=lambda left: pool_size(config, left) if not config.workers else workers)
+                                    wanted=lambda left: pool_size(config, left))
     except NoNodeCanRead as exc:
         raise ClusterError(f"{exc}; finished videos are kept, re-run to resume") from None
     except ray.exceptions.RayError as exc:

@@ -421,7 +421,6 @@ def merge_parts(parts: list[Path], out: Path, schema: pa.Schema, base: MergedRes
     run = json.loads(schema.metadata[METADATA_KEY])
     int8_copy = _int8_copy(run)
     notable = [*earlier, *(v for v in (read_metadata(p).get("video") for p in parts) if _notable(v, int8_copy))]
-    run.pop(INVENTORY, None)  # the base's, in a file merged before PARTS_KEY
     schema = schema_with_metadata({**run, "videos": notable})
     drop = pa.array(sorted(dropped), pa.string())  # the base's rows of videos annotated again
     tmp = out.with_name(f".{out.name}.tmp")
