@@ -27,6 +27,9 @@ from annotator.run import EXIT_SOME_INPUTS_FAILED, run  # noqa: E402
 from engines.decoders import Sampling  # noqa: E402
 from faults import carphone_frames, write_clip  # noqa: E402
 
+#: The test clip's frames (every second one annotated: :func:`_config`).
+FRAMES = 1080
+
 
 def _workers_reading(path: Path) -> Iterator[int]:
     """Pids of Ray video workers that have ``path`` open."""
@@ -71,17 +74,18 @@ def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3,
 
 
 @pytest.fixture(scope="module")
-def clip_360(carphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """360 frames of carphone: a video that takes its worker a second or two."""
-    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", carphone_frames(carphone), 360)
+def clip(carphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:data:`FRAMES` frames of carphone: a video its worker holds open for a second or more, so
+    the watcher catches it in the middle (360 frames took a fast machine under 0.5 s)."""
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", carphone_frames(carphone), FRAMES)
 
 
 @pytest.fixture
-def videos(clip_360: Path, tmp_path: Path) -> Path:
+def videos(clip: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "videos"
     folder.mkdir()
     for name in ("a.mp4", "b.mp4"):
-        shutil.copy(clip_360, folder / name)
+        shutil.copy(clip, folder / name)
     return folder
 
 
@@ -94,11 +98,11 @@ def test_a_video_whose_worker_dies_is_annotated_again_on_a_new_one(videos: Path,
     with killing_workers_that_read(videos / "b.mp4", times=1, after_s=0.5) as killed:
         summary = run(_config(videos, out), progress=False)
     assert len(killed) == 1
-    assert summary.failed == 0 and summary.frames == 2 * 180
+    assert summary.failed == 0 and summary.frames == 2 * (FRAMES // 2)
     table = pq.read_table(out)
     for name in ("a.mp4", "b.mp4"):
         frames = table.filter(pc.equal(table["video_path"], str(videos / name)))["frame_index"].to_pylist()
-        assert frames == list(range(0, 360, 2))  # each frame once, in order: the first try's rows dropped
+        assert frames == list(range(0, FRAMES, 2))  # each frame once, in order: the first try's rows dropped
 
 
 def test_a_video_that_kills_every_worker_is_a_failed_row_and_the_run_goes_on(videos: Path, tmp_path: Path) -> None:
@@ -113,7 +117,7 @@ def test_a_video_that_kills_every_worker_is_a_failed_row_and_the_run_goes_on(vid
     assert failed.num_rows == 1 and failed["frame_index"][0].as_py() is None
     assert failed["error"][0].as_py() == (f"{poison}: its worker died on it 2 times (its process crashed or was "
                                           "killed: a native crash, the kernel's OOM killer, or its node lost); skipped")
-    assert table.filter(pc.equal(table["video_path"], str(videos / "b.mp4"))).num_rows == 180
+    assert table.filter(pc.equal(table["video_path"], str(videos / "b.mp4"))).num_rows == FRAMES // 2
 
 
 def test_a_frozen_worker_is_killed_by_the_driver_and_its_video_annotated_again(
@@ -125,10 +129,10 @@ def test_a_frozen_worker_is_killed_by_the_driver_and_its_video_annotated_again(
     with killing_workers_that_read(videos / "b.mp4", times=1, after_s=0.5, sig=signal.SIGSTOP) as stopped:
         summary = run(config, progress=False)
     assert len(stopped) == 1
-    assert summary.failed == 0 and summary.frames == 2 * 180
+    assert summary.failed == 0 and summary.frames == 2 * (FRAMES // 2)
     table = pq.read_table(out)
     frames = table.filter(pc.equal(table["video_path"], str(videos / "b.mp4")))["frame_index"].to_pylist()
-    assert frames == list(range(0, 360, 2))
+    assert frames == list(range(0, FRAMES, 2))
     assert f"{videos / 'b.mp4'}: its worker died (it did not answer for 3 s (--stall-timeout): its process " \
            "was frozen (stopped, or stuck in the kernel on a read) and was killed)" in caplog.text
     with pytest.raises(ProcessLookupError):  # killed, stopped as it was
