@@ -164,208 +164,268 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
         NoNodeCanRead: every actor is on a benched node, and none has yielded a result that
             was not misplaced.
     """
-    import ray
+    yield from _PoolRun(actors, items, method, replace=replace, gave_up=gave_up, tries=tries, stall_s=stall_s,
+                        misplaced=misplaced, bench=bench, wanted=wanted).results()
 
-    queue = deque(items)
-    starting = {actor.__ray_ready__.remote(): actor for actor in actors}  # Ray's "constructor done" call
-    pool = list(actors)  # alive, or not yet known dead: killed at the end
-    idle: list[Any] = []
-    # ObjectRefGenerator → (the actor producing it, its item; None once the item went elsewhere)
-    running: dict[Any, tuple[Any, Any]] = {}
-    deaths: dict[tuple[int, bool], int] = {}  # (id(item), with its node) → how often its actor died so
-    unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
-    probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
-    heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
-    start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
-    started_any = False  # a worker has loaded its models
-    cannot_start: list[str] = []  # a line for each worker whose constructor raised
-    waited = 0.0
-    # A frozen actor is killed: only where it can be replaced and its item given up.
-    checks = LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None else None
-    wait_s = min(_WAIT_S, checks.every_s) if checks is not None else _WAIT_S
-    bench = bench if bench is not None else BenchedNodes()  # benches nobody without ``misplaced``
-    grown_at = time.monotonic()
 
-    def grow() -> None:
+#: What :meth:`_PoolRun._next_result` returns when an event leaves nothing to yield.
+_NOTHING = object()
+
+
+class _PoolRun:
+    """One :func:`stream_from_pool`: its actors, its queue, what each item has met, and what to do
+    on each thing Ray reports (a worker started, an item's next table, an item's end, a death).
+
+    Why a class: the loop in :meth:`results` reads as the order of events, and each event's
+    handling is a method that says which of the state it changes.
+    """
+
+    def __init__(self, actors: list[Any], items: Iterable[Any], method: str, *,
+                 replace: Callable[[], Any] | None, gave_up: Callable[[Any, str, int], Any] | None,
+                 tries: int, stall_s: float, misplaced: Callable[[Any, Any], Misplaced | None] | None,
+                 bench: BenchedNodes | None, wanted: Callable[[int], int] | None) -> None:
+        self.method, self.replace, self.gave_up, self.tries = method, replace, gave_up, tries
+        self.stall_s, self.misplaced, self.wanted = stall_s, misplaced, wanted
+        self.first_size = len(actors)
+        self.queue = deque(items)
+        self.starting = {actor.__ray_ready__.remote(): actor for actor in actors}  # Ray's "constructor done"
+        self.pool = list(actors)  # alive, or not yet known dead: killed at the end
+        self.idle: list[Any] = []
+        # ObjectRefGenerator → (the actor producing it, its item; None once the item went elsewhere)
+        self.running: dict[Any, tuple[Any, Any]] = {}
+        self.probes: dict[Any, Any] = {}  # ObjectRefGenerator → the probe sent to its actor just before it
+        self.heard: dict[Any, float] = {}  # ObjectRefGenerator → when it was started or last gave a result
+        self.deaths: dict[tuple[int, bool], int] = {}  # (id(item), with its node) → how often its actor died so
+        self.unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
+        self.start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
+        self.started_any = False  # a worker has loaded its models
+        self.cannot_start: list[str] = []  # a line for each worker whose constructor raised
+        self.waited = 0.0
+        # A frozen actor is killed: only where it can be replaced and its item given up.
+        self.checks = (LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None
+                       else None)
+        self.wait_s = min(_WAIT_S, self.checks.every_s) if self.checks is not None else _WAIT_S
+        self.bench = bench if bench is not None else BenchedNodes()  # benches nobody without ``misplaced``
+        self.grown_at = time.monotonic()
+
+    def results(self) -> Iterator[Any]:
+        """Every item's results, then the actors killed (also when the consumer stops early)."""
+        import ray
+
+        try:
+            while self.queue or self.running:
+                self._dispatch()
+                yield from self._end_frozen()
+                if self.queue and time.monotonic() - self.grown_at >= GROW_EVERY_S:
+                    self._grow()
+                waiting_on = [*self.running, *(self.starting if self.queue else ())]
+                if not waiting_on:  # every actor idle on a benched node: stop, or wait for a bench to end
+                    self.bench.check_all_benched(self.pool)
+                    time.sleep(min(self.wait_s, max(self.bench.seconds_to_next(), 0.05)))
+                    continue
+                # A generator is "ready" when its next table is, or when it has ended.
+                ready, _ = ray.wait(waiting_on, num_returns=1, timeout=self.wait_s)
+                if not ready:
+                    self._waited_in_vain()
+                for ref in ready:
+                    if ref in self.starting:
+                        self._started(ref)
+                    elif (result := self._next_result(ref)) is not _NOTHING:
+                        yield result
+        finally:
+            # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call
+            # would start a new local instance (a stream closed by the garbage collector at exit).
+            if ray.is_initialized():
+                for actor in self.pool:
+                    ray.kill(actor)
+
+    def _dispatch(self) -> None:
+        """The queue's next items to the actors that are free, each call after a probe."""
+        while self.queue and (actor := self._free_actor()) is not None:
+            call = getattr(actor, self.method).options(num_returns="streaming",
+                                                       _generator_backpressure_num_objects=BACKPRESSURE)
+            item = self.queue.popleft()
+            probe = actor.__ray_ready__.remote()  # answered first, on the item's own thread
+            generator = call.remote(item)
+            self.probes[generator] = probe
+            self.running[generator], self.heard[generator] = (actor, item), time.monotonic()
+            if self.checks is not None:
+                self.checks.start(generator)
+
+    def _free_actor(self) -> Any | None:
+        """An idle actor that is not on a benched node (the last such to become idle)."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            if not self.bench.benched(self.idle[i]):
+                return self.idle.pop(i)
+        return None
+
+    def _end_frozen(self) -> Iterator[Any]:
+        """Kills the actors that have not answered the liveness checks; yields what ``gave_up``
+        made of items that were on their last try."""
+        import ray
+
+        if self.checks is None:
+            return
+        for generator in self.checks.frozen({key: actor for key, (actor, _) in self.running.items()}):
+            ray.kill(self.running[generator][0])  # SIGKILL ends even a stopped process
+            gave, result = self._died(generator, f"it did not answer for {self.stall_s:g} s (--stall-timeout): "
+                                                 "its process was frozen (stopped, or stuck in the kernel on a "
+                                                 "read) and was killed")
+            if gave:
+                yield result
+
+    def _grow(self) -> None:
         """New actors where the cluster now holds more than the pool has (see ``wanted``)."""
+        self.grown_at = time.monotonic()
+        if self.wanted is None or self.replace is None:
+            return
         # Workers that could not start keep their places: new ones could land where they failed.
-        more = (wanted(len(queue) + len(running)) - len(pool) - len(cannot_start)
-                if wanted is not None and replace is not None else 0)
+        more = self.wanted(len(self.queue) + len(self.running)) - len(self.pool) - len(self.cannot_start)
         if more > 0:
             log.info("the cluster has grown: %d more worker%s", more, "s" * (more > 1))
         for _ in range(max(more, 0)):
-            fresh = replace()  # type: ignore[misc]  (checked above)
-            pool.append(fresh)
-            starting[fresh.__ray_ready__.remote()] = fresh
+            self._start_new()
 
-    def free_actor() -> Any | None:
-        """An idle actor that is not on a benched node (the last such to become idle)."""
-        for i in range(len(idle) - 1, -1, -1):
-            if not bench.benched(idle[i]):
-                return idle.pop(i)
-        return None
+    def _start_new(self) -> None:
+        fresh = self.replace()  # type: ignore[misc]  (checked by the callers)
+        self.pool.append(fresh)
+        self.starting[fresh.__ray_ready__.remote()] = fresh
 
-    def replace_dead(actor: Any) -> None:
+    def _waited_in_vain(self) -> None:
+        """Nothing came in ``wait_s``: after a minute with no worker started, say why, once."""
+        self.waited += self.wait_s
+        if not self.running and self.waited >= _WARN_AFTER_S:
+            log.warning("no worker has started after %.0f s: Ray cannot place them yet "
+                        "(see its resource messages above); waiting", self.waited)
+            self.waited = float("-inf")  # once
+
+    def _started(self, ready: Any) -> None:
+        """A worker's constructor is done: it becomes idle; or it raised, and is left out; or
+        its process died starting, and another takes its place."""
+        import ray
+
+        actor = self.starting.pop(ready)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                # Its constructor raised: the driver loaded the same models, so this is its node
+                # (a full or read-only cache, no PyPI there). The run goes on without it while
+                # another worker lives; where none does, it ends.
+                ray.kill(actor)
+                self.pool.remove(actor)
+                self.cannot_start.append(f"a worker could not start ({creation_error(exc)}); the run goes "
+                                         "on without it")
+                if not self.pool:
+                    raise
+                if self.started_any:
+                    log.warning("%s", self.cannot_start[-1])
+                return
+            # It died starting (its node lost, the OOM killer): start another.
+            self.start_deaths += 1
+            if self.replace is None or self.start_deaths > START_DEATHS * self.first_size:
+                raise
+            log.warning("a worker died while starting (%s); starting another", death_reason(exc))
+            self._replace_dead(actor)
+            return
+        self.start_deaths = 0
+        if not self.started_any:  # the workers that could not start so far: now worth telling
+            self.started_any = True
+            for line in self.cannot_start:
+                log.warning("%s", line)
+        self.idle.append(actor)
+
+    def _next_result(self, generator: Any) -> Any:
+        """What to yield now that ``generator`` is ready: its item's next table, or what
+        ``gave_up`` made of the item; :data:`_NOTHING` where the item ended, starts again, or
+        goes to another actor (its actor cannot open it)."""
+        import ray
+
+        try:
+            result = ray.get(next(generator))
+            self.heard[generator] = time.monotonic()
+        except StopIteration:
+            self.idle.append(self._end(generator)[0])
+            return _NOTHING
+        except ray.exceptions.RayActorError as exc:
+            _, item = self.running[generator]
+            silent_s = time.monotonic() - self.heard[generator]
+            reason = (f"no progress for {self.stall_s:g} s (--stall-timeout): it hung and was ended"
+                      if 0 < self.stall_s <= silent_s else death_reason(exc))
+            if self.replace is None or (item is not None and self.gave_up is None and self._last_try(item, reason)
+                                        and self._charged(self.probes[generator], item)):
+                raise
+            gave, result = self._died(generator, reason)
+            if not gave:
+                return _NOTHING
+        actor, item = self.running.get(generator, (None, None))
+        if self.misplaced is not None and item is not None and (wrong := self.misplaced(item, result)) is not None:
+            self.bench.bench(actor, wrong)
+            self.running[generator] = (actor, None)  # its generator ends after this result
+            self.queue.appendleft(item)
+            return _NOTHING
+        self.bench.note_read()
+        return result
+
+    def _end(self, generator: Any) -> tuple[Any, Any, Any]:
+        """``generator``'s item is over on its actor: (the actor, the item, the probe sent before it)."""
+        actor, item = self.running.pop(generator)
+        self.heard.pop(generator, None)
+        if self.checks is not None:
+            self.checks.stop(generator)
+        return actor, item, self.probes.pop(generator)
+
+    def _replace_dead(self, actor: Any) -> None:
+        import ray
+
         ray.kill(actor)  # if it is only unreachable, it must not come back with a second copy
-        pool.remove(actor)
-        bench.forget(actor)
-        fresh = replace()
-        pool.append(fresh)
-        starting[fresh.__ray_ready__.remote()] = fresh
+        self.pool.remove(actor)
+        self.bench.forget(actor)
+        self._start_new()
 
-    def charged(generator: Any, item: Any) -> bool:
-        """Whether the death of ``generator``'s actor counts against its item: the actor answered
-        the probe queued just before the item, so it died on the item (or it has died before
-        beginning this item too often, a sign of more than bad luck)."""
-        if unstarted.get(id(item), 0) >= START_DEATHS:
+    def _charged(self, probe: Any, item: Any) -> bool:
+        """Whether the death of an actor counts against its item: the actor answered ``probe``,
+        queued just before the item, so it died on the item (or it has died before beginning
+        this item too often, a sign of more than bad luck)."""
+        import ray
+
+        if self.unstarted.get(id(item), 0) >= START_DEATHS:
             return True
         try:
-            ray.get(probes[generator], timeout=_PROBE_WAIT_S)
+            ray.get(probe, timeout=_PROBE_WAIT_S)
             return True
         except ray.exceptions.RayActorError:
             return False  # dead before it got to the probe: idle
         except ray.exceptions.GetTimeoutError:
             return True
 
-    def limit(reason: str) -> int:
-        return NODE_LOSSES if reason == NODE_LOST else tries
+    def _limit(self, reason: str) -> int:
+        return NODE_LOSSES if reason == NODE_LOST else self.tries
 
-    def last_try(item: Any, reason: str) -> bool:
-        return deaths.get((id(item), reason == NODE_LOST), 0) + 1 >= limit(reason)
+    def _last_try(self, item: Any, reason: str) -> bool:
+        return self.deaths.get((id(item), reason == NODE_LOST), 0) + 1 >= self._limit(reason)
 
-    def died(generator: Any, reason: str) -> tuple[bool, Any]:
+    def _died(self, generator: Any, reason: str) -> tuple[bool, Any]:
         """The item of ``generator``, whose actor is dead (replaced now): tried again, or given
         up: (True, what ``gave_up`` made of it) after its last try."""
-        actor, item = running.pop(generator)
-        if checks is not None:
-            checks.stop(generator)
-        replace_dead(actor)
+        actor, item, probe = self._end(generator)
+        self._replace_dead(actor)
         if item is None:  # it had gone elsewhere already
-            del probes[generator]
             return False, None
         name = getattr(item, "path", item)
-        began = charged(generator, item)
-        del probes[generator]
-        if not began:
-            unstarted[id(item)] = unstarted.get(id(item), 0) + 1
+        if not self._charged(probe, item):
+            self.unstarted[id(item)] = self.unstarted.get(id(item), 0) + 1
             log.warning("a worker died before it began %s (%s); it goes to another worker", name, reason)
-            queue.appendleft(item)
+            self.queue.appendleft(item)
             return False, None
-        if not last_try(item, reason):
+        if not self._last_try(item, reason):
             key = (id(item), reason == NODE_LOST)
-            deaths[key] = deaths.get(key, 0) + 1
+            self.deaths[key] = self.deaths.get(key, 0) + 1
             log.warning("%s: its worker died (%s); it starts again on a new worker", name, reason)
-            queue.appendleft(item)
+            self.queue.appendleft(item)
             return False, None
-        log.warning("%s: its worker died on it %d times (%s); skipped", name, limit(reason), reason)
-        return True, gave_up(item, reason, limit(reason))  # type: ignore[misc]  (checked by the caller)
-
-    try:
-        while queue or running:
-            while queue and (actor := free_actor()) is not None:
-                call = getattr(actor, method).options(num_returns="streaming",
-                                                      _generator_backpressure_num_objects=BACKPRESSURE)
-                item = queue.popleft()
-                probe = actor.__ray_ready__.remote()  # answered first, on the item's own thread
-                generator = call.remote(item)
-                probes[generator] = probe
-                running[generator], heard[generator] = (actor, item), time.monotonic()
-                if checks is not None:
-                    checks.start(generator)
-            if checks is not None:
-                for generator in checks.frozen({key: actor for key, (actor, _) in running.items()}):
-                    ray.kill(running[generator][0])  # SIGKILL ends even a stopped process
-                    del heard[generator]
-                    gave, result = died(generator, f"it did not answer for {stall_s:g} s (--stall-timeout): "
-                                                   "its process was frozen (stopped, or stuck in the kernel "
-                                                   "on a read) and was killed")
-                    if gave:
-                        yield result
-            if queue and time.monotonic() - grown_at >= GROW_EVERY_S:
-                grow()
-                grown_at = time.monotonic()
-            waiting_on = [*running, *(starting if queue else ())]
-            if not waiting_on:  # every actor idle on a benched node: stop, or wait for a bench to end
-                bench.check_all_benched(pool)
-                time.sleep(min(wait_s, max(bench.seconds_to_next(), 0.05)))
-                continue
-            # A generator is "ready" when its next table is, or when it has ended.
-            ready, _ = ray.wait(waiting_on, num_returns=1, timeout=wait_s)
-            if not ready:
-                waited += wait_s
-                if not running and waited >= _WARN_AFTER_S:
-                    log.warning("no worker has started after %.0f s: Ray cannot place them yet "
-                                "(see its resource messages above); waiting", waited)
-                    waited = float("-inf")  # once
-                continue
-            for ready_one in ready:
-                if ready_one in starting:
-                    actor = starting.pop(ready_one)
-                    try:
-                        ray.get(ready_one)
-                    except ray.exceptions.RayActorError as exc:
-                        if getattr(exc, "actor_init_failed", False):
-                            # Its constructor raised: the driver loaded the same models, so this is
-                            # its node (a full or read-only cache, no PyPI there). The run goes on
-                            # without it while another worker lives; where none does, it ends.
-                            ray.kill(actor)
-                            pool.remove(actor)
-                            cannot_start.append(f"a worker could not start ({creation_error(exc)}); the run goes "
-                                                "on without it")
-                            if not pool:
-                                raise
-                            if started_any:
-                                log.warning("%s", cannot_start[-1])
-                            continue
-                        # It died starting (its node lost, the OOM killer): start another.
-                        start_deaths += 1
-                        if replace is None or start_deaths > START_DEATHS * len(actors):
-                            raise
-                        log.warning("a worker died while starting (%s); starting another", death_reason(exc))
-                        replace_dead(actor)
-                        continue
-                    start_deaths = 0
-                    if not started_any:  # the workers that could not start so far: now worth telling
-                        started_any = True
-                        for line in cannot_start:
-                            log.warning("%s", line)
-                    idle.append(actor)
-                    continue
-                try:
-                    result = ray.get(next(ready_one))
-                    heard[ready_one] = time.monotonic()
-                except StopIteration:
-                    idle.append(running.pop(ready_one)[0])
-                    del heard[ready_one], probes[ready_one]
-                    if checks is not None:
-                        checks.stop(ready_one)
-                    continue
-                except ray.exceptions.RayActorError as exc:
-                    _, item = running[ready_one]
-                    silent_s = time.monotonic() - heard[ready_one]
-                    reason = (f"no progress for {stall_s:g} s (--stall-timeout): it hung and was ended"
-                              if 0 < stall_s <= silent_s else death_reason(exc))
-                    if replace is None or (item is not None and gave_up is None and last_try(item, reason)
-                                           and charged(ready_one, item)):
-                        raise
-                    del heard[ready_one]
-                    gave, result = died(ready_one, reason)
-                    if not gave:
-                        continue
-                actor, item = running.get(ready_one, (None, None))
-                if misplaced is not None and item is not None and (wrong := misplaced(item, result)) is not None:
-                    bench.bench(actor, wrong)
-                    running[ready_one] = (actor, None)  # its generator ends after this result
-                    queue.appendleft(item)
-                    continue
-                bench.note_read()
-                yield result
-    finally:
-        # Only while Ray is up: after its shutdown the actors are gone with it, and a Ray call
-        # would start a new local instance (a stream closed by the garbage collector at exit).
-        if ray.is_initialized():
-            for actor in pool:
-                ray.kill(actor)
+        log.warning("%s: its worker died on it %d times (%s); skipped", name, self._limit(reason), reason)
+        return True, self.gave_up(item, reason, self._limit(reason))  # type: ignore[misc]  (checked by the caller)
 
 
 def creation_error(exc: Exception) -> str:
