@@ -199,7 +199,8 @@ class _PoolRun:
         self.unstarted: dict[int, int] = {}  # id(item) → how often its actor died before beginning it
         self.start_deaths = 0  # workers that died starting (not by their constructor's error) since one started
         self.started_any = False  # a worker has loaded its models
-        self.cannot_start: list[str] = []  # a line for each worker whose constructor raised
+        self.cannot_start = 0  # workers whose constructor raised
+        self.untold: list[str] = []  # their lines, held until a worker starts (or none has for a while)
         self.waited = 0.0
         # A frozen actor is killed: only where it can be replaced and its item given up.
         self.checks = (LivenessChecks(stall_s) if stall_s > 0 and replace is not None and gave_up is not None
@@ -280,7 +281,7 @@ class _PoolRun:
         if self.wanted is None or self.replace is None:
             return
         # Workers that could not start keep their places: new ones could land where they failed.
-        more = self.wanted(len(self.queue) + len(self.running)) - len(self.pool) - len(self.cannot_start)
+        more = self.wanted(len(self.queue) + len(self.running)) - len(self.pool) - self.cannot_start
         if more > 0:
             log.info("the cluster has grown: %d more worker%s", more, "s" * (more > 1))
         for _ in range(max(more, 0)):
@@ -292,12 +293,20 @@ class _PoolRun:
         self.starting[fresh.__ray_ready__.remote()] = fresh
 
     def _waited_in_vain(self) -> None:
-        """Nothing came in ``wait_s``: after a minute with no worker started, say why, once."""
+        """Nothing came in ``wait_s``: after a minute with no worker started, say why, once,
+        with the workers that could not start (else a run whose other workers Ray cannot place
+        would wait without a word of the error that stopped these)."""
         self.waited += self.wait_s
         if not self.running and self.waited >= _WARN_AFTER_S:
             log.warning("no worker has started after %.0f s: Ray cannot place them yet "
                         "(see its resource messages above); waiting", self.waited)
+            self._tell_untold()
             self.waited = float("-inf")  # once
+
+    def _tell_untold(self) -> None:
+        for line in self.untold:
+            log.warning("%s", line)
+        self.untold.clear()
 
     def _started(self, ready: Any) -> None:
         """A worker's constructor is done: it becomes idle; or it raised, and is left out; or
@@ -314,12 +323,13 @@ class _PoolRun:
                 # another worker lives; where none does, it ends.
                 ray.kill(actor)
                 self.pool.remove(actor)
-                self.cannot_start.append(f"a worker could not start ({creation_error(exc)}); the run goes "
-                                         "on without it")
+                self.cannot_start += 1
+                self.untold.append(f"a worker could not start ({creation_error(exc)}); the run goes on "
+                                   "without it")
                 if not self.pool:
-                    raise
+                    raise  # the error says it all: no warnings before it
                 if self.started_any:
-                    log.warning("%s", self.cannot_start[-1])
+                    self._tell_untold()
                 return
             # It died starting (its node lost, the OOM killer): start another.
             self.start_deaths += 1
@@ -331,8 +341,7 @@ class _PoolRun:
         self.start_deaths = 0
         if not self.started_any:  # the workers that could not start so far: now worth telling
             self.started_any = True
-            for line in self.cannot_start:
-                log.warning("%s", line)
+            self._tell_untold()
         self.idle.append(actor)
 
     def _next_result(self, generator: Any) -> Any:

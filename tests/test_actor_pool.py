@@ -410,6 +410,37 @@ def test_a_worker_that_cannot_start_on_its_node_is_left_out(local_ray: None, cap
         ": OSError: /node/cache: cannot write the model cache (No space left on device)); the run goes on without it")
 
 
+def test_a_worker_that_cannot_start_is_told_while_the_others_wait_for_a_place(
+        local_ray: None, caplog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker's constructor raises and Ray cannot place the other: the run waits (a node may
+    join), and its warning that no worker has started comes with the error that stopped the
+    first, not held back until a worker starts (which may be never)."""
+    monkeypatch.setattr("annotator.actor_pool._WARN_AFTER_S", 1.0)
+    monkeypatch.setattr("annotator.actor_pool._WAIT_S", 0.25)
+    broken = ray.remote(BrokenCache).options(num_cpus=0.5).remote()
+    never = ray.remote(Yielder).options(num_cpus=64).remote(2)
+    ended: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(stream_from_pool([broken, never], ["a"]))
+        except BaseException as exc:  # noqa: BLE001  (what ended the stream, for the assertion)
+            ended.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len([r for r in caplog.records if r.levelname == "WARNING"]) < 2:
+        time.sleep(0.1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    ray.kill(never)  # ends the wait: a worker that dies starting, with no replacement, ends the stream
+    consumer.join(timeout=60)
+    assert not consumer.is_alive() and isinstance(ended[0], ray.exceptions.RayActorError)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("no worker has started after ")
+    assert warnings[1].startswith("a worker could not start (") and "No space left on device" in warnings[1]
+
+
 def test_when_no_worker_can_start_the_stream_ends_without_warnings(local_ray: None, caplog) -> None:
     broken = [ray.remote(BrokenCache).options(num_cpus=0.5).remote() for _ in range(2)]
     with pytest.raises(ray.exceptions.RayActorError, match="No space left on device"):
