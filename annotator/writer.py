@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +41,11 @@ VIDEO_KEY = b"annotator.video"
 #: run's metadata, because that one is also stored in Arrow's schema (base64) and so twice: for
 #: 100,000 videos the footer would hold about 40 MB, decoded on every read of the file.
 PARTS_KEY = b"annotator.parts"
+#: Part footers read at once when a re-run checks what is done (:meth:`OutputLayout.scan`).
+#: Measured on 20,000 parts (2 cores, local disk): 4 threads 8.2 → 4.7 s with a cold page
+#: cache, 4.9 → 3.9 s warm (one read of each footer, not two, is part of that); 8 and 16 were
+#: slower warm, the footers' parsing holding the GIL.
+SCAN_THREADS = 4
 #: The video fact naming the int8 detector copy that a part's keyframes took (its sha256).
 KEYFRAMES_INT8_FACT = "keyframes_int8_sha256"
 
@@ -133,27 +139,36 @@ class OutputLayout:
 
         Reads only footers (a few KB each) and checks that every column chunk they point at lies
         inside the file, which catches a truncated or foreign-written file without reading data.
+        The footers are read :data:`SCAN_THREADS` at a time: a re-run reads one per finished
+        video before it starts, and on a cluster's shared filesystem each is a round trip.
         """
         found = ExistingParts()
-        for path in self.parts():
-            try:
-                meta = _verified_metadata(path)
-            except (OSError, ValueError, pa.ArrowException) as exc:
-                log.warning("%s: unreadable part (%s), its video is annotated again", path, exc)
-                path.unlink(missing_ok=True)
-                found.unreadable.append(path)
-                continue
-            found.fingerprints.add(json.dumps(meta.get("fingerprint"), sort_keys=True))
-            key, failed = key_of_part(path)
-            if not failed:
-                found.done.add(key)
-                if (facts := meta.get("video") or {}).get("damage"):
-                    found.damaged[key] = facts
-                if (stamp := recorded_stamp(facts)) is not None:  # parts from before stamps have none
-                    found.stamps[key] = stamp
-                if facts.get("segments", 1) > 1 and not facts.get(TIMESTAMPS_CHECKED):
-                    found.split_unchecked.add(key)
+        paths = self.parts()
+        with ThreadPoolExecutor(max_workers=min(SCAN_THREADS, max(len(paths), 1))) as pool:
+            footers = pool.map(_footer_or_error, paths)  # in order, read ahead on the pool
+            for path, meta in zip(paths, footers):
+                self._take_part(found, path, meta)
         return found
+
+    @staticmethod
+    def _take_part(found: ExistingParts, path: Path, meta: dict | Exception) -> None:
+        """Count one part in ``found`` from its footer's metadata, or remove it (unreadable)."""
+        if isinstance(meta, Exception):
+            log.warning("%s: unreadable part (%s), its video is annotated again", path, meta)
+            path.unlink(missing_ok=True)
+            found.unreadable.append(path)
+            return
+        found.fingerprints.add(json.dumps(meta.get("fingerprint"), sort_keys=True))
+        key, failed = key_of_part(path)
+        if failed:
+            return
+        found.done.add(key)
+        if (facts := meta.get("video") or {}).get("damage"):
+            found.damaged[key] = facts
+        if (stamp := recorded_stamp(facts)) is not None:  # parts from before stamps have none
+            found.stamps[key] = stamp
+        if facts.get("segments", 1) > 1 and not facts.get(TIMESTAMPS_CHECKED):
+            found.split_unchecked.add(key)
 
     def parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
@@ -179,7 +194,11 @@ def schema_with_metadata(metadata: dict[str, object]) -> pa.Schema:
 def read_metadata(path: Path) -> dict[str, object]:
     """The run metadata (models, hashes, version, options) stored in a result file; a part
     also carries its video's facts under ``"video"``."""
-    raw = pq.read_metadata(path).metadata or {}  # the footer's key-value pairs, not only the schema's
+    return _annotator_metadata(pq.read_metadata(path))
+
+
+def _annotator_metadata(footer: pq.FileMetaData) -> dict[str, object]:
+    raw = footer.metadata or {}  # the footer's key-value pairs, not only the schema's
     meta = json.loads(raw[METADATA_KEY])
     if VIDEO_KEY in raw:
         meta["video"] = json.loads(raw[VIDEO_KEY])
@@ -188,10 +207,19 @@ def read_metadata(path: Path) -> dict[str, object]:
     return meta
 
 
+def _footer_or_error(path: Path) -> dict[str, object] | Exception:
+    """:func:`_verified_metadata`, or the reason the part cannot be read."""
+    try:
+        return _verified_metadata(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return exc
+
+
 def _verified_metadata(path: Path) -> dict[str, object]:
-    parquet = pq.ParquetFile(path)
+    """:func:`read_metadata`, from the footer read once, after checking that every column chunk
+    it points at lies inside the file (a truncated or foreign-written file fails here)."""
+    file_meta = pq.read_metadata(path)
     size = path.stat().st_size
-    file_meta = parquet.metadata
     for group in range(file_meta.num_row_groups):
         row_group = file_meta.row_group(group)
         for column in range(row_group.num_columns):
@@ -200,7 +228,7 @@ def _verified_metadata(path: Path) -> dict[str, object]:
             if start is None or start < 4 or start + chunk.total_compressed_size > size:
                 raise ValueError(f"row group {group} points past the end of the file")
     try:
-        return read_metadata(path)
+        return _annotator_metadata(file_meta)
     except (KeyError, ValueError) as exc:
         raise ValueError(f"no annotator metadata ({exc})") from None
 

@@ -80,6 +80,27 @@ def test_directory_output_reads_as_one_dataset(tmp_path):
     assert ds.dataset(layout.out, format="parquet").to_table().num_rows == 4
 
 
+def test_a_scan_of_many_parts_counts_each_once_and_removes_only_the_unreadable(tmp_path):
+    """The footers are read on a few threads (a re-run on a shared filesystem reads one per video):
+    each readable part counts, whatever its place; a cut one and a foreign file are removed."""
+    from annotator.writer import SCAN_THREADS
+
+    schema = schema_with_metadata({"version": "test", "fingerprint": {"model": "m"}})
+    layout = OutputLayout(tmp_path / "results")
+    keys = [f"{i:04d}" for i in range(4 * SCAN_THREADS + 3)]
+    for key in keys:
+        w = PartWriter(layout.part_path(key), schema)
+        w.write(_rows([1])[0])
+        w.commit()
+    cut, foreign = layout.part_path(keys[1]), layout.part_path(keys[-2])
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    pq.write_table(pq.read_table(foreign).replace_schema_metadata(None), foreign)  # no annotator metadata
+    found = layout.scan()
+    assert found.done == set(keys) - {keys[1], keys[-2]}
+    assert found.unreadable == [cut, foreign] and not cut.exists() and not foreign.exists()
+    assert found.fingerprints == {'{"model": "m"}'}
+
+
 @pytest.mark.parametrize("name, single", [("x.parquet", True), ("x", False), ("x.d", False)])
 def test_layout_kind(tmp_path, name, single):
     assert OutputLayout(tmp_path / name).single_file is single
