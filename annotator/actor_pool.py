@@ -113,7 +113,8 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
                      gave_up: Callable[[Any, str, int], Any] | None = None, tries: int = TRIES,
                      stall_s: float = 0.0, misplaced: Callable[[Any, Any], Misplaced | None] | None = None,
                      bench: BenchedNodes | None = None,
-                     wanted: Callable[[int], int] | None = None) -> Iterator[Any]:
+                     wanted: Callable[[int], int] | None = None,
+                     retry_elsewhere: Callable[[Any, Any], str | None] | None = None) -> Iterator[Any]:
     """What ``actor.<method>(item)`` yields, for every item, from whichever actor is free.
 
     An actor gets work once it has started (its models are loaded), so actors that Ray cannot
@@ -156,6 +157,13 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
     ``replace()`` (it never shrinks: an actor is killed only at the end, or when it is dead). So
     nodes that join a running cluster (added by hand, or by Ray's autoscaler) get workers.
 
+    ``retry_elsewhere(item, result)``: why ``result`` (an item's failure that its worker raised
+    rather than the video's: a GPU that errs, memory a neighbour took) should not stand yet;
+    None where it should. The result is not yielded, and the item goes, once, to another actor
+    than the one that raised (to that one only where no other has started, nor will within a
+    minute): a node whose engine fails fails each video in a moment and would otherwise take
+    most of a corpus.
+
     Raises:
         ray.exceptions.RayError: an actor's constructor raised and no other actor is left;
             actors died starting :data:`START_DEATHS` times per worker in a row; or one died and
@@ -165,7 +173,7 @@ def stream_from_pool(actors: list[Any], items: Iterable[Any], method: str = "ann
             was not misplaced.
     """
     yield from _PoolRun(actors, items, method, replace=replace, gave_up=gave_up, tries=tries, stall_s=stall_s,
-                        misplaced=misplaced, bench=bench, wanted=wanted).results()
+                        misplaced=misplaced, bench=bench, wanted=wanted, retry_elsewhere=retry_elsewhere).results()
 
 
 #: What :meth:`_PoolRun._next_result` returns when an event leaves nothing to yield.
@@ -183,11 +191,16 @@ class _PoolRun:
     def __init__(self, actors: list[Any], items: Iterable[Any], method: str, *,
                  replace: Callable[[], Any] | None, gave_up: Callable[[Any, str, int], Any] | None,
                  tries: int, stall_s: float, misplaced: Callable[[Any, Any], Misplaced | None] | None,
-                 bench: BenchedNodes | None, wanted: Callable[[int], int] | None) -> None:
+                 bench: BenchedNodes | None, wanted: Callable[[int], int] | None,
+                 retry_elsewhere: Callable[[Any, Any], str | None] | None = None) -> None:
         self.method, self.replace, self.gave_up, self.tries = method, replace, gave_up, tries
-        self.stall_s, self.misplaced, self.wanted = stall_s, misplaced, wanted
+        self.stall_s, self.misplaced, self.wanted, self.retry_elsewhere = stall_s, misplaced, wanted, retry_elsewhere
         self.first_size = len(actors)
         self.queue = deque(items)
+        # Items to try again on another actor, by the actor they avoid, with when they began to.
+        self.avoiding: dict[Any, deque[tuple[Any, float]]] = {}
+        self.retried: set[int] = set()  # id(item) of items sent elsewhere once already
+        self.raised_on: set[Any] = set()  # actors that have raised on an item (told once each)
         self.starting = {actor.__ray_ready__.remote(): actor for actor in actors}  # Ray's "constructor done"
         self.pool = list(actors)  # alive, or not yet known dead: killed at the end
         self.idle: list[Any] = []
@@ -214,12 +227,12 @@ class _PoolRun:
         import ray
 
         try:
-            while self.queue or self.running:
+            while self._queued() or self.running:
                 self._dispatch()
                 yield from self._end_frozen()
-                if self.queue and time.monotonic() - self.grown_at >= GROW_EVERY_S:
+                if self._queued() and time.monotonic() - self.grown_at >= GROW_EVERY_S:
                     self._grow()
-                waiting_on = [*self.running, *(self.starting if self.queue else ())]
+                waiting_on = [*self.running, *(self.starting if self._queued() else ())]
                 if not waiting_on:  # every actor idle on a benched node: stop, or wait for a bench to end
                     self.bench.check_all_benched(self.pool)
                     time.sleep(min(self.wait_s, max(self.bench.seconds_to_next(), 0.05)))
@@ -240,12 +253,15 @@ class _PoolRun:
                 for actor in self.pool:
                     ray.kill(actor)
 
+    def _queued(self) -> int:
+        return len(self.queue) + sum(len(items) for items in self.avoiding.values())
+
     def _dispatch(self) -> None:
         """The queue's next items to the actors that are free, each call after a probe."""
-        while self.queue and (actor := self._free_actor()) is not None:
+        while (pick := self._next_pair()) is not None:
+            actor, item = pick
             call = getattr(actor, self.method).options(num_returns="streaming",
                                                        _generator_backpressure_num_objects=BACKPRESSURE)
-            item = self.queue.popleft()
             probe = actor.__ray_ready__.remote()  # answered first, on the item's own thread
             generator = call.remote(item)
             self.probes[generator] = probe
@@ -253,12 +269,44 @@ class _PoolRun:
             if self.checks is not None:
                 self.checks.start(generator)
 
-    def _free_actor(self) -> Any | None:
-        """An idle actor that is not on a benched node (the last such to become idle)."""
+    def _next_pair(self) -> tuple[Any, Any] | None:
+        """An idle actor that is not on a benched node (the last such to become idle) and the
+        item it takes: one that another actor raised on first, else the queue's next; None if
+        there is no such pair."""
         for i in range(len(self.idle) - 1, -1, -1):
-            if not self.bench.benched(self.idle[i]):
-                return self.idle.pop(i)
+            actor = self.idle[i]
+            if self.bench.benched(actor):
+                continue
+            item = self._item_for(actor)
+            if item is not None:
+                del self.idle[i]
+                return actor, item
         return None
+
+    def _item_for(self, actor: Any) -> Any | None:
+        """The item ``actor`` takes next: one another actor raised on, else the queue's next,
+        else one it raised on itself where no other actor can take it (see :meth:`_alone`)."""
+        others = [avoided for avoided in self.avoiding if avoided is not actor]
+        if not others and not self.queue and actor in self.avoiding and self._alone(actor):
+            others = [actor]
+        if not others:
+            return self.queue.popleft() if self.queue else None
+        items = self.avoiding[others[0]]
+        item, _ = items.popleft()
+        if not items:
+            del self.avoiding[others[0]]
+        return item
+
+    def _alone(self, actor: Any) -> bool:
+        """Whether ``actor`` is the only one that can take the items it raised on: no other has
+        started, and none is starting or the first item has waited :data:`_WARN_AFTER_S` for
+        one (Ray may never place it). A worker that fails in a moment must not take its item
+        back while the others still load their models."""
+        if any(other is not actor for other in self.idle) or any(
+                other is not actor for other, _ in self.running.values()):
+            return False
+        waited_s = time.monotonic() - self.avoiding[actor][0][1]
+        return waited_s >= _WARN_AFTER_S or not any(other is not actor for other in self.starting.values())
 
     def _end_frozen(self) -> Iterator[Any]:
         """Kills the actors that have not answered the liveness checks; yields what ``gave_up``
@@ -281,7 +329,7 @@ class _PoolRun:
         if self.wanted is None or self.replace is None:
             return
         # Workers that could not start keep their places: new ones could land where they failed.
-        more = self.wanted(len(self.queue) + len(self.running)) - len(self.pool) - self.cannot_start
+        more = self.wanted(self._queued() + len(self.running)) - len(self.pool) - self.cannot_start
         if more > 0:
             log.info("the cluster has grown: %d more worker%s", more, "s" * (more > 1))
         for _ in range(max(more, 0)):
@@ -372,6 +420,16 @@ class _PoolRun:
             self.bench.bench(actor, wrong)
             self.running[generator] = (actor, None)  # its generator ends after this result
             self.queue.appendleft(item)
+            return _NOTHING
+        if (self.retry_elsewhere is not None and item is not None and id(item) not in self.retried
+                and (why := self.retry_elsewhere(item, result)) is not None):
+            self.retried.add(id(item))
+            # Once per actor as a warning: a node whose engine fails raises on every item.
+            log.log(logging.INFO if actor in self.raised_on else logging.WARNING,
+                    "%s; it goes to another worker", why)
+            self.raised_on.add(actor)
+            self.running[generator] = (actor, None)  # its generator ends after this result
+            self.avoiding.setdefault(actor, deque()).append((item, time.monotonic()))
             return _NOTHING
         self.bench.note_read()
         return result

@@ -9,6 +9,7 @@ them. Ray's generator backpressure keeps the driver's memory flat whatever the c
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from annotator.actor_pool import TRIES
 from annotator.node_access import Misplaced, NoNodeCanRead, misplaced
 from annotator.schema import error_row
 from annotator.watchdog import StallWatchdog
-from annotator.worker import (STATUS_COLUMN, VIDEO_COLUMN, RayVideoWorker, WorkItem, annotate_watched,
+from annotator.worker import (RAISED_FACT, STATUS_COLUMN, VIDEO_COLUMN, RayVideoWorker, WorkItem, annotate_watched,
                               return_freed_memory, tag_table)
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,16 @@ def misplaced_item(item: WorkItem, table: pa.Table) -> Misplaced | None:
                      table["error"][0].as_py())
 
 
+def raised_item(item: WorkItem, table: pa.Table) -> str | None:
+    """Why to try the item on another worker when ``table`` is the failed row of a worker that
+    raised on it (:data:`annotator.worker.RAISED_FACT`): its error and node; else None."""
+    if table.num_rows != 1 or table[STATUS_COLUMN][0].as_py() != "failed":
+        return None
+    facts = table[VIDEO_COLUMN][0].as_py()
+    node = json.loads(facts).get(RAISED_FACT) if facts else None
+    return f"{table['error'][0].as_py()} (on {node['address']})" if node else None
+
+
 def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:
     """Tagged tables from a pool of Ray actors (see :func:`pool_size`), as they are produced.
 
@@ -242,7 +253,7 @@ def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = Ray
     try:
         yield from stream_from_pool(actors, items, replace=lambda: actor_class.remote(shipped, threads),
                                     gave_up=worker_died, stall_s=config.stall_timeout, misplaced=misplaced_item,
-                                    wanted=lambda left: pool_size(config, left))
+                                    wanted=lambda left: pool_size(config, left), retry_elsewhere=raised_item)
     except NoNodeCanRead as exc:
         raise ClusterError(f"{exc}; finished videos are kept, re-run to resume") from None
     except ray.exceptions.RayError as exc:

@@ -5,7 +5,8 @@ Each table carries the output columns plus four internal ones the driver strips:
 (the :attr:`WorkItem.tag`: which part file the rows belong to), ``_status`` (``rows``; ``done`` on the video's last
 table; ``failed`` on the single error row of a video that could not be annotated), ``_video``
 (on ``done`` rows: the video's facts as JSON, for the part's file metadata; on the ``failed`` row
-of a video its worker could not open, the worker's node: :mod:`annotator.node_access`) and ``_progress``
+of a video its worker could not open or raised on, the worker's node: :mod:`annotator.node_access`,
+:data:`RAISED_FACT`) and ``_progress``
 (how much of the work item is done with this table, 0-1, for the driver's progress bar). The
 last table is held back one step so it can be tagged ``done`` without an extra empty message.
 
@@ -48,6 +49,9 @@ STATUS_COLUMN = "_status"
 VIDEO_COLUMN = "_video"
 PROGRESS_COLUMN = "_progress"
 INTERNAL_COLUMNS = (PART_COLUMN, STATUS_COLUMN, VIDEO_COLUMN, PROGRESS_COLUMN)
+#: The key of a failed row's video facts that names the node whose worker raised on the item (a
+#: model or runtime failure, not a decoding one): the driver tries the item elsewhere once.
+RAISED_FACT = "raised_on"
 #: A table of rows never claims more of its item than this: what is left counts when it is done.
 ROWS_PROGRESS_CAP = 0.99
 #: A worker sends its rows about this often (seconds), as one table, rather than one table per
@@ -55,6 +59,12 @@ ROWS_PROGRESS_CAP = 0.99
 #: the collector, the progress bar), on the cores the workers decode on. One table per batch
 #: was 940 tables for a 7,500-frame video.
 TABLE_EVERY_S = 1.0
+
+
+def raised_facts(node: dict[str, str] | None) -> str | None:
+    """A failed row's video facts (JSON) saying that its worker raised on the item, on ``node``
+    (None outside Ray: no other worker to try it on)."""
+    return json.dumps({RAISED_FACT: node}) if node else None
 
 
 def tag_table(batches: pa.RecordBatch | Sequence[pa.RecordBatch], part: str, status: str, video: str | None = None,
@@ -159,7 +169,10 @@ def annotate_tagged(pipeline: VideoPipeline, item: WorkItem, report: DecodeRepor
         return
     except Exception as exc:  # a bug or a model failure must not abort a week-long run
         log.exception("%s: annotation failed", path)
-        yield tag_table(error_row(str(path), f"{path}: {type(exc).__name__}: {exc}"), part, "failed")
+        # Not the video's doing, as far as anyone knows (a GPU that errs, memory a neighbour
+        # took): the driver tries it once on another worker before the row stands.
+        yield tag_table(error_row(str(path), f"{path}: {type(exc).__name__}: {exc}"), part, "failed",
+                        raised_facts(this_node()))
         return
     if report.other_video_streams and (item.segment is None or item.segment.index == 0):
         streams = f"{report.other_video_streams} other video stream{'s' * (report.other_video_streams > 1)}"

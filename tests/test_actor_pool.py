@@ -5,6 +5,7 @@ outlives the stream."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -446,3 +447,64 @@ def test_when_no_worker_can_start_the_stream_ends_without_warnings(local_ray: No
     with pytest.raises(ray.exceptions.RayActorError, match="No space left on device"):
         list(stream_from_pool(broken, ["a"], replace=_replacement))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # the error says it all
+
+
+class Raises:
+    """A worker whose engine fails (a GPU that errs) on every item whose name is in ``bad``, or on
+    every item when ``bad`` is None, in a moment: it yields its failure, as the run's worker
+    yields a failed row. Otherwise it yields (item, step, pid) 3 times, 0.2 s apart."""
+
+    def __init__(self, bad: tuple[str, ...] | None = None) -> None:
+        self.bad = bad
+
+    def annotate(self, item: str) -> Iterator[tuple[str, str, int]]:
+        if self.bad is None or item in self.bad:
+            yield ("raised", item, os.getpid())
+            return
+        for step in range(3):
+            time.sleep(0.2)
+            yield (item, step, os.getpid())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _raisers(*bad: tuple[str, ...] | None) -> list:
+    return [ray.remote(Raises).options(num_cpus=0.5).remote(b) for b in bad]
+
+
+def _raised(item: str, result: tuple) -> str | None:
+    return f"{item}: RuntimeError: CUDA error (pid {result[2]})" if result[0] == "raised" else None
+
+
+def test_an_item_a_worker_raised_on_is_done_by_another(local_ray: None, caplog) -> None:
+    """One worker's engine fails on everything, at once: every item it takes goes to the other,
+    which does them all; the failures are never yielded. Before, that worker took most of the
+    items (a failure costs it a moment) and each became a failed row."""
+    caplog.set_level(logging.INFO, logger="annotator.actor_pool")
+    broken, good = _raisers(None, ())
+    pids = ray.get([broken.ping.remote(), good.ping.remote()])
+    items = [f"video{i}" for i in range(6)]
+    got = list(stream_from_pool([broken, good], items, retry_elsewhere=_raised))
+    assert sorted((name, step) for name, step, _ in got) == [(n, s) for n in items for s in range(3)]
+    assert {pid for *_, pid in got} == {pids[1]}  # every result from the good actor
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].endswith("; it goes to another worker")  # once per actor
+    told = [r.getMessage() for r in caplog.records if "it goes to another worker" in r.getMessage()]
+    assert len(told) >= 2  # it took more than one item: each went elsewhere
+
+
+def test_an_item_that_raises_everywhere_stands_after_a_second_actor(local_ray: None) -> None:
+    """A failure on two actors is the item's (or a bug's): its result is yielded, from the second
+    actor, and the other items are done."""
+    first, second = _raisers(("bad",), ("bad",))
+    got = list(stream_from_pool([first, second], ["bad", "ok"], retry_elsewhere=_raised))
+    failures = [result for result in got if result[0] == "raised"]
+    assert len(failures) == 1 and sorted((n, s) for n, s, _ in got if n == "ok") == [("ok", s) for s in range(3)]
+
+
+def test_a_single_worker_tries_the_item_again_itself(local_ray: None) -> None:
+    """With no other actor, the item goes back to the one that raised (rather than waiting for
+    ever), and its second failure stands."""
+    got = list(stream_from_pool(_raisers(("bad",)), ["bad", "ok"], retry_elsewhere=_raised))
+    assert [r[0] for r in got].count("raised") == 1 and [n for n, *_ in got].count("ok") == 3

@@ -24,11 +24,12 @@ pytest.importorskip("ray")
 
 from annotator.config import RunConfig  # noqa: E402
 from annotator.run import EXIT_SOME_INPUTS_FAILED, run  # noqa: E402
+from annotator.worker import RayVideoWorker  # noqa: E402
 from engines.decoders import Sampling  # noqa: E402
 from faults import carphone_frames, write_clip  # noqa: E402
 
 #: The test clip's frames (every second one annotated: :func:`_config`).
-FRAMES = 1080
+FRAMES = 1800
 
 
 def _workers_reading(path: Path) -> Iterator[int]:
@@ -76,7 +77,7 @@ def killing_workers_that_read(path: Path, times: int, after_s: float = 0.3,
 @pytest.fixture(scope="module")
 def clip(carphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:data:`FRAMES` frames of carphone: a video its worker holds open for a second or more, so
-    the watcher catches it in the middle (360 frames took a fast machine under 0.5 s)."""
+    the watcher catches it in the middle (360 frames took a fast machine under 0.5 s, 1,080 frames 1.25 s)."""
     return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", carphone_frames(carphone), FRAMES)
 
 
@@ -139,3 +140,56 @@ def test_a_frozen_worker_is_killed_by_the_driver_and_its_video_annotated_again(
         for _ in range(100):
             os.kill(stopped[0], 0)
             time.sleep(0.2)
+
+
+class BrokenEngineWorker(RayVideoWorker):
+    """The run's worker, except that the first of them to start has an engine that fails on every
+    video after its first batch, as a GPU that errs would (an illegal memory access, an ECC
+    error): it raises inside the pipeline, and the worker reports it as it reports any error."""
+
+    marker = ""  # set by the test; the class travels to the workers by value, with it
+
+    def __init__(self, config: RunConfig, threads: int = 0) -> None:
+        super().__init__(config, threads)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        annotate = self.pipeline.annotate
+
+        def fails_after_one_batch(*args, **kwargs):
+            for number, batch in enumerate(annotate(*args, **kwargs)):
+                if number == 1:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                yield batch
+
+        self.pipeline.annotate = fails_after_one_batch
+
+
+def test_a_video_whose_worker_raises_is_annotated_by_another(videos: Path, tmp_path: Path, caplog,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose engine fails took a video, failed it in a moment, took the next: on a node
+    with a bad GPU, most of a corpus became failed rows. Now a video a worker raised on goes to
+    another worker once; its rows are written once, by the worker that finished it."""
+    import sys
+
+    import ray
+
+    import annotator.orchestrate as orchestrate
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    BrokenEngineWorker.marker = str(tmp_path / "broken-engine")
+    monkeypatch.setattr("annotator.run.stream_with_ray",
+                        lambda config, items: orchestrate.stream_with_ray(config, items, BrokenEngineWorker))
+    for name in ("c.mp4", "d.mp4"):
+        shutil.copy(videos / "a.mp4", videos / name)
+    out = tmp_path / "out.parquet"
+    summary = run(dataclasses.replace(_config(videos, out), workers=2), progress=False)
+    assert (tmp_path / "broken-engine").exists()
+    assert summary.failed == 0 and summary.frames == 4 * (FRAMES // 2)
+    table = pq.read_table(out)
+    for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+        frames = table.filter(pc.equal(table["video_path"], str(videos / name)))["frame_index"].to_pylist()
+        assert frames == list(range(0, FRAMES, 2))  # each frame once: the rows before the failure dropped
+    assert "RuntimeError: CUDA error: an illegal memory access was encountered (on " in caplog.text
+    assert "; it goes to another worker" in caplog.text
