@@ -639,6 +639,10 @@ def test_a_node_that_cannot_see_the_videos_gets_none_of_them(token_file: Path, w
     assert all(len(rows) == CARPHONE_FRAMES for rows in got.values())
 
 
+#: Videos of the run a node joins: about 30 s of one worker's time on a fast host.
+VIDEOS_TO_JOIN = 60
+
+
 def test_a_node_that_joins_mid_run_gets_workers(token_file: Path, warm_models: None, carphone: Path,
                                                 tmp_path: Path) -> None:
     """A run sized to a 1-CPU cluster; a second node joins once videos are being written (added
@@ -646,7 +650,9 @@ def test_a_node_that_joins_mid_run_gets_workers(token_file: Path, warm_models: N
     grows onto the new node, and every video is annotated once."""
     videos = tmp_path / "videos"
     videos.mkdir()
-    for i in range(24):
+    # Enough work that the run outlasts the pool's next look at the cluster (every 10 s) and the
+    # new worker's start: 24 videos were done first on a fast host.
+    for i in range(VIDEOS_TO_JOIN):
         shutil.copyfile(carphone, videos / f"clip{i:02d}.mp4")
     out = tmp_path / "out"
     cluster = Cluster(tmp_path / "cluster", token_file, head_cpus=1, dashboard=False)
@@ -674,6 +680,7 @@ def test_a_node_that_joins_mid_run_gets_workers(token_file: Path, warm_models: N
     assert run.returncode == 0, stderr[-3000:]
     assert joined, f"the node that joined never got a worker before the run ended:\n{stderr[-3000:]}"
     assert "the cluster has grown: 1 more worker" in stderr
-    assert stdout.strip().splitlines()[-1].startswith(f"{out}: 24 videos (0 already done, 0 failed), 2,880 frames")
+    assert stdout.strip().splitlines()[-1].startswith(
+        f"{out}: {VIDEOS_TO_JOIN} videos (0 already done, 0 failed), {VIDEOS_TO_JOIN * CARPHONE_FRAMES:,} frames")
     got = frames_of(ds.dataset(out, format="parquet").to_table())
-    assert len(got) == 24 and all(len(rows) == CARPHONE_FRAMES for rows in got.values())
+    assert len(got) == VIDEOS_TO_JOIN and all(len(rows) == CARPHONE_FRAMES for rows in got.values())
