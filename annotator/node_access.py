@@ -70,13 +70,11 @@ class Misplaced(NamedTuple):
     reason: str  # the node's error, e.g. "/shared/a.mp4: No such file or directory"
 
 
-def misplaced(path: Path, status: str, facts: str | None, error: str | None) -> Misplaced | None:
-    """The node at fault when a worker's failed row (``status``, its video ``facts`` JSON and its
-    ``error``) says the worker could not open ``path`` and this process can; else None (the row
-    stands: a bad video, or a file gone for everyone)."""
-    if status != "failed" or not facts:
-        return None
-    node = json.loads(facts).get(UNREADABLE_FACT)
+def misplaced(path: Path, facts: dict[str, Any], error: str | None) -> Misplaced | None:
+    """The node at fault when a worker's failed row (its video ``facts`` and its ``error``) says
+    the worker could not open ``path`` and this process can; else None (the row stands: a bad
+    video, or a file gone for everyone)."""
+    node = facts.get(UNREADABLE_FACT)
     if not node or unreadable_here(path) is not None:
         return None
     return Misplaced(str(node["node_id"]), str(node["address"]), error or f"{path}: cannot be opened")

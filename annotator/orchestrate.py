@@ -201,23 +201,27 @@ def worker_died(item: WorkItem, reason: str, times: int = TRIES) -> pa.Table:
     return tag_table(error_row(str(item.path), message), item.tag, "failed")
 
 
+def _failed_row(table: pa.Table) -> tuple[dict, str | None] | None:
+    """(its video facts, its error) when ``table`` is a work item's failed row (one row); else None."""
+    if table.num_rows != 1 or table[STATUS_COLUMN][0].as_py() != "failed":
+        return None
+    facts = table[VIDEO_COLUMN][0].as_py()
+    return (json.loads(facts) if facts else {}), table["error"][0].as_py()
+
+
 def misplaced_item(item: WorkItem, table: pa.Table) -> Misplaced | None:
     """The node at fault when ``table`` is the failed row of a worker that could not open the
     item's video while this process can (:mod:`annotator.node_access`)."""
-    if table.num_rows != 1:  # a failed video is one row
-        return None
-    return misplaced(item.path, table[STATUS_COLUMN][0].as_py(), table[VIDEO_COLUMN][0].as_py(),
-                     table["error"][0].as_py())
+    failed = _failed_row(table)
+    return misplaced(item.path, *failed) if failed else None
 
 
 def raised_item(item: WorkItem, table: pa.Table) -> str | None:
     """Why to try the item on another worker when ``table`` is the failed row of a worker that
     raised on it (:data:`annotator.worker.RAISED_FACT`): its error and node; else None."""
-    if table.num_rows != 1 or table[STATUS_COLUMN][0].as_py() != "failed":
-        return None
-    facts = table[VIDEO_COLUMN][0].as_py()
-    node = json.loads(facts).get(RAISED_FACT) if facts else None
-    return f"{table['error'][0].as_py()} (on {node['address']})" if node else None
+    failed = _failed_row(table)
+    node = failed[0].get(RAISED_FACT) if failed else None
+    return f"{failed[1]} (on {node['address']})" if node else None
 
 
 def stream_with_ray(config: RunConfig, items: list[WorkItem], worker: type = RayVideoWorker) -> Iterator[pa.Table]:

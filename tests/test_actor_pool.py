@@ -277,12 +277,17 @@ class Node:
     """An actor on a node that cannot open the videos while ``blind`` exists (a share not mounted
     there); otherwise it yields (item, step, pid) 3 times, 0.2 s apart. Its "node" is its pid."""
 
+    failure = "cannot open"  # what it yields, alone, for an item it fails
+
     def __init__(self, blind: str | None) -> None:
         self.blind = blind
 
-    def annotate(self, item: str) -> Iterator[tuple[str, int, int]]:
-        if self.blind is not None and os.path.exists(self.blind):
-            yield ("cannot open", item, os.getpid())
+    def fails(self, item: str) -> bool:
+        return self.blind is not None and os.path.exists(self.blind)
+
+    def annotate(self, item: str) -> Iterator[tuple[str, int | str, int]]:
+        if self.fails(item):
+            yield (self.failure, item, os.getpid())
             return
         for step in range(3):
             time.sleep(0.2)
@@ -449,24 +454,18 @@ def test_when_no_worker_can_start_the_stream_ends_without_warnings(local_ray: No
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # the error says it all
 
 
-class Raises:
+class Raises(Node):
     """A worker whose engine fails (a GPU that errs) on every item whose name is in ``bad``, or on
     every item when ``bad`` is None, in a moment: it yields its failure, as the run's worker
-    yields a failed row. Otherwise it yields (item, step, pid) 3 times, 0.2 s apart."""
+    yields a failed row. Otherwise as :class:`Node`."""
+
+    failure = "raised"
 
     def __init__(self, bad: tuple[str, ...] | None = None) -> None:
         self.bad = bad
 
-    def annotate(self, item: str) -> Iterator[tuple[str, str, int]]:
-        if self.bad is None or item in self.bad:
-            yield ("raised", item, os.getpid())
-            return
-        for step in range(3):
-            time.sleep(0.2)
-            yield (item, step, os.getpid())
-
-    def ping(self) -> int:
-        return os.getpid()
+    def fails(self, item: str) -> bool:
+        return self.bad is None or item in self.bad
 
 
 def _raisers(*bad: tuple[str, ...] | None) -> list:
